@@ -1,0 +1,184 @@
+"""The ``autotune`` command: a thin argparse layer over the library, and the one error handler.
+
+Heavy libraries (torch, transformers, llama_cpp) are imported inside the commands that need
+them, so ``autotune --help`` and ``autotune detect`` start in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from autotune import __version__
+from autotune.errors import AutotuneError, ConfigError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line and exit code 2 (never a usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _print_json(data) -> None:
+    json.dump(data, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from autotune import topology
+
+    topo = topology.detect()
+    data = topo.to_dict()
+    roof = None
+    if args.roofline:
+        from autotune import models, roofline
+
+        spec = models.ModelSpec.resolve(args.model)
+        weights = models.weights_summary(spec)
+        # A buffer far beyond any cache, but never more than an eighth of free memory.
+        buffer_bytes = max(64 * 2**20, min(2**30, topo.memory_available_bytes // 8))
+        roof = roofline.measure(
+            threads=topo.usable_cpus,
+            buffer_bytes=buffer_bytes,
+            weights=weights,
+            model_name=spec.name,
+        )
+        data.update(roof.to_dict())
+    if args.json:
+        _print_json(data)
+        return 0
+    from autotune import console
+
+    console.show_topology(topo)
+    if roof is not None:
+        console.show_roofline(roof)
+    return 0
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    from autotune import models
+
+    spec = models.ModelSpec.resolve(args.model)
+    weights = models.weights_summary(spec)
+    if spec.format == "hf":
+        cache = "not needed (an HF directory)"
+    else:
+        if args.prepare:
+            models.hf_dir(spec)
+        entry = models.hf_cache_entry(spec)
+        problem = models.cache_entry_problem(entry, spec.sha256())
+        cache = f"{entry} ({problem or 'ready'})"
+    if args.json:
+        _print_json(
+            {
+                "name": spec.name,
+                "path": str(spec.path),
+                "format": spec.format,
+                "embedded": spec.embedded,
+                "hf_cache": cache,
+                **weights.__dict__,
+            }
+        )
+        return 0
+    from autotune import console
+
+    console.show_model(spec, weights, cache)
+    return 0
+
+
+def cmd_workload(args: argparse.Namespace) -> int:
+    from experiments.workload import load_workload
+
+    workload = load_workload(args.file, strict=args.strict, source="workload")
+    lengths = sorted(len(p.text) for p in workload.prompts)
+    summary = {
+        "name": workload.name,
+        "prompts": len(workload),
+        "shapes": workload.shapes,
+        "bad_lines": len(workload.errors),
+        "prompt_chars_min": lengths[0],
+        "prompt_chars_median": lengths[len(lengths) // 2],
+        "prompt_chars_max": lengths[-1],
+    }
+    for error in workload.errors[:10]:
+        print(f"warning: {error}", file=sys.stderr)
+    if len(workload.errors) > 10:
+        print(f"warning: ... and {len(workload.errors) - 10} more bad lines", file=sys.stderr)
+    if args.json:
+        _print_json({**summary, "errors": [str(e) for e in workload.errors]})
+        return 0
+    from autotune import console
+
+    console.show_summary(f"Workload {workload.name}", summary)
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full command-line interface."""
+    parser = _Parser(
+        prog="autotune",
+        description="Find the parallel layout that makes a model fastest on this machine.",
+    )
+    parser.add_argument("--version", action="version", version=f"autotune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    detect = sub.add_parser("detect", help="show this machine's topology and limits")
+    detect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    detect.add_argument(
+        "--roofline",
+        action="store_true",
+        help="measure memory bandwidth and fp32 GEMM GFLOP/s, and the model's tokens/s bounds",
+    )
+    detect.add_argument(
+        "--model", metavar="M", help="GGUF file or HF directory for --roofline (default: embedded)"
+    )
+    detect.set_defaults(handler=cmd_detect)
+
+    model = sub.add_parser("model", help="show a model's weights and its converted HF copy")
+    model.add_argument("--model", metavar="M", help="GGUF file or HF directory (default: embedded)")
+    model.add_argument(
+        "--prepare", action="store_true", help="build the HF copy of a GGUF now (once, cached)"
+    )
+    model.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    model.set_defaults(handler=cmd_model)
+
+    workload = sub.add_parser("workload", help="check a prompts JSONL and summarise it")
+    workload.add_argument("file", nargs="?", help="JSONL file (default: the shipped workload)")
+    workload.add_argument("--strict", action="store_true", help="any bad line is fatal (exit 2)")
+    workload.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    workload.set_defaults(handler=cmd_workload)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 failure, 2 usage error, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        print(f"autotune {args.command}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except AutotuneError as error:
+        print(f"autotune {args.command}: failed: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"autotune {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `autotune detect --json | head` closes the pipe early
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

