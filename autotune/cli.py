@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -121,6 +122,83 @@ def cmd_workload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(name: str, minimum: int = 1):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{name} must be a whole number, got {text!r}"
+            ) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _write_jsonl_atomically(path: str, rows) -> None:
+    """Write all rows or nothing: a temporary file renamed into place when complete."""
+    import tempfile
+    from pathlib import Path
+
+    target = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(handle, "w") as out:
+            for row in rows:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(temporary, target)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from autotune.config import config_from_args
+    from autotune.models import ModelSpec
+    from autotune.topology import detect
+    from experiments.workload import load_workload
+
+    config = config_from_args(args)
+    workload = load_workload(args.workload, strict=args.strict)
+    for error in workload.errors[:10]:
+        print(f"warning: {error}", file=sys.stderr)
+    if args.limit:
+        workload = workload.head(args.limit)
+    model = ModelSpec.resolve(config.model)
+    topology = detect()
+    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        # fail on a bad --output before spending minutes measuring
+        raise ConfigError(f"--output {args.output}: its directory does not exist")
+
+    from autotune.measure import benchmark
+
+    def progress(message: str) -> None:
+        print(f"[{config.backend}] {message}", file=sys.stderr, flush=True)
+
+    result = benchmark(
+        config,
+        workload,
+        model,
+        topology,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        on_progress=progress,
+    )
+    if args.output:
+        _write_jsonl_atomically(args.output, (c.to_dict() for c in result.completions))
+    if args.json:
+        _print_json(result.to_dict())
+    else:
+        from autotune import console
+
+        console.show_result(result)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -153,6 +231,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--json", action="store_true", help="print JSON instead of a table")
     model.set_defaults(handler=cmd_model)
+
+    from autotune.config import add_config_arguments
+
+    bench = sub.add_parser(
+        "bench",
+        help="measure one configuration of one backend",
+        description="Load the model once, warm up, run the workload --repeats times and report "
+        "tokens/s, requests/s, latency, load time and peak memory (PSS of all processes).",
+    )
+    add_config_arguments(bench)
+    bench.add_argument("--workload", metavar="FILE", help="prompts JSONL (default: shipped)")
+    bench.add_argument("--strict", action="store_true", help="a bad workload line is fatal")
+    bench.add_argument(
+        "--limit", type=_positive("--limit"), metavar="N", help="use only the first N prompts"
+    )
+    bench.add_argument(
+        "--repeats",
+        type=_positive("--repeats"),
+        default=3,
+        metavar="R",
+        help="timed passes over the workload (default: 3)",
+    )
+    bench.add_argument(
+        "--warmup",
+        type=_positive("--warmup", 0),
+        default=1,
+        metavar="W",
+        help="untimed warmup passes (default: 1)",
+    )
+    bench.add_argument("--json", action="store_true", help="print the result as JSON")
+    bench.add_argument(
+        "--output",
+        metavar="FILE",
+        help="write one JSONL line per request (text, token ids, timing)",
+    )
+    bench.set_defaults(handler=cmd_bench)
 
     workload = sub.add_parser("workload", help="check a prompts JSONL and summarise it")
     workload.add_argument("file", nargs="?", help="JSONL file (default: the shipped workload)")

@@ -117,3 +117,33 @@ def show_summary(title: str, summary: dict) -> None:
     for key, value in summary.items():
         table.add_row(key.replace("_", " "), str(value))
     console.print(table)
+
+
+def show_result(result) -> None:
+    """Print one measured configuration."""
+    config = result.config
+    layout = (
+        f"{config['backend']}: {config['workers']} x {config['threads_per_worker']} threads, "
+        f"batch {config['batch_size']}"
+    )
+    table = key_value_table(f"Result ({layout})")
+    summary = result.tokens_per_s_summary
+    table.add_row(
+        "Tokens/s",
+        f"{result.tokens_per_s:.1f} (median of {summary['n']}; "
+        f"{summary['min']:.1f}-{summary['max']:.1f}, CV {summary['cv']:.1%})",
+    )
+    table.add_row("Requests/s", f"{result.requests_per_s:.2f}")
+    if result.latency_p50_s is not None:
+        table.add_row(
+            "Latency p50 / p95", f"{result.latency_p50_s:.2f} s / {result.latency_p95_s:.2f} s"
+        )
+    if result.ttft_p50_s is not None:
+        table.add_row("Time to first token p50", f"{result.ttft_p50_s:.3f} s")
+    table.add_row("Load time", f"{result.load_time_s:.2f} s")
+    table.add_row("Peak memory (PSS, all processes)", gib(result.peak_memory_bytes))
+    table.add_row("CPU utilisation", f"{result.cpu_utilisation:.0%} of usable CPUs")
+    table.add_row("Workload", f"{result.workload} ({result.prompts} prompts)")
+    if result.failed_requests:
+        table.add_row("Failed requests", str(result.failed_requests))
+    console.print(table)

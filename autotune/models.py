@@ -34,8 +34,11 @@ __all__ = [
     "WeightsSummary",
     "cache_root",
     "cache_entry_problem",
+    "cached_build",
+    "file_lock",
     "hf_cache_entry",
     "hf_dir",
+    "read_gguf_header",
     "weights_summary",
 ]
 
@@ -151,23 +154,87 @@ class WeightsSummary:
     layers: int | None
 
 
-def _gguf_summary(path: Path) -> WeightsSummary:
-    from gguf import GGUFReader  # the gguf package: read the header, tensors stay mmapped
+# GGUF value types (gguf spec): struct formats of the scalar ones; 8 = string, 9 = array.
+_GGUF_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 
-    reader = GGUFReader(str(path), "r")
-    sizes = {t.name: (int(t.n_elements), int(t.n_bytes)) for t in reader.tensors}
+
+def read_gguf_header(path: Path) -> tuple[dict, list[tuple[str, int, int]]]:
+    """Scalar and string metadata, and (name, elements, ggml type) per tensor, of a GGUF file.
+
+    Arrays (the tokenizer's 49k tokens and merges) are skipped, not decoded: reading only what
+    a summary needs takes milliseconds where a full reader takes seconds.
+    """
+    with path.open("rb") as handle:
+        data = handle.read(4)
+        if data != b"GGUF":
+            raise ConfigError(f"{path}: not a GGUF file")
+
+        def unpack(fmt: str):
+            size = struct.calcsize(fmt)
+            return struct.unpack(fmt, handle.read(size))[0]
+
+        def string() -> str:
+            return handle.read(unpack("<Q")).decode("utf-8", errors="replace")
+
+        def value(kind: int):
+            if kind in _GGUF_SCALARS:
+                return unpack(_GGUF_SCALARS[kind])
+            if kind == 8:
+                return string()
+            if kind == 9:
+                item_kind, count = unpack("<I"), unpack("<Q")
+                if item_kind in _GGUF_SCALARS:
+                    handle.seek(struct.calcsize(_GGUF_SCALARS[item_kind]) * count, 1)
+                else:
+                    for _ in range(count):
+                        value(item_kind)
+                return None
+            raise ConfigError(f"{path}: unknown GGUF value type {kind}")
+
+        unpack("<I")  # version
+        tensor_count, kv_count = unpack("<Q"), unpack("<Q")
+        metadata = {}
+        for _ in range(kv_count):
+            key = string()
+            metadata[key] = value(unpack("<I"))
+        tensors = []
+        for _ in range(tensor_count):
+            name = string()
+            dims = [unpack("<Q") for _ in range(unpack("<I"))]
+            ggml_type = unpack("<I")
+            unpack("<Q")  # data offset
+            elements = 1
+            for dim in dims:
+                elements *= dim
+            tensors.append((name, elements, ggml_type))
+    return metadata, tensors
+
+
+def _gguf_summary(path: Path) -> WeightsSummary:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    metadata, tensors = read_gguf_header(path)
+    sizes = {}
+    for name, elements, ggml_type in tensors:
+        block, type_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+        sizes[name] = (elements, elements // block * type_bytes)
     embedding = sizes.get("token_embd.weight", (0, 0))
     tied = "output.weight" not in sizes
     skipped = (0, 0) if tied else embedding
-    file_type = _gguf_field(reader, "general.file_type")
-    layers = next(
-        (
-            int(v)
-            for k in reader.fields
-            if k.endswith(".block_count") and (v := _gguf_field(reader, k)) is not None
-        ),
-        None,
-    )
+    file_type = metadata.get("general.file_type")
+    architecture = metadata.get("general.architecture", "")
     return WeightsSummary(
         parameters_total=sum(n for n, _ in sizes.values()),
         parameters_per_token=sum(n for n, _ in sizes.values()) - skipped[0],
@@ -176,16 +243,8 @@ def _gguf_summary(path: Path) -> WeightsSummary:
         weight_type=_GGUF_FILE_TYPES.get(file_type, f"type {file_type}")
         if file_type is not None
         else "unknown",
-        layers=layers,
+        layers=metadata.get(f"{architecture}.block_count"),
     )
-
-
-def _gguf_field(reader, key: str):
-    field = reader.fields.get(key)
-    if field is None:
-        return None
-    value = field.parts[field.data[0]]
-    return value.tolist()[0] if len(value) == 1 else value.tolist()
 
 
 # llama.cpp's llama_ftype values for general.file_type (the ones autotune makes or ships).
@@ -288,7 +347,7 @@ def cache_entry_problem(directory: Path, source_sha256: str) -> str | None:
 
 
 @contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
+def file_lock(lock_path: Path) -> Iterator[None]:
     """An exclusive lock, so that parallel ranks or trials build one entry once."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with lock_path.open("w") as handle:
@@ -323,6 +382,33 @@ def _convert_with_transformers(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(str(out_dir))
 
 
+def cached_build(entry: Path, source_sha256: str, build: Callable[[Path], None]) -> Path:
+    """The verified cache directory ``entry``, built by ``build(tmp_dir)`` if missing or unsound.
+
+    The build writes into a temporary directory that is renamed into place only when complete
+    (with its manifest), under a lock, so parallel processes build it once and a reader never
+    sees half an entry.
+    """
+    if cache_entry_problem(entry, source_sha256) is None:
+        return entry
+    base = entry.parent
+    with file_lock(base / f"{entry.name}.lock"):
+        # Another process may have built it while this one waited for the lock.
+        if cache_entry_problem(entry, source_sha256) is None:
+            return entry
+        building = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=base))
+        try:
+            build(building)
+            manifest = _manifest_for(building, source_sha256)
+            (building / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            shutil.rmtree(entry, ignore_errors=True)
+            # rename is atomic: a reader sees the old entry, no entry, or the whole new one.
+            os.replace(building, entry)
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+    return entry
+
+
 def hf_cache_entry(
     spec: ModelSpec, *, root: Path | None = None, source_sha256: str | None = None
 ) -> Path:
@@ -339,27 +425,10 @@ def hf_dir(
 ) -> Path:
     """A directory `from_pretrained` loads quickly: the spec's own, or a verified cache entry.
 
-    ``convert`` writes an HF directory for a GGUF; tests pass a stand-in.
+    ``convert(gguf_path, out_dir)`` writes an HF directory for a GGUF; tests pass a stand-in.
     """
     if spec.format == "hf":
         return spec.path
     source_sha = spec.sha256()
     entry = hf_cache_entry(spec, root=root, source_sha256=source_sha)
-    base = entry.parent
-    if cache_entry_problem(entry, source_sha) is None:
-        return entry
-    with _locked(base / f"{entry.name}.lock"):
-        # Another process may have built it while this one waited for the lock.
-        if cache_entry_problem(entry, source_sha) is None:
-            return entry
-        building = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=base))
-        try:
-            convert(spec.path, building)
-            manifest = _manifest_for(building, source_sha)
-            (building / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            shutil.rmtree(entry, ignore_errors=True)
-            # rename is atomic: a reader sees the old entry, no entry, or the whole new one.
-            os.replace(building, entry)
-        finally:
-            shutil.rmtree(building, ignore_errors=True)
-    return entry
+    return cached_build(entry, source_sha, lambda out_dir: convert(spec.path, out_dir))

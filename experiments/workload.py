@@ -101,6 +101,16 @@ class Workload:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def head(self, count: int) -> Workload:
+        """The first ``count`` prompts (all of them if there are fewer)."""
+        return Workload(
+            name=self.name,
+            prompts=self.prompts[:count],
+            generation=self.generation,
+            errors=self.errors,
+            shapes=self.shapes,
+        )
+
     def with_generation(self, **changes: Any) -> Workload:
         """A copy with some generation settings changed (e.g. max_new_tokens from a flag)."""
         settings = {**self.generation.__dict__, **changes}

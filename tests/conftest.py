@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))  # test helpers (tiny_model) import by name
+
 FIXTURES = Path(__file__).parent / "fixtures"
 MACHINES = FIXTURES / "machines"
 REPO = Path(__file__).parent.parent
@@ -37,3 +39,44 @@ def cli():
 def machine():
     """Path of a named fixture machine tree."""
     return lambda name: MACHINES / name
+
+
+def _test_cache() -> Path:
+    """A cache the tests may fill and keep between runs (never the user's own)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "autotune-tests"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache():
+    """Every test sees AUTOTUNE_CACHE pointing at the test cache."""
+    previous = os.environ.get("AUTOTUNE_CACHE")
+    os.environ["AUTOTUNE_CACHE"] = str(_test_cache())
+    yield _test_cache()
+    if previous is None:
+        os.environ.pop("AUTOTUNE_CACHE", None)
+    else:
+        os.environ["AUTOTUNE_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(isolated_cache):
+    """ModelSpec of a tiny random Llama GGUF (seeded: built once, reused across runs)."""
+    from tiny_model import build_tiny_llama
+
+    from autotune.models import ModelSpec, file_lock
+
+    path = isolated_cache / "tiny-random-llama.gguf"
+    with file_lock(isolated_cache / "tiny-random-llama.lock"):
+        if not path.is_file():
+            partial = path.with_suffix(".partial")
+            build_tiny_llama(partial, ModelSpec.resolve().path)
+            partial.replace(path)
+    return ModelSpec.resolve(str(path))
+
+
+@pytest.fixture(scope="session")
+def topology():
+    from autotune.topology import detect
+
+    return detect()

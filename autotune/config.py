@@ -1,0 +1,190 @@
+"""`TrialConfig`: one configuration of every tunable, carried from the search to the backend.
+
+The search builds it, the trial runner passes it to the child as JSON, the backend reads it.
+Each field carries its own help text and CLI flag in its metadata, so the command line is
+generated from this one definition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from typing import Any
+
+from autotune.errors import ConfigError
+from experiments.workload import GenerationSettings
+
+__all__ = ["DTYPES", "FAULTS", "PARTITIONS", "PINNING", "QUANTS", "TrialConfig"]
+
+# GGUF weight types llama.cpp can make from any GGUF (llama_ftype names, lower case).
+QUANTS = ("f16", "q8_0", "q5_k_m", "q4_k_m", "q4_1", "q4_0")
+DTYPES = ("float32", "bfloat16")
+PINNING = ("none", "compact", "spread")
+PARTITIONS = ("uniform", "memory", "compute", "custom")
+# Failures the fake backend produces on request, for tests of everything above the backends.
+FAULTS = ("none", "crash", "oom", "hang")
+
+
+def _field(default: Any, flag: str | None, help: str, **extra: Any):
+    return field(default=default, metadata={"flag": flag, "help": help, **extra})
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialConfig:
+    """Every tunable of one trial; validated on construction."""
+
+    backend: str = _field("llamacpp", "--backend", "backend to run")
+    workers: int = _field(1, "--workers", "processes (llama.cpp workers, DDP ranks)")
+    threads_per_worker: int = _field(1, "--threads", "threads in each worker process")
+    batch_size: int = _field(1, "--batch-size", "sequences decoded together per worker")
+    quant: str | None = _field(
+        None,
+        "--quant",
+        "GGUF weight type for llama.cpp (default: the model file's own)",
+        choices=QUANTS,
+    )
+    dtype: str = _field("float32", "--dtype", "torch dtype for the torch backends", choices=DTYPES)
+    n_batch: int = _field(512, "--n-batch", "llama.cpp prompt tokens per decode step (-b)")
+    ctx_per_sequence: int = _field(
+        1024, "--ctx-per-sequence", "KV cache tokens per sequence (prompt + new tokens)"
+    )
+    pinning: str = _field(
+        "none",
+        "--pinning",
+        "CPU pinning of workers: none, compact (SMT siblings together), "
+        "spread (physical cores first)",
+        choices=PINNING,
+    )
+    stages: int = _field(1, "--stages", "pipeline stages (pipeline backend)")
+    partition: str = _field(
+        "uniform", "--partition", "how the pipeline splits layers", choices=PARTITIONS
+    )
+    boundaries: str | None = _field(None, "--boundaries", "custom pipeline split, e.g. 0-13,14-29")
+    model: str | None = _field(None, "--model", "GGUF file or HF directory (default: embedded)")
+    max_new_tokens: int = _field(64, "--max-new-tokens", "tokens to generate per prompt")
+    temperature: float = _field(0.0, "--temperature", "0 = greedy")
+    top_p: float = _field(1.0, "--top-p", "nucleus sampling threshold")
+    seed: int = _field(0, "--seed", "sampling seed")
+    chat_template: bool = _field(True, None, "format prompts with the model's chat template")
+    fault: str = _field("none", "--fault", "fake backend only: fail on purpose", choices=FAULTS)
+
+    def __post_init__(self) -> None:
+        from backends import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        for name in (
+            "workers",
+            "threads_per_worker",
+            "batch_size",
+            "n_batch",
+            "stages",
+            "ctx_per_sequence",
+            "max_new_tokens",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
+        if self.quant is not None:
+            object.__setattr__(self, "quant", self.quant.lower())
+        for name, allowed in (
+            ("quant", QUANTS),
+            ("dtype", DTYPES),
+            ("pinning", PINNING),
+            ("partition", PARTITIONS),
+            ("fault", FAULTS),
+        ):
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        pipeline_fields = {"stages": 1, "partition": "uniform", "boundaries": None}
+        for name, default in pipeline_fields.items():
+            if self.backend != "pipeline" and getattr(self, name) != default:
+                raise ConfigError(
+                    f"{name} is for the pipeline backend, got backend {self.backend!r}"
+                )
+        if self.fault != "none" and self.backend != "fake":
+            raise ConfigError(f"fault is for the fake backend only, got backend {self.backend!r}")
+        if self.boundaries is not None and not re.fullmatch(r"\d+-\d+(,\d+-\d+)*", self.boundaries):
+            raise ConfigError(f"boundaries must look like 0-13,14-29, got {self.boundaries!r}")
+        _ = self.generation  # building the generation settings validates temperature, top_p
+
+    @property
+    def generation(self) -> GenerationSettings:
+        """The generation settings part of this config."""
+        return GenerationSettings(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            chat_template=self.chat_template,
+        )
+
+    @property
+    def total_threads(self) -> int:
+        """Threads over all workers: INFERENCE_NUM_THREADS as seed 001 uses it."""
+        return self.workers * self.threads_per_worker
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict of every field."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrialConfig:
+        """Inverse of `to_dict`; unknown keys are an error naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> TrialConfig:
+        """A validated copy with some fields changed."""
+        return replace(self, **changes)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per TrialConfig field that has one, with its help and type."""
+    from backends import BACKENDS
+
+    for f in fields(TrialConfig):
+        flag = f.metadata.get("flag")
+        if flag is None:
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
+        text = f.metadata["help"]
+        if f.name == "backend":
+            text += ": " + "; ".join(f"{name} ({entry[2]})" for name, entry in BACKENDS.items())
+        elif "choices" in f.metadata:
+            text += f"; one of {', '.join(f.metadata['choices'])}"
+        if f.default not in (None, MISSING) and "default" not in text:
+            text += f" (default: {f.default})"
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            type=kind,
+            default=None,
+            metavar=flag.lstrip("-").upper().replace("-", "_"),
+            help=text,
+        )
+    parser.add_argument(
+        "--no-chat-template",
+        dest="chat_template",
+        action="store_false",
+        default=None,
+        help="send prompts as raw text, without the model's chat template",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> TrialConfig:
+    """A TrialConfig from parsed flags; flags left out keep the field defaults."""
+    given = {
+        f.name: getattr(args, f.name)
+        for f in fields(TrialConfig)
+        if getattr(args, f.name, None) is not None
+    }
+    return TrialConfig(**given)

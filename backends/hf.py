@@ -1,0 +1,154 @@
+"""The ``hf`` backend: one process, one transformers model, ``generate`` on padded batches.
+
+Seed 000's recipe: load once, format each prompt with the chat template, left-pad batches of
+``batch_size`` prompts, decode only the new tokens. The workload is sorted by prompt length
+before batching (less padding) and the input order restored afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from autotune.errors import ConfigError
+from autotune.models import hf_dir
+from backends.base import Backend, Completion
+from experiments.workload import GenerationSettings, Prompt
+
+__all__ = ["HFBackend", "TransformersEngine"]
+
+
+class TransformersEngine:
+    """A loaded transformers causal LM and tokenizer that generate for batches of prompts.
+
+    Shared by every torch backend that runs whole models (hf, and each DDP rank).
+    """
+
+    def __init__(self, directory: str, *, dtype: str, threads: int, device: str | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(directory, padding_side="left")
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype))
+        self.model.to(self.device).eval()
+        self.stop_ids = set(_as_list(self.model.generation_config.eos_token_id))
+        self.stop_ids.add(self.tokenizer.eos_token_id)
+
+    def prompt_ids(self, text: str, chat_template: bool) -> list[int]:
+        """Token ids of one prompt as the model sees it."""
+        if chat_template and self.tokenizer.chat_template:
+            return list(
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": text}],
+                    add_generation_prompt=True,
+                    tokenize=True,
+                    return_dict=False,
+                )
+            )
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def generate_batch(
+        self, batch_ids: list[list[int]], settings: GenerationSettings
+    ) -> list[tuple[list[int], str]]:
+        """Generate for prompts given as token ids; (new token ids, text) per prompt."""
+        torch = self.torch
+        width = max(len(ids) for ids in batch_ids)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch_ids])
+        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch_ids])
+        kwargs = {"max_new_tokens": settings.max_new_tokens, "pad_token_id": pad}
+        if settings.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            torch.manual_seed(settings.seed)
+            kwargs.update(
+                do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=None
+            )
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention.to(self.device),
+                **kwargs,
+            )
+        results = []
+        for row in output[:, width:].tolist():
+            tokens = []
+            for token in row:
+                if token in self.stop_ids:
+                    break
+                tokens.append(token)
+            results.append((tokens, self.tokenizer.decode(tokens, skip_special_tokens=True)))
+        return results
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+class HFBackend(Backend):
+    """transformers batching in this process."""
+
+    name = "hf"
+
+    @classmethod
+    def validate(cls, config, topology) -> None:
+        super().validate(config, topology)
+        if config.workers != 1:
+            raise ConfigError(
+                f"the hf backend is one process (workers must be 1, got {config.workers}); "
+                "use the ddp backend for several"
+            )
+        if config.quant is not None:
+            raise ConfigError("quant is for the llamacpp backend; hf takes dtype")
+
+    def __init__(self, config, model, topology) -> None:
+        super().__init__(config, model, topology)
+        self.engine: TransformersEngine | None = None
+
+    def load(self) -> None:
+        self.engine = TransformersEngine(
+            str(hf_dir(self.model)),
+            dtype=self.config.dtype,
+            threads=self.config.threads_per_worker,
+        )
+
+    def generate(self, prompts: Sequence[Prompt], settings: GenerationSettings) -> list[Completion]:
+        return generate_in_batches(self.engine, prompts, settings, self.config.batch_size, rank=0)
+
+    def close(self) -> None:
+        self.engine = None
+
+
+def generate_in_batches(
+    engine: TransformersEngine,
+    prompts: Sequence[Prompt],
+    settings: GenerationSettings,
+    batch_size: int,
+    rank: int,
+) -> list[Completion]:
+    """Sort by length, generate batch by batch, return completions in input order."""
+    ids = [engine.prompt_ids(p.text, settings.chat_template) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
+    results: list[Completion | None] = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        members = order[start : start + batch_size]
+        began = time.monotonic()
+        outputs = engine.generate_batch([ids[i] for i in members], settings)
+        latency = time.monotonic() - began  # a batch finishes together: one latency for all
+        for index, (tokens, text) in zip(members, outputs, strict=True):
+            results[index] = Completion(
+                id=prompts[index].id,
+                text=text,
+                token_ids=tuple(tokens),
+                prompt_tokens=len(ids[index]),
+                worker_rank=rank,
+                latency_s=latency,
+            )
+    return results  # type: ignore[return-value]

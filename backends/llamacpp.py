@@ -1,0 +1,211 @@
+"""The ``llamacpp`` backend: ``workers`` processes, each one llama.cpp model loaded once.
+
+Each worker runs ``threads_per_worker`` threads and decodes up to ``batch_size`` sequences
+together (continuous batching, see ``llamacpp_engine``). Prompts go into one shared queue so a
+fast worker takes more; results come back over each worker's pipe as they finish and are put
+back in input order. The parent only ever sleeps in ``multiprocessing.connection.wait`` on the
+pipes and the processes' sentinels, so it takes no CPU from the workers, and notices at once
+when a worker dies.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Sequence
+from multiprocessing.connection import wait
+
+from autotune.errors import BackendError, ConfigError
+from autotune.pinning import cpu_sets
+from backends.base import Backend, Completion
+from backends.llamacpp_quant import gguf_variant
+from backends.llamacpp_worker import worker_main
+from experiments.workload import GenerationSettings, Prompt
+
+__all__ = ["LlamaCppBackend"]
+
+_CLOSE_GRACE_S = 5.0
+
+
+class LlamaCppBackend(Backend):
+    """Multi-process llama.cpp with multi-sequence batching inside each worker."""
+
+    name = "llamacpp"
+
+    @classmethod
+    def validate(cls, config, topology) -> None:
+        super().validate(config, topology)
+        if config.dtype != "float32":
+            raise ConfigError("dtype is for the torch backends; llamacpp takes quant")
+
+    def __init__(self, config, model, topology) -> None:
+        super().__init__(config, model, topology)
+        self._processes: list[multiprocessing.Process] = []
+        self._conns = []
+        self._tasks = None
+        self.pids: list[int] = []
+        self.load_times_s: list[float] = []
+
+    def load(self) -> None:
+        path = gguf_variant(self.model, self.config.quant)
+        pins = cpu_sets(
+            self.topology, self.config.workers, self.config.threads_per_worker, self.config.pinning
+        )
+        engine_kwargs = {
+            "threads": self.config.threads_per_worker,
+            "batch_size": self.config.batch_size,
+            "ctx_per_sequence": self.config.ctx_per_sequence,
+            "n_batch": self.config.n_batch,
+        }
+        # spawn, not fork: a fresh interpreter per worker, no inherited threads or locks.
+        context = multiprocessing.get_context("spawn")
+        self._tasks = context.Queue()
+        for rank in range(self.config.workers):
+            parent_end, child_end = context.Pipe()
+            process = context.Process(
+                target=worker_main,
+                args=(
+                    rank,
+                    str(path),
+                    engine_kwargs,
+                    pins[rank] if pins else None,
+                    self._tasks,
+                    child_end,
+                ),
+                name=f"autotune-llamacpp-{rank}",
+                daemon=True,
+            )
+            process.start()
+            child_end.close()
+            self._processes.append(process)
+            self._conns.append(parent_end)
+        ready = {}
+        for kind, rank, payload in self._messages(expect=self.config.workers):
+            if kind != "ready":
+                raise BackendError(f"llamacpp worker {rank}: unexpected message {kind!r}")
+            ready[rank] = payload
+        self.pids = [ready[rank][0] for rank in range(self.config.workers)]
+        self.load_times_s = [ready[rank][1] for rank in range(self.config.workers)]
+
+    def _messages(self, expect: int):
+        """Yield (kind, rank, payload) until ``expect`` ready/done messages have arrived.
+
+        Sleeps in a blocking wait; a worker that reports an error or dies ends it with
+        BackendError naming the worker.
+        """
+        open_conns = {conn: rank for rank, conn in enumerate(self._conns)}
+        sentinels = {p.sentinel: rank for rank, p in enumerate(self._processes)}
+        finished = 0
+
+        def receive(conn):
+            """The next message of ``conn``, or None once it is closed (then stop waiting on it)."""
+            try:
+                return conn.recv()
+            except (EOFError, OSError):
+                open_conns.pop(conn, None)
+                return None
+
+        def handle(message):
+            kind, rank, *rest = message
+            if kind == "error":
+                raise BackendError(f"llamacpp worker {rank} failed:\n{rest[0].rstrip()}")
+            return kind, rank, rest[0] if len(rest) == 1 else tuple(rest)
+
+        while finished < expect:
+            for ready in wait(list(open_conns) + list(sentinels)):
+                if ready in sentinels:
+                    rank = sentinels[ready]
+                    conn = self._conns[rank]
+                    # Its last words first: results it sent, or an error report, which says
+                    # more than "died".
+                    while conn in open_conns and conn.poll():
+                        if (message := receive(conn)) is not None:
+                            kind, rank_, payload = handle(message)
+                            finished += kind in ("ready", "done")
+                            yield kind, rank_, payload
+                    process = self._processes[rank]
+                    process.join(1)
+                    raise BackendError(
+                        f"llamacpp worker {rank} (pid {process.pid}) died ({_exit_reason(process)})"
+                    )
+                if ready not in open_conns:
+                    continue
+                message = receive(ready)
+                if message is None:
+                    continue  # the pipe closed: the worker's sentinel will say why
+                kind, rank, payload = handle(message)
+                finished += kind in ("ready", "done")
+                yield kind, rank, payload
+
+    def generate(self, prompts: Sequence[Prompt], settings: GenerationSettings) -> list[Completion]:
+        if not self._processes:
+            raise BackendError("llamacpp backend: generate() before load()")
+        round_settings = {
+            "max_new_tokens": settings.max_new_tokens,
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            "seed": settings.seed,
+            "chat_template": settings.chat_template,
+        }
+        for conn in self._conns:
+            conn.send(("generate", round_settings))
+        for index, prompt in enumerate(prompts):
+            self._tasks.put((index, prompt.text))
+        for _ in self._processes:
+            self._tasks.put(None)  # one end-of-round marker per worker
+        results: list[Completion | None] = [None] * len(prompts)
+        for kind, rank, payload in self._messages(expect=len(self._processes)):
+            if kind != "result":
+                continue
+            r = payload
+            results[r.index] = Completion(
+                id=prompts[r.index].id,
+                text=r.text,
+                token_ids=tuple(r.token_ids),
+                prompt_tokens=r.prompt_tokens,
+                worker_rank=rank,
+                latency_s=r.end_s - r.start_s,
+                ttft_s=None if r.first_token_s is None else r.first_token_s - r.start_s,
+                error=r.error,
+            )
+        missing = [prompts[i].id for i, c in enumerate(results) if c is None]
+        if missing:
+            raise BackendError(
+                f"llamacpp: no result for {len(missing)} prompts ({missing[:3]} ...)"
+            )
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Ask every worker to exit, then make sure: terminate, kill. Safe to call twice."""
+        for conn in self._conns:
+            try:
+                conn.send(("close",))
+            except (BrokenPipeError, OSError):
+                pass
+        deadline = time.monotonic() + _CLOSE_GRACE_S
+        for process in self._processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in self._processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(1)
+            if process.is_alive():
+                process.kill()
+                process.join(1)
+        for conn in self._conns:
+            conn.close()
+        if self._tasks is not None:
+            self._tasks.cancel_join_thread()  # never block exit on undelivered tasks
+            self._tasks.close()
+        self._processes, self._conns, self._tasks = [], [], None
+
+
+def _exit_reason(process: multiprocessing.Process) -> str:
+    code = process.exitcode
+    if code is None:
+        return "still running"
+    if code < 0:
+        import signal
+
+        return f"killed by signal {signal.Signals(-code).name}"
+    return f"exit code {code}"

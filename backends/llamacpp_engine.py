@@ -1,0 +1,329 @@
+"""One llama.cpp model and context decoding up to ``batch_size`` sequences together.
+
+This is continuous batching over llama.cpp's public C API (through llama-cpp-python's ctypes
+bindings): every step builds one ``llama_batch`` holding one new token per generating sequence
+plus prompt tokens of newly admitted ones (each with its own ``seq_id``), runs one
+``llama_decode`` for all of them, samples each sequence from its own logits, and frees a
+finished sequence's KV cells so its slot takes the next prompt at once.
+
+The KV cache is not unified (``kv_unified = False``): each sequence attends only to its own
+cells, so its logits do not depend on what else is in the batch.
+
+Runs inside a worker process (see ``llamacpp_worker``); imports llama_cpp at module level.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import llama_cpp
+import numpy as np
+
+__all__ = ["EngineItem", "EngineResult", "LlamaEngine", "silence_llama_logs"]
+
+
+@dataclass
+class EngineItem:
+    """A prompt to generate for: its index in the workload and its text."""
+
+    index: int
+    text: str
+
+
+@dataclass
+class EngineResult:
+    """What one sequence produced, with monotonic-clock timestamps (comparable across processes)."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    prompt_tokens: int
+    start_s: float
+    first_token_s: float | None
+    end_s: float
+    error: str | None = None
+
+
+@dataclass
+class _Sequence:
+    item: EngineItem
+    prompt: list[int]
+    fed: int = 0  # prompt tokens already decoded
+    generated: list[int] = field(default_factory=list)
+    start_s: float = 0.0
+    first_token_s: float | None = None
+    rng: np.random.Generator | None = None
+
+    @property
+    def position(self) -> int:
+        return self.fed + len(self.generated)
+
+
+_LOG_CALLBACK = None
+
+
+def silence_llama_logs() -> None:
+    """llama.cpp prints its load log to stderr; a trial's stderr must stay readable."""
+    global _LOG_CALLBACK
+
+    @llama_cpp.llama_log_callback
+    def _ignore(level, text, user_data):  # noqa: ARG001
+        return None
+
+    _LOG_CALLBACK = _ignore  # keep a reference: ctypes must not free the callback
+    llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p())
+
+
+class LlamaEngine:
+    """A loaded model with a context of ``batch_size`` sequence slots."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        threads: int,
+        batch_size: int,
+        ctx_per_sequence: int,
+        n_batch: int,
+    ) -> None:
+        silence_llama_logs()
+        llama_cpp.llama_backend_init()
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.use_mmap = True  # N workers share the GGUF's pages
+        self.model = llama_cpp.llama_model_load_from_file(model_path.encode(), model_params)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {model_path}")
+        self.batch_size = batch_size
+        self.ctx_per_sequence = ctx_per_sequence
+        # One decode holds at most one token per generating sequence plus prompt chunks.
+        self.batch_capacity = max(n_batch, batch_size)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = ctx_per_sequence * batch_size
+        params.n_batch = self.batch_capacity
+        params.n_ubatch = min(n_batch, self.batch_capacity)
+        params.n_seq_max = batch_size
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.kv_unified = False
+        params.no_perf = True
+        # Flash attention's online softmax rounds differently depending on how a prompt is
+        # split across decode steps; with it off, greedy output at batch 16 equals batch 1
+        # token for token (measured; at 32 sequences ggml's shape-dependent kernels can still
+        # flip a near-tie).
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self.ctx = llama_cpp.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise RuntimeError("llama.cpp could not create a context (out of memory?)")
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.batch = llama_cpp.llama_batch_init(self.batch_capacity, 0, 1)
+        template = llama_cpp.llama_model_chat_template(self.model, None)
+        self.chat_template = template.decode() if template else None
+        self._formatter = None
+
+    # ------------------------------------------------------------------ text <-> tokens
+
+    def format_prompt(self, text: str, chat_template: bool) -> str:
+        """The prompt text as the model sees it: the model's own chat template, if asked."""
+        if not chat_template or not self.chat_template:
+            return text
+        if self._formatter is None:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            eos = llama_cpp.llama_vocab_eos(self.vocab)
+            bos = llama_cpp.llama_vocab_bos(self.vocab)
+            self._formatter = Jinja2ChatFormatter(
+                template=self.chat_template,
+                eos_token=self.piece(eos, special=True).decode(errors="replace"),
+                bos_token=self.piece(bos, special=True).decode(errors="replace")
+                if bos >= 0
+                else "",
+            )
+        return self._formatter(messages=[{"role": "user", "content": text}]).prompt
+
+    def tokenize(self, text: str) -> list[int]:
+        """Tokens of ``text``; special tokens written in it (<|im_start|>) are parsed."""
+        data = text.encode()
+        capacity = len(data) + 16
+        buffer = (llama_cpp.llama_token * capacity)()
+        count = llama_cpp.llama_tokenize(
+            self.vocab, data, len(data), buffer, capacity, self.add_bos, True
+        )
+        if count < 0:  # buffer too small: llama.cpp returns minus the size it needs
+            capacity = -count
+            buffer = (llama_cpp.llama_token * capacity)()
+            count = llama_cpp.llama_tokenize(
+                self.vocab, data, len(data), buffer, capacity, self.add_bos, True
+            )
+        return list(buffer[:count])
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """The bytes one token stands for."""
+        buffer = ctypes.create_string_buffer(64)
+        length = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, 64, 0, special)
+        if length < 0:
+            buffer = ctypes.create_string_buffer(-length)
+            length = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, -length, 0, special)
+        return buffer.raw[:length]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """Text of generated tokens (special tokens left out)."""
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    # ------------------------------------------------------------------ generation
+
+    def _sample(self, logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
+        if temperature == 0.0:
+            return int(np.argmax(logits))
+        scaled = logits.astype(np.float64) / temperature
+        probs = np.exp(scaled - scaled.max())
+        probs /= probs.sum()
+        if top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            keep = np.cumsum(probs[order]) - probs[order] < top_p
+            mask = np.zeros_like(probs, dtype=bool)
+            mask[order[keep]] = True
+            probs = np.where(mask, probs, 0.0)
+            probs /= probs.sum()
+        return int(rng.choice(len(probs), p=probs))
+
+    def run(
+        self,
+        take: Callable[[bool], EngineItem | None],
+        emit: Callable[[EngineResult], None],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        chat_template: bool = True,
+    ) -> None:
+        """Generate until ``take`` has no more items and every slot is finished.
+
+        ``take(block)`` returns the next item or None. ``block`` is True only when every slot
+        is idle, so a busy engine never waits for work; None from a blocking take means the
+        work is over, None from a non-blocking one only that nothing is queued right now.
+        ``emit`` receives each result as soon as its sequence ends.
+        """
+        slots: list[_Sequence | None] = [None] * self.batch_size
+        batch = self.batch
+        wants_logits: list[tuple[int, int]] = []  # (slot, row in batch) of this step
+
+        def add(token: int, position: int, slot: int, logits: bool) -> None:
+            row = batch.n_tokens
+            batch.token[row] = token
+            batch.pos[row] = position
+            batch.n_seq_id[row] = 1
+            batch.seq_id[row][0] = slot
+            batch.logits[row] = logits
+            batch.n_tokens = row + 1
+            if logits:
+                wants_logits.append((slot, row))
+
+        while True:
+            # Admit new prompts into free slots.
+            for slot in range(self.batch_size):
+                if slots[slot] is not None:
+                    continue
+                idle = all(s is None for s in slots)
+                item = take(idle)
+                if item is None:
+                    if idle:
+                        return  # a blocking take found no more work: the round is over
+                    break  # nothing queued right now: keep decoding what is active
+                sequence = self._admit(item, chat_template, max_new_tokens, seed)
+                if isinstance(sequence, EngineResult):  # rejected: emit the error, keep going
+                    emit(sequence)
+                    continue
+                llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
+                slots[slot] = sequence
+            if all(s is None for s in slots):
+                continue  # every admitted item was rejected: take again (blocking)
+
+            # One decode: a token for every generating sequence, then prompt chunks.
+            batch.n_tokens = 0
+            wants_logits.clear()
+            for slot, seq in enumerate(slots):
+                if seq is not None and seq.fed == len(seq.prompt):
+                    add(seq.generated[-1], seq.position - 1, slot, True)
+            for slot, seq in enumerate(slots):
+                if seq is None or seq.fed == len(seq.prompt):
+                    continue
+                room = self.batch_capacity - batch.n_tokens
+                if room <= 0:
+                    break
+                chunk = seq.prompt[seq.fed : seq.fed + room]
+                for offset, token in enumerate(chunk):
+                    last = seq.fed + offset == len(seq.prompt) - 1
+                    add(token, seq.fed + offset, slot, last)
+                seq.fed += len(chunk)
+
+            status = llama_cpp.llama_decode(self.ctx, batch)
+            if status != 0:
+                raise RuntimeError(f"llama_decode failed with status {status}")
+            now = time.monotonic()
+
+            for slot, row in wants_logits:
+                seq = slots[slot]
+                pointer = llama_cpp.llama_get_logits_ith(self.ctx, row)
+                logits = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
+                token = self._sample(logits, temperature, top_p, seq.rng)
+                if seq.first_token_s is None:
+                    seq.first_token_s = now
+                finished = llama_cpp.llama_vocab_is_eog(self.vocab, token)
+                if not finished:
+                    seq.generated.append(token)
+                if finished or len(seq.generated) >= max_new_tokens:
+                    emit(
+                        EngineResult(
+                            index=seq.item.index,
+                            token_ids=list(seq.generated),
+                            text=self.detokenize(seq.generated),
+                            prompt_tokens=len(seq.prompt),
+                            start_s=seq.start_s,
+                            first_token_s=seq.first_token_s,
+                            end_s=now,
+                        )
+                    )
+                    llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
+                    slots[slot] = None
+
+    def _admit(self, item: EngineItem, chat_template: bool, max_new_tokens: int, seed: int):
+        start = time.monotonic()
+        prompt = self.tokenize(self.format_prompt(item.text, chat_template))
+        if len(prompt) + max_new_tokens > self.ctx_per_sequence:
+            return EngineResult(
+                index=item.index,
+                token_ids=[],
+                text="",
+                prompt_tokens=len(prompt),
+                start_s=start,
+                first_token_s=None,
+                end_s=time.monotonic(),
+                error=(
+                    f"prompt of {len(prompt)} tokens + max_new_tokens {max_new_tokens} exceeds "
+                    f"ctx_per_sequence {self.ctx_per_sequence}"
+                ),
+            )
+        # A generator per request, seeded by its workload index: sampled output does not
+        # depend on which worker or slot the request lands in.
+        rng = np.random.default_rng([seed, item.index])
+        return _Sequence(item=item, prompt=prompt, start_s=start, rng=rng)
+
+    def close(self) -> None:
+        """Free the batch, context and model (idempotent)."""
+        if getattr(self, "batch", None) is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+        if getattr(self, "ctx", None):
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            llama_cpp.llama_model_free(self.model)
+            self.model = None

@@ -1,0 +1,62 @@
+"""The body of one llama.cpp worker process (started with the spawn method).
+
+Protocol, over the worker's own pipe to the parent:
+
+- worker -> parent ``("ready", rank, pid, load_s)`` once the model is loaded;
+- parent -> worker ``("generate", settings)``: the worker then takes ``(index, text)`` items
+  from the shared task queue until it takes a ``None`` (one per worker ends a round), sends
+  ``("result", rank, EngineResult)`` for each item as it finishes, then ``("done", rank)``;
+- parent -> worker ``("close",)``: free the model and exit;
+- worker -> parent ``("error", rank, traceback)`` if anything fails, then exit code 1.
+
+Items come from one shared queue, so a fast worker takes more of them.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+import traceback
+
+
+def worker_main(rank, model_path, engine_kwargs, cpu_set, tasks, conn) -> None:
+    """Load the model once, then serve generate rounds until told to close."""
+    try:
+        if cpu_set is not None:
+            os.sched_setaffinity(0, cpu_set)
+        start = time.monotonic()
+        from backends.llamacpp_engine import EngineItem, LlamaEngine
+
+        engine = LlamaEngine(model_path, **engine_kwargs)
+        conn.send(("ready", rank, os.getpid(), time.monotonic() - start))
+        while True:
+            message = conn.recv()
+            if message[0] == "close":
+                engine.close()
+                return
+            round_over = False
+
+            def take(block: bool):
+                nonlocal round_over
+                if round_over:
+                    return None
+                try:
+                    task = tasks.get() if block else tasks.get_nowait()
+                except queue.Empty:
+                    return None
+                if task is None:  # this worker's end-of-round marker
+                    round_over = True
+                    return None
+                return EngineItem(index=task[0], text=task[1])
+
+            # run() returns only when a blocking take comes back empty, i.e. at the marker.
+            engine.run(take, lambda result: conn.send(("result", rank, result)), **message[1])
+            conn.send(("done", rank))
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):  # the parent went away: just exit
+        return
+    except BaseException:  # noqa: BLE001 - any failure goes to the parent as text
+        try:
+            conn.send(("error", rank, traceback.format_exc()))
+        finally:
+            os._exit(1)

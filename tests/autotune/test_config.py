@@ -1,0 +1,80 @@
+"""TrialConfig validation, round trips, and the CLI flags generated from it."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from autotune.config import TrialConfig, add_config_arguments, config_from_args
+from autotune.errors import ConfigError
+
+
+def test_defaults_are_valid_and_total_threads():
+    config = TrialConfig(workers=4, threads_per_worker=2)
+    assert config.total_threads == 8
+    assert config.generation.greedy and config.generation.max_new_tokens == 64
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"backend": "vllm"}, "backend must be one of llamacpp, hf, fake, got 'vllm'"),
+        ({"workers": 0}, "workers must be a whole number >= 1, got 0"),
+        ({"threads_per_worker": 1.5}, "threads_per_worker must be a whole number >= 1, got 1.5"),
+        (
+            {"quant": "q3_x"},
+            "quant must be one of f16, q8_0, q5_k_m, q4_k_m, q4_1, q4_0, got 'q3_x'",
+        ),
+        ({"dtype": "float16"}, "dtype must be one of float32, bfloat16, got 'float16'"),
+        ({"pinning": "numa"}, "pinning must be one of none, compact, spread, got 'numa'"),
+        ({"fault": "crash"}, "fault is for the fake backend only"),
+        ({"stages": 2}, "stages is for the pipeline backend"),
+        ({"top_p": 0.0}, "top_p must be in (0, 1]"),
+    ],
+)
+def test_validation_names_field_allowed_and_given(changes, message):
+    with pytest.raises(ConfigError) as error:
+        TrialConfig(**changes)
+    assert message in str(error.value)
+
+
+def test_quant_is_case_insensitive():
+    assert TrialConfig(quant="Q4_K_M").quant == "q4_k_m"
+
+
+def test_dict_round_trip_and_unknown_fields():
+    config = TrialConfig(backend="fake", workers=2, batch_size=8, fault="hang", seed=3)
+    assert TrialConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="unknown config field\\(s\\): bogus"):
+        TrialConfig.from_dict({**config.to_dict(), "bogus": 1})
+
+
+def test_cli_flags_come_from_the_fields():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--backend",
+            "hf",
+            "--threads",
+            "2",
+            "--batch-size",
+            "8",
+            "--dtype",
+            "bfloat16",
+            "--no-chat-template",
+            "--temperature",
+            "0.5",
+        ]
+    )
+    config = config_from_args(args)
+    assert config == TrialConfig(
+        backend="hf",
+        threads_per_worker=2,
+        batch_size=8,
+        dtype="bfloat16",
+        chat_template=False,
+        temperature=0.5,
+    )
+    assert "one of f16, q8_0" in parser.format_help()

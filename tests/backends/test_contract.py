@@ -1,0 +1,102 @@
+"""The contract every backend keeps, run against each registered CPU backend.
+
+llamacpp and hf run the tiny random Llama (tests/tiny_model.py); fake needs no model.
+"""
+
+from __future__ import annotations
+
+import psutil
+import pytest
+
+from autotune.config import TrialConfig
+from autotune.errors import ConfigError
+from backends import BACKENDS, create_backend
+from experiments.workload import GenerationSettings, Prompt
+
+PROMPTS = tuple(
+    Prompt(id=f"p{i}", text=text)
+    for i, text in enumerate(
+        [
+            "What is the capital of France?",
+            "Name three primary colors.",
+            "Write a haiku about the sea, please, with a long and winding introduction first.",
+            "2+2?",
+            "Explain why the sky is blue in one sentence.",
+        ]
+    )
+)
+SETTINGS = GenerationSettings(max_new_tokens=6)
+
+# A layout that exercises each backend's parallelism at this machine's size.
+LAYOUTS = {
+    "fake": {"workers": 2, "batch_size": 2},
+    "llamacpp": {"workers": 2, "threads_per_worker": 1, "batch_size": 2},
+    "hf": {"threads_per_worker": 1, "batch_size": 2},
+}
+# A config each backend must refuse, and a word its message must contain.
+BAD = {
+    "fake": ({"pinning": "compact", "workers": 64}, "pinning"),
+    "llamacpp": ({"dtype": "bfloat16"}, "dtype"),
+    "hf": ({"workers": 2}, "workers must be 1"),
+}
+
+
+def test_every_registered_backend_is_covered():
+    assert set(BACKENDS) == set(LAYOUTS) == set(BAD)
+
+
+@pytest.fixture(params=sorted(LAYOUTS))
+def backend_name(request):
+    return request.param
+
+
+@pytest.fixture
+def make(backend_name, tiny_gguf, topology):
+    def build(**changes):
+        config = TrialConfig(backend=backend_name, **{**LAYOUTS[backend_name], **changes})
+        return create_backend(config, tiny_gguf, topology)
+
+    return build
+
+
+def test_outputs_in_input_order_and_match_one_at_a_time(make):
+    with make() as backend:
+        together = backend.generate(PROMPTS, SETTINGS)
+        alone = [backend.generate([p], SETTINGS)[0] for p in PROMPTS[:2]]
+    assert [c.id for c in together] == [p.id for p in PROMPTS]
+    assert len({c.token_ids for c in together}) > 1, "outputs depend on the prompt"
+    for single in alone:
+        match = next(c for c in together if c.id == single.id)
+        assert match.text == single.text
+
+
+def test_max_new_tokens_respected(make):
+    with make() as backend:
+        for limit in (1, 4):
+            completions = backend.generate(PROMPTS, GenerationSettings(max_new_tokens=limit))
+            assert all(1 <= len(c.token_ids) <= limit for c in completions)
+            assert all(c.error is None and c.latency_s >= 0 for c in completions)
+
+
+def test_greedy_is_deterministic(make):
+    with make() as backend:
+        first = [c.token_ids for c in backend.generate(PROMPTS, SETTINGS)]
+        second = [c.token_ids for c in backend.generate(PROMPTS, SETTINGS)]
+    assert first == second
+
+
+def test_close_ends_every_child_and_is_idempotent(make):
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    backend = make()
+    backend.load()
+    backend.generate(PROMPTS[:1], SETTINGS)
+    backend.close()
+    backend.close()
+    after = {p.pid for p in psutil.Process().children(recursive=True) if p.is_running()}
+    assert after <= before
+
+
+def test_bad_config_is_a_clear_error(backend_name, make):
+    changes, word = BAD[backend_name]
+    with pytest.raises(ConfigError, match=word):
+        make(**changes)

@@ -1,0 +1,114 @@
+"""llama.cpp backend specifics: batching equals batch 1, workers, faults, quant, pinning."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import psutil
+import pytest
+
+from autotune.config import TrialConfig
+from autotune.errors import BackendError
+from autotune.models import ModelSpec, weights_summary
+from backends import create_backend
+from backends.llamacpp_quant import gguf_variant
+from experiments.workload import DEFAULT_WORKLOAD, GenerationSettings, load_workload
+
+pytestmark = pytest.mark.llamacpp
+
+
+def generate(model, topology, prompts, settings, **layout):
+    config = TrialConfig(backend="llamacpp", **layout)
+    with create_backend(config, model, topology) as backend:
+        return backend.generate(prompts, settings)
+
+
+def test_batched_decoding_equals_batch_1(tiny_gguf, topology):
+    prompts = load_workload(DEFAULT_WORKLOAD).prompts[:12]
+    settings = GenerationSettings(max_new_tokens=12)
+    one = generate(tiny_gguf, topology, prompts, settings, threads_per_worker=2)
+    batched = generate(tiny_gguf, topology, prompts, settings, threads_per_worker=2, batch_size=8)
+    assert [c.token_ids for c in batched] == [c.token_ids for c in one]
+    assert [c.text for c in batched] == [c.text for c in one]
+
+
+def test_two_workers_share_the_queue(tiny_gguf, topology):
+    prompts = load_workload(DEFAULT_WORKLOAD).prompts[:16]
+    completions = generate(
+        tiny_gguf, topology, prompts, GenerationSettings(max_new_tokens=4), workers=2
+    )
+    assert [c.id for c in completions] == [p.id for p in prompts]
+    assert {c.worker_rank for c in completions} == {0, 1}
+    assert all(c.ttft_s is not None and 0 <= c.ttft_s <= c.latency_s for c in completions)
+
+
+def test_a_killed_worker_ends_the_run_with_its_name(tiny_gguf, topology):
+    prompts = load_workload(DEFAULT_WORKLOAD).prompts * 4
+    config = TrialConfig(backend="llamacpp", workers=2)
+    backend = create_backend(config, tiny_gguf, topology)
+    backend.load()
+    victim = backend.pids[1]
+    timer = threading.Timer(0.5, os.kill, (victim, signal.SIGKILL))
+    timer.start()
+    try:
+        with pytest.raises(
+            BackendError, match=r"worker 1 \(pid \d+\) died \(killed by signal SIGKILL\)"
+        ):
+            backend.generate(prompts, GenerationSettings(max_new_tokens=64))
+    finally:
+        timer.cancel()
+        backend.close()
+    assert not any(
+        psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in backend.pids
+    )
+
+
+def test_prompt_too_long_for_the_context_fails_that_request_only(tiny_gguf, topology):
+    prompts = load_workload(DEFAULT_WORKLOAD).prompts[:4]  # one of them is long
+    completions = generate(
+        tiny_gguf, topology, prompts, GenerationSettings(max_new_tokens=4), ctx_per_sequence=128
+    )
+    failed = [c for c in completions if c.error]
+    assert failed and len(failed) < len(completions)
+    assert "exceeds ctx_per_sequence 128" in failed[0].error
+
+
+def test_quant_variant_is_built_once_and_loads(tiny_gguf, topology, tmp_path):
+    path = gguf_variant(tiny_gguf, "q8_0", root=tmp_path)
+    assert weights_summary(ModelSpec.resolve(str(path))).weight_type == "Q8_0"
+    modified = path.stat().st_mtime_ns
+    assert gguf_variant(tiny_gguf, "q8_0", root=tmp_path) == path
+    assert path.stat().st_mtime_ns == modified
+    assert gguf_variant(tiny_gguf, None, root=tmp_path) == tiny_gguf.path
+
+
+def test_pinning_sets_each_workers_affinity(tiny_gguf, topology):
+    if topology.usable_cpus < 2:
+        pytest.skip("needs 2 usable CPUs to pin 2 workers apart")
+    config = TrialConfig(backend="llamacpp", workers=2, pinning="spread")
+    with create_backend(config, tiny_gguf, topology) as backend:
+        affinities = [psutil.Process(pid).cpu_affinity() for pid in backend.pids]
+    order = sorted(topology.affinity_cpus)
+    assert affinities == [[order[0]], [order[1]]]
+
+
+@pytest.mark.slow
+def test_embedded_model_batch_16_equals_batch_1(topology):
+    model = ModelSpec.resolve()
+    prompts = load_workload(DEFAULT_WORKLOAD).prompts[:24]
+    settings = GenerationSettings(max_new_tokens=32)
+    one = generate(model, topology, prompts, settings, threads_per_worker=2)
+    batched = generate(model, topology, prompts, settings, threads_per_worker=2, batch_size=16)
+    assert [c.token_ids for c in batched] == [c.token_ids for c in one]
+
+
+def test_a_worker_that_fails_reports_why(topology, tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 256)  # the magic bytes, then nothing sensible
+    config = TrialConfig(backend="llamacpp")
+    backend = create_backend(config, ModelSpec.resolve(str(broken)), topology)
+    with pytest.raises(BackendError, match=r"worker 0 failed:[\s\S]*could not load"):
+        backend.load()
+    backend.close()
