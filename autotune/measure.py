@@ -84,9 +84,14 @@ def tree_cpu_seconds() -> float:
 
 
 class TreeSampler:
-    """Peak PSS/RSS of the process tree, sampled every ``interval_s`` by a sleeping thread."""
+    """Peak PSS/RSS of the process tree, sampled every ``interval_s`` by a sleeping thread.
 
-    def __init__(self, interval_s: float = 0.25) -> None:
+    One sample costs ~8 ms for a process with torch loaded (the kernel walks every mapping
+    under the process's mmap lock), so the period is long and callers add samples between
+    phases with `sample()`, outside the timed regions.
+    """
+
+    def __init__(self, interval_s: float = 1.0) -> None:
         self.interval_s = interval_s
         self.peak_pss_bytes = 0
         self.peak_rss_bytes = 0
@@ -171,6 +176,7 @@ def benchmark(
         say("loading")
         with backend:
             load_time_s = time.monotonic() - started
+            memory.sample()
             # Warm up on as many prompts as the layout runs at once: every worker and slot
             # sees a prompt, pages are touched and thread pools started before timing.
             width = max(1, config.workers * config.batch_size)
@@ -184,6 +190,7 @@ def benchmark(
                 completions = backend.generate(workload.prompts, settings)
                 wall_s = time.monotonic() - start
                 cpu_s = tree_cpu_seconds() - cpu_before
+                memory.sample()
                 tokens = sum(len(c.token_ids) for c in completions)
                 samples.append(
                     {

@@ -56,6 +56,7 @@ class LlamaCppBackend(Backend):
             "batch_size": self.config.batch_size,
             "ctx_per_sequence": self.config.ctx_per_sequence,
             "n_batch": self.config.n_batch,
+            "workers": self.config.workers,
         }
         # spawn, not fork: a fresh interpreter per worker, no inherited threads or locks.
         context = multiprocessing.get_context("spawn")

@@ -77,6 +77,15 @@ def silence_llama_logs() -> None:
     llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p())
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    count = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        count += 1
+    return count
+
+
 class LlamaEngine:
     """A loaded model with a context of ``batch_size`` sequence slots."""
 
@@ -88,6 +97,7 @@ class LlamaEngine:
         batch_size: int,
         ctx_per_sequence: int,
         n_batch: int,
+        workers: int = 1,
     ) -> None:
         silence_llama_logs()
         llama_cpp.llama_backend_init()
@@ -98,6 +108,9 @@ class LlamaEngine:
             raise RuntimeError(f"llama.cpp could not load {model_path}")
         self.batch_size = batch_size
         self.ctx_per_sequence = ctx_per_sequence
+        # Workers sharing the task queue: each step takes at most its share of its free slots,
+        # so the first worker to wake cannot take every prompt while the others sit idle.
+        self.workers = workers
         # One decode holds at most one token per generating sequence plus prompt chunks.
         self.batch_capacity = max(n_batch, batch_size)
         params = llama_cpp.llama_context_default_params()
@@ -123,6 +136,10 @@ class LlamaEngine:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self.batch = llama_cpp.llama_batch_init(self.batch_capacity, 0, 1)
+        # Tokens whose KV each slot still holds from its previous sequence. A new prompt
+        # reuses the prefix it shares with them (the chat template's system prompt, at
+        # least) instead of decoding it again, as llama-cpp-python does between calls.
+        self.slot_cache: list[list[int]] = [[] for _ in range(batch_size)]
         template = llama_cpp.llama_model_chat_template(self.model, None)
         self.chat_template = template.decode() if template else None
         self._formatter = None
@@ -227,11 +244,16 @@ class LlamaEngine:
                 wants_logits.append((slot, row))
 
         while True:
-            # Admit new prompts into free slots.
+            # Admit new prompts into free slots, at most this worker's share of them per step.
+            free = sum(s is None for s in slots)
+            allowance = -(-free // self.workers)
             for slot in range(self.batch_size):
                 if slots[slot] is not None:
                     continue
                 idle = all(s is None for s in slots)
+                if allowance == 0 and not idle:
+                    break
+                allowance -= 1
                 item = take(idle)
                 if item is None:
                     if idle:
@@ -241,7 +263,12 @@ class LlamaEngine:
                 if isinstance(sequence, EngineResult):  # rejected: emit the error, keep going
                     emit(sequence)
                     continue
-                llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
+                # Keep the shared prefix's KV cells, drop the rest; at least the last prompt
+                # token is decoded again, since its logits are needed.
+                reuse = _common_prefix(self.slot_cache[slot], sequence.prompt)
+                reuse = min(reuse, len(sequence.prompt) - 1)
+                llama_cpp.llama_memory_seq_rm(self.memory, slot, reuse, -1)
+                sequence.fed = reuse
                 slots[slot] = sequence
             if all(s is None for s in slots):
                 continue  # every admitted item was rejected: take again (blocking)
@@ -291,7 +318,9 @@ class LlamaEngine:
                             end_s=now,
                         )
                     )
-                    llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
+                    # Every token but a last one cut off by max_new_tokens was decoded.
+                    fed = seq.generated if finished else seq.generated[:-1]
+                    self.slot_cache[slot] = seq.prompt + fed
                     slots[slot] = None
 
     def _admit(self, item: EngineItem, chat_template: bool, max_new_tokens: int, seed: int):

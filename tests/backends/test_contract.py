@@ -100,3 +100,11 @@ def test_bad_config_is_a_clear_error(backend_name, make):
     changes, word = BAD[backend_name]
     with pytest.raises(ConfigError, match=word):
         make(**changes)
+
+
+def test_seeded_sampling_is_reproducible(make):
+    sampled = GenerationSettings(max_new_tokens=6, temperature=0.9, top_p=0.9, seed=7)
+    with make() as backend:
+        first = [c.token_ids for c in backend.generate(PROMPTS, sampled)]
+        second = [c.token_ids for c in backend.generate(PROMPTS, sampled)]
+    assert first == second

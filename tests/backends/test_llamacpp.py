@@ -44,6 +44,37 @@ def test_two_workers_share_the_queue(tiny_gguf, topology):
     assert all(c.ttft_s is not None and 0 <= c.ttft_s <= c.latency_s for c in completions)
 
 
+@pytest.mark.parametrize(("workers", "first_step"), [(1, 16), (2, 8), (4, 4)])
+def test_a_worker_takes_only_its_share_per_step(tiny_gguf, monkeypatch, workers, first_step):
+    # With 16 free slots a worker could take every queued prompt at once and leave the other
+    # workers idle; it takes at most ceil(free slots / workers) per decode step.
+    import backends.llamacpp_engine as engine_module
+    from backends.llamacpp_engine import EngineItem, LlamaEngine
+
+    engine = LlamaEngine(
+        str(tiny_gguf.path),
+        threads=1,
+        batch_size=16,
+        ctx_per_sequence=256,
+        n_batch=512,
+        workers=workers,
+    )
+    queue = [EngineItem(index=i, text=f"prompt {i}") for i in range(32)]
+    taken_before_decode = []
+    real_decode = engine_module.llama_cpp.llama_decode
+
+    def decode(ctx, batch):
+        taken_before_decode.append(32 - len(queue))
+        return real_decode(ctx, batch)
+
+    monkeypatch.setattr(engine_module.llama_cpp, "llama_decode", decode)
+    results = []
+    engine.run(lambda block: queue.pop(0) if queue else None, results.append, max_new_tokens=2)
+    engine.close()
+    assert taken_before_decode[0] == first_step
+    assert len(results) == 32
+
+
 def test_a_killed_worker_ends_the_run_with_its_name(tiny_gguf, topology):
     prompts = load_workload(DEFAULT_WORKLOAD).prompts * 4
     config = TrialConfig(backend="llamacpp", workers=2)
@@ -112,3 +143,14 @@ def test_a_worker_that_fails_reports_why(topology, tmp_path):
     with pytest.raises(BackendError, match=r"worker 0 failed:[\s\S]*could not load"):
         backend.load()
     backend.close()
+
+
+def test_sampled_output_does_not_depend_on_the_layout(tiny_gguf, topology):
+    # each request has its own generator seeded by (seed, index): same tokens in any slot
+    prompts = load_workload(DEFAULT_WORKLOAD).prompts[:6]
+    sampled = GenerationSettings(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=11)
+    one = generate(tiny_gguf, topology, prompts, sampled)
+    batched = generate(tiny_gguf, topology, prompts, sampled, workers=2, batch_size=3)
+    greedy = generate(tiny_gguf, topology, prompts, GenerationSettings(max_new_tokens=8))
+    assert [c.token_ids for c in batched] == [c.token_ids for c in one]
+    assert [c.token_ids for c in one] != [c.token_ids for c in greedy]
