@@ -79,7 +79,7 @@ def silence_llama_logs() -> None:
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     count = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):  # stops at the shorter list
         if x != y:
             break
         count += 1

@@ -140,7 +140,8 @@ def main() -> int:
             ours.append(benchmark(config, workload, model, topology, repeats=1).tokens_per_s)
             plain.append(bare())
             print(
-                f"  {name} pair {pair + 1}: autotune {ours[-1]:.1f} tok/s, bare {plain[-1]:.1f} tok/s",
+                f"  {name} pair {pair + 1}: "
+                f"autotune {ours[-1]:.1f} tok/s, bare {plain[-1]:.1f} tok/s",
                 flush=True,
             )
         # Judge on the pairs: each A/B pair ran back to back, so slow drifts of a shared

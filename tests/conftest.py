@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))  # test helpers (tiny_model) import by name
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MACHINES = FIXTURES / "machines"
@@ -62,15 +61,21 @@ def isolated_cache():
 @pytest.fixture(scope="session")
 def tiny_gguf(isolated_cache):
     """ModelSpec of a tiny random Llama GGUF (seeded: built once, reused across runs)."""
-    from tiny_model import build_tiny_llama
-
     from autotune.models import ModelSpec, file_lock
+
+    # Loaded by path: putting tests/ on sys.path would let tests/backends/ shadow the
+    # backends package.
+    helper = importlib.util.spec_from_file_location(
+        "tiny_model", Path(__file__).with_name("tiny_model.py")
+    )
+    tiny_model = importlib.util.module_from_spec(helper)
+    helper.loader.exec_module(tiny_model)
 
     path = isolated_cache / "tiny-random-llama.gguf"
     with file_lock(isolated_cache / "tiny-random-llama.lock"):
         if not path.is_file():
             partial = path.with_suffix(".partial")
-            build_tiny_llama(partial, ModelSpec.resolve().path)
+            tiny_model.build_tiny_llama(partial, ModelSpec.resolve().path)
             partial.replace(path)
     return ModelSpec.resolve(str(path))
 
