@@ -27,7 +27,9 @@ class TransformersEngine:
     def __init__(self, directory: str, *, dtype: str, threads: int, device: str | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
 
+        transformers_logging.disable_progress_bar()  # keep a run's stderr for what matters
         torch.set_num_threads(threads)
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
