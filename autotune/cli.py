@@ -95,6 +95,14 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_bad_lines(workload, shown: int = 10) -> None:
+    """One stderr line per skipped workload line (the first ``shown``), then a count."""
+    for error in workload.errors[:shown]:
+        print(f"warning: {error}", file=sys.stderr)
+    if len(workload.errors) > shown:
+        print(f"warning: ... and {len(workload.errors) - shown} more bad lines", file=sys.stderr)
+
+
 def cmd_workload(args: argparse.Namespace) -> int:
     from experiments.workload import load_workload
 
@@ -109,10 +117,7 @@ def cmd_workload(args: argparse.Namespace) -> int:
         "prompt_chars_median": lengths[len(lengths) // 2],
         "prompt_chars_max": lengths[-1],
     }
-    for error in workload.errors[:10]:
-        print(f"warning: {error}", file=sys.stderr)
-    if len(workload.errors) > 10:
-        print(f"warning: ... and {len(workload.errors) - 10} more bad lines", file=sys.stderr)
+    _warn_bad_lines(workload)
     if args.json:
         _print_json({**summary, "errors": [str(e) for e in workload.errors]})
         return 0
@@ -162,8 +167,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     workload = load_workload(args.workload, strict=args.strict)
-    for error in workload.errors[:10]:
-        print(f"warning: {error}", file=sys.stderr)
+    _warn_bad_lines(workload)
     if args.limit:
         workload = workload.head(args.limit)
     model = ModelSpec.resolve(config.model)
