@@ -95,7 +95,7 @@ def test_bench_strict_workload(cli, tmp_path):
     assert f"{bad}:2: malformed JSON" in result.stderr
 
 
-def test_failed_fake_run_exits_nonzero_without_traceback_for_user_errors(cli):
+def test_a_crashing_backend_fails_the_run_with_its_exit_code(cli):
     # a crash of the measured backend is a failure of the run, not of the user's input
     result = cli(
         "bench",
