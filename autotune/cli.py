@@ -72,11 +72,12 @@ def cmd_model(args: argparse.Namespace) -> int:
     if spec.format == "hf":
         cache = "not needed (an HF directory)"
     else:
-        if args.prepare:
-            models.hf_dir(spec)
-        entry = models.hf_cache_entry(spec)
-        problem = models.cache_entry_problem(entry, spec.sha256())
-        cache = f"{entry} ({problem or 'ready'})"
+        if args.prepare:  # hf_dir verifies or builds the entry: it is ready when it returns
+            cache = f"{models.hf_dir(spec)} (ready)"
+        else:
+            sha = spec.sha256()
+            entry = models.hf_cache_entry(spec, source_sha256=sha)
+            cache = f"{entry} ({models.cache_entry_problem(entry, sha) or 'ready'})"
     if args.json:
         _print_json(
             {

@@ -7,7 +7,7 @@ from rich.table import Table
 
 from autotune.models import ModelSpec, WeightsSummary
 from autotune.roofline import Roofline
-from autotune.topology import Topology
+from autotune.topology import Topology, format_cpulist
 
 console = Console()
 errors = Console(stderr=True)
@@ -16,21 +16,6 @@ errors = Console(stderr=True)
 def gib(value: int | None) -> str:
     """Bytes as GiB with two decimals, or '-'."""
     return "-" if value is None else f"{value / 2**30:.2f} GiB"
-
-
-def _ranges(cpus) -> str:
-    cpus = sorted(cpus)
-    if not cpus:
-        return "-"
-    parts, start, prev = [], cpus[0], cpus[0]
-    for cpu in cpus[1:] + [None]:
-        if cpu is not None and cpu == prev + 1:
-            prev = cpu
-            continue
-        parts.append(f"{start}-{prev}" if start != prev else str(start))
-        if cpu is not None:
-            start = prev = cpu
-    return ",".join(parts)
 
 
 def key_value_table(title: str) -> Table:
@@ -57,9 +42,10 @@ def show_topology(topo: Topology) -> None:
         )
     for node in topo.numa_nodes:
         table.add_row(
-            f"NUMA node {node.id}", f"CPUs {_ranges(node.cpus)}, {gib(node.memory_total_bytes)}"
+            f"NUMA node {node.id}",
+            f"CPUs {format_cpulist(node.cpus)}, {gib(node.memory_total_bytes)}",
         )
-    usable = f"{topo.usable_cpus} (affinity {_ranges(topo.affinity_cpus)}"
+    usable = f"{topo.usable_cpus} (affinity {format_cpulist(topo.affinity_cpus)}"
     usable += f", cgroup quota {topo.cpu_quota:g} CPUs)" if topo.cpu_quota is not None else ")"
     table.add_row("Usable CPUs", usable)
     table.add_row("Memory total", gib(topo.memory_total_bytes))

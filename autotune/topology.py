@@ -21,6 +21,7 @@ __all__ = [
     "NumaNode",
     "Topology",
     "detect",
+    "format_cpulist",
     "parse_cpulist",
     "read_cgroup_limits",
     "read_cpu_topology",
@@ -142,6 +143,22 @@ def parse_cpulist(text: str) -> list[int]:
         else:
             cpus.add(int(part))
     return sorted(cpus)
+
+
+def format_cpulist(cpus) -> str:
+    """Format CPU ids the way the kernel does: ``0-7,16-23`` (``-`` for none)."""
+    cpus = sorted(cpus)
+    if not cpus:
+        return "-"
+    ranges, start, prev = [], cpus[0], cpus[0]
+    for cpu in [*cpus[1:], None]:
+        if cpu is not None and cpu == prev + 1:
+            prev = cpu
+            continue
+        ranges.append(f"{start}-{prev}" if start != prev else str(start))
+        if cpu is not None:
+            start = prev = cpu
+    return ",".join(ranges)
 
 
 def _read(path: Path) -> str | None:

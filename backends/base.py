@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 from autotune.config import TrialConfig
-from autotune.errors import ConfigError
 from autotune.models import ModelSpec
+from autotune.pinning import cpu_sets
 from autotune.topology import Topology
 from experiments.workload import GenerationSettings, Prompt
 
@@ -56,13 +56,10 @@ class Backend(ABC):
     def validate(cls, config: TrialConfig, topology: Topology) -> None:
         """Raise ConfigError if this backend cannot run ``config`` on this machine.
 
-        Called before the backend is built. The default checks the thread budget.
+        Called before the backend is built. The default checks that a pinning policy has the
+        CPUs it needs.
         """
-        if config.total_threads > topology.usable_cpus and config.pinning != "none":
-            raise ConfigError(
-                f"pinning {config.pinning} needs workers x threads <= usable CPUs "
-                f"({config.workers} x {config.threads_per_worker} > {topology.usable_cpus})"
-            )
+        cpu_sets(topology, config.workers, config.threads_per_worker, config.pinning)
 
     @abstractmethod
     def load(self) -> None:

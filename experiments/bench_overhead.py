@@ -107,9 +107,7 @@ def main() -> int:
 
     topology = detect()
     model = ModelSpec.resolve()
-    workload = (
-        load_workload().head(args.prompts).with_generation(max_new_tokens=args.max_new_tokens)
-    )
+    workload = load_workload().head(args.prompts)
     threads = min(2, topology.usable_cpus)
     cases = {
         "llamacpp": (

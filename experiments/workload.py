@@ -1,4 +1,4 @@
-"""Workloads: the prompts a user pushes through a model, and how to generate for them.
+"""Workloads: the prompts a user pushes through a model, and the settings to generate them.
 
 One loader reads the JSONL shapes users already have (see shared/seeds):
 
@@ -15,7 +15,7 @@ good lines still load and the bad ones are counted, ``strict=True`` makes any of
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,11 +90,14 @@ class LineError:
 
 @dataclass(frozen=True, kw_only=True)
 class Workload:
-    """Prompts plus generation settings; ``errors`` lists the lines that were skipped."""
+    """The prompts of a JSONL file; ``errors`` lists the lines that were skipped.
+
+    How to generate for them (GenerationSettings) travels in TrialConfig, the one type that
+    carries a configuration from the search to the backend.
+    """
 
     name: str
     prompts: tuple[Prompt, ...]
-    generation: GenerationSettings = GenerationSettings()
     errors: tuple[LineError, ...] = ()
     shapes: dict[str, int] = field(default_factory=dict, compare=False)
 
@@ -103,24 +106,7 @@ class Workload:
 
     def head(self, count: int) -> Workload:
         """The first ``count`` prompts (all of them if there are fewer)."""
-        return Workload(
-            name=self.name,
-            prompts=self.prompts[:count],
-            generation=self.generation,
-            errors=self.errors,
-            shapes=self.shapes,
-        )
-
-    def with_generation(self, **changes: Any) -> Workload:
-        """A copy with some generation settings changed (e.g. max_new_tokens from a flag)."""
-        settings = {**self.generation.__dict__, **changes}
-        return Workload(
-            name=self.name,
-            prompts=self.prompts,
-            generation=GenerationSettings(**settings),
-            errors=self.errors,
-            shapes=self.shapes,
-        )
+        return replace(self, prompts=self.prompts[:count])
 
 
 def _require_text(record: dict, key: str) -> str:
@@ -191,7 +177,6 @@ def load_workload(
     path: str | Path | None = None,
     *,
     strict: bool = False,
-    generation: GenerationSettings | None = None,
     source: str = "--workload",
 ) -> Workload:
     """Load a JSONL workload; ``None`` is the shipped default workload.
@@ -247,7 +232,6 @@ def load_workload(
     return Workload(
         name=path.stem,
         prompts=tuple(prompts),
-        generation=generation or GenerationSettings(),
         errors=tuple(errors),
         shapes=shapes,
     )

@@ -114,11 +114,12 @@ def test_generation_settings_validate():
         GenerationSettings(top_p=0)
 
 
-def test_with_generation_changes_only_settings():
+def test_head_keeps_the_first_prompts_and_the_rest_of_the_workload():
     workload = load_workload(TINY_WORKLOAD)
-    shorter = workload.with_generation(max_new_tokens=8)
-    assert shorter.generation.max_new_tokens == 8
-    assert shorter.prompts == workload.prompts
+    first = workload.head(2)
+    assert first.prompts == workload.prompts[:2]
+    assert (first.name, first.shapes) == (workload.name, workload.shapes)
+    assert workload.head(100).prompts == workload.prompts
 
 
 def test_default_workload_is_large_and_varied():
