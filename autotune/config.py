@@ -60,13 +60,35 @@ class TrialConfig:
     partition: str = _field(
         "uniform", "--partition", "how the pipeline splits layers", choices=PARTITIONS
     )
-    boundaries: str | None = _field(None, "--boundaries", "custom pipeline split, e.g. 0-13,14-29")
+    boundaries: str | None = _field(
+        None, "--boundaries", "layers of each stage for --partition custom, e.g. 0-13,14-29"
+    )
+    stage_memory_gb: float | None = _field(
+        None,
+        "--stage-memory-gb",
+        "memory cap per pipeline stage in GB, weights + KV cache "
+        "(default: available memory / stages)",
+    )
+    kv_cache: bool = _field(
+        True,
+        None,
+        "keep each stage's KV cache between steps (pipeline backend)",
+        off_flag="--no-kv-cache",
+        off_help="pipeline: recompute the whole sequence every step "
+        "(to measure what the cache gives)",
+    )
     model: str | None = _field(None, "--model", "GGUF file or HF directory (default: embedded)")
     max_new_tokens: int = _field(64, "--max-new-tokens", "tokens to generate per prompt")
     temperature: float = _field(0.0, "--temperature", "0 = greedy")
     top_p: float = _field(1.0, "--top-p", "nucleus sampling threshold")
     seed: int = _field(0, "--seed", "sampling seed")
-    chat_template: bool = _field(True, None, "format prompts with the model's chat template")
+    chat_template: bool = _field(
+        True,
+        None,
+        "format prompts with the model's chat template",
+        off_flag="--no-chat-template",
+        off_help="send prompts as raw text, without the model's chat template",
+    )
     fault: str = _field("none", "--fault", "fake backend only: fail on purpose", choices=FAULTS)
 
     def __post_init__(self) -> None:
@@ -98,7 +120,13 @@ class TrialConfig:
             value = getattr(self, name)
             if value is not None and value not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-        pipeline_fields = {"stages": 1, "partition": "uniform", "boundaries": None}
+        pipeline_fields = {
+            "stages": 1,
+            "partition": "uniform",
+            "boundaries": None,
+            "stage_memory_gb": None,
+            "kv_cache": True,
+        }
         for name, default in pipeline_fields.items():
             if self.backend != "pipeline" and getattr(self, name) != default:
                 raise ConfigError(
@@ -108,6 +136,15 @@ class TrialConfig:
             raise ConfigError(f"fault is for the fake backend only, got backend {self.backend!r}")
         if self.boundaries is not None and not re.fullmatch(r"\d+-\d+(,\d+-\d+)*", self.boundaries):
             raise ConfigError(f"boundaries must look like 0-13,14-29, got {self.boundaries!r}")
+        if (self.partition == "custom") != (self.boundaries is not None):
+            raise ConfigError(
+                "--partition custom and --boundaries go together "
+                f"(got partition {self.partition!r}, boundaries {self.boundaries!r})"
+            )
+        if self.stage_memory_gb is not None and not self.stage_memory_gb > 0:
+            raise ConfigError(f"stage_memory_gb must be > 0, got {self.stage_memory_gb!r}")
+        if self.stage_memory_gb is not None and self.partition != "memory":
+            raise ConfigError("--stage-memory-gb is the cap of --partition memory")
         _ = self.generation  # building the generation settings validates temperature, top_p
 
     @property
@@ -122,9 +159,14 @@ class TrialConfig:
         )
 
     @property
+    def processes(self) -> int:
+        """Model processes the layout runs: the pipeline's stages, else its workers."""
+        return self.stages if self.backend == "pipeline" else self.workers
+
+    @property
     def total_threads(self) -> int:
-        """Threads over all workers: INFERENCE_NUM_THREADS as seed 001 uses it."""
-        return self.workers * self.threads_per_worker
+        """Threads over all processes: INFERENCE_NUM_THREADS as seed 001 uses it."""
+        return self.processes * self.threads_per_worker
 
     def to_dict(self) -> dict:
         """JSON-ready dict of every field."""
@@ -152,6 +194,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     from backends import BACKENDS
 
     for f in fields(TrialConfig):
+        if "off_flag" in f.metadata:  # a switch that is on by default
+            parser.add_argument(
+                f.metadata["off_flag"],
+                dest=f.name,
+                action="store_false",
+                default=None,
+                help=f.metadata["off_help"],
+            )
         flag = f.metadata.get("flag")
         if flag is None:
             continue
@@ -171,13 +221,6 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             metavar=flag.lstrip("-").upper().replace("-", "_"),
             help=text,
         )
-    parser.add_argument(
-        "--no-chat-template",
-        dest="chat_template",
-        action="store_false",
-        default=None,
-        help="send prompts as raw text, without the model's chat template",
-    )
 
 
 def config_from_args(args: argparse.Namespace) -> TrialConfig:

@@ -108,8 +108,12 @@ def show_summary(title: str, summary: dict) -> None:
 def show_result(result) -> None:
     """Print one measured configuration."""
     config = result.config
+    if config["backend"] == "pipeline":
+        processes = f"{config['stages']} stages ({result.details.get('boundaries')})"
+    else:
+        processes = str(config["workers"])
     layout = (
-        f"{config['backend']}: {config['workers']} x {config['threads_per_worker']} threads, "
+        f"{config['backend']}: {processes} x {config['threads_per_worker']} threads, "
         f"batch {config['batch_size']}"
     )
     table = key_value_table(f"Result ({layout})")

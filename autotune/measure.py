@@ -142,6 +142,7 @@ class RunResult:
     samples: list[dict]
     warnings: list[str]
     provenance: dict
+    details: dict = field(default_factory=dict)  # what the backend chose (e.g. the layer split)
     completions: list[Completion] = field(default_factory=list, repr=False)
 
     def to_dict(self, completions: bool = False) -> dict:
@@ -179,7 +180,7 @@ def benchmark(
             memory.sample()
             # Warm up on as many prompts as the layout runs at once: every worker and slot
             # sees a prompt, pages are touched and thread pools started before timing.
-            width = max(1, config.workers * config.batch_size)
+            width = max(1, config.processes * config.batch_size)
             for index in range(warmup):
                 say(f"warmup {index + 1}/{warmup}")
                 backend.generate(workload.prompts[:width], settings)
@@ -203,6 +204,7 @@ def benchmark(
                 )
                 latencies.extend(c.latency_s for c in completions if c.error is None)
                 ttfts.extend(c.ttft_s for c in completions if c.ttft_s is not None)
+            details = backend.details()
 
     throughput = summarize([s["tokens_per_s"] for s in samples])
     failed = [c for c in completions if c.error is not None]
@@ -214,7 +216,7 @@ def benchmark(
         )
     if config.total_threads > topology.usable_cpus:
         warnings.append(
-            f"workers x threads = {config.total_threads} exceeds the {topology.usable_cpus} "
+            f"processes x threads = {config.total_threads} exceeds the {topology.usable_cpus} "
             "usable CPUs: threads compete for cores"
         )
     if failed:
@@ -239,5 +241,6 @@ def benchmark(
         samples=samples,
         warnings=warnings,
         provenance={**provenance(topology), "pid": os.getpid()},
+        details=details,
         completions=completions,
     )

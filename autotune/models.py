@@ -362,7 +362,9 @@ def _convert_with_transformers(gguf_path: Path, out_dir: Path) -> None:
     """Dequantize a GGUF into an HF directory (float32 safetensors + tokenizer)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # a one-off step; its bars would clutter output
     kwargs = {"gguf_file": gguf_path.name}
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)

@@ -25,6 +25,16 @@ BACKENDS: dict[str, tuple[str, str, str]] = {
         "N llama.cpp worker processes, each batching sequences in one context",
     ),
     "hf": ("backends.hf", "HFBackend", "one process, transformers generate on padded batches"),
+    "ddp": (
+        "backends.ddp",
+        "DDPBackend",
+        "data-parallel ranks under torchrun, each a whole hf model on its share of the prompts",
+    ),
+    "pipeline": (
+        "backends.pipeline",
+        "PipelineBackend",
+        "the decoder layers split over ranks under torchrun, micro-batches in flight",
+    ),
     "fake": (
         "backends.fake",
         "FakeBackend",
@@ -43,4 +53,5 @@ def create_backend(config: TrialConfig, model: ModelSpec, topology: Topology) ->
     """A backend instance for ``config`` (not yet loaded)."""
     cls = backend_class(config.backend)
     cls.validate(config, topology)
+    cls.validate_model(config, model, topology)
     return cls(config, model, topology)

@@ -61,6 +61,12 @@ class Backend(ABC):
         """
         cpu_sets(topology, config.workers, config.threads_per_worker, config.pinning)
 
+    @classmethod
+    def validate_model(cls, config: TrialConfig, model: ModelSpec, topology: Topology) -> None:
+        """Raise ConfigError if ``config`` cannot run on ``model`` (e.g. a layer split that
+        does not fit its layers); called after `validate`, before anything starts."""
+        return  # most backends need no check that depends on the model
+
     @abstractmethod
     def load(self) -> None:
         """Load the model (in every worker); called once, before any `generate`."""
@@ -68,6 +74,11 @@ class Backend(ABC):
     @abstractmethod
     def generate(self, prompts: Sequence[Prompt], settings: GenerationSettings) -> list[Completion]:
         """Generate for every prompt; results in input order, one per prompt."""
+
+    def details(self) -> dict:
+        """What this backend chose or saw that the config does not say (JSON-ready); e.g. the
+        pipeline's layer split. Empty by default."""
+        return {}
 
     def close(self) -> None:  # noqa: B027 - a backend without children has nothing to close
         """Release the model and end every child process; safe to call twice."""

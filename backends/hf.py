@@ -15,7 +15,15 @@ from autotune.models import hf_dir
 from backends.base import Backend, Completion
 from experiments.workload import GenerationSettings, Prompt
 
-__all__ = ["HFBackend", "TransformersEngine"]
+__all__ = [
+    "HFBackend",
+    "TransformersEngine",
+    "generate_in_batches",
+    "length_sorted_batches",
+    "load_tokenizer",
+    "prompt_token_ids",
+    "stop_token_ids",
+]
 
 
 class TransformersEngine:
@@ -26,33 +34,21 @@ class TransformersEngine:
 
     def __init__(self, directory: str, *, dtype: str, threads: int, device: str | None = None):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # keep a run's stderr for what matters
         torch.set_num_threads(threads)
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(directory, padding_side="left")
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer = load_tokenizer(directory)
         self.model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype))
         self.model.to(self.device).eval()
-        self.stop_ids = set(_as_list(self.model.generation_config.eos_token_id))
-        self.stop_ids.add(self.tokenizer.eos_token_id)
+        self.stop_ids = stop_token_ids(self.tokenizer, self.model.generation_config)
 
     def prompt_ids(self, text: str, chat_template: bool) -> list[int]:
         """Token ids of one prompt as the model sees it."""
-        if chat_template and self.tokenizer.chat_template:
-            return list(
-                self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": text}],
-                    add_generation_prompt=True,
-                    tokenize=True,
-                    return_dict=False,
-                )
-            )
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        return prompt_token_ids(self.tokenizer, text, chat_template)
 
     def generate_batch(
         self, batch_ids: list[list[int]], settings: GenerationSettings
@@ -88,10 +84,45 @@ class TransformersEngine:
         return results
 
 
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+def load_tokenizer(directory: str):
+    """The model's tokenizer, left-padding, with a pad token (the EOS token if it has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory, padding_side="left")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def prompt_token_ids(tokenizer, text: str, chat_template: bool) -> list[int]:
+    """Token ids of one prompt as the model sees it (chat template applied if asked and known)."""
+    if chat_template and tokenizer.chat_template:
+        return list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
+            )
+        )
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def stop_token_ids(tokenizer, generation_config) -> set[int]:
+    """Every token that ends a sequence: the generation config's EOS ids and the tokenizer's."""
+    value = generation_config.eos_token_id
+    ids = set(value if isinstance(value, (list, tuple)) else [] if value is None else [value])
+    ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of prompts of similar length (less padding), shortest first.
+
+    Every torch backend batches this way, so they all see the same batches for one workload.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 class HFBackend(Backend):
@@ -137,10 +168,8 @@ def generate_in_batches(
 ) -> list[Completion]:
     """Sort by length, generate batch by batch, return completions in input order."""
     ids = [engine.prompt_ids(p.text, settings.chat_template) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
     results: list[Completion | None] = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        members = order[start : start + batch_size]
+    for members in length_sorted_batches([len(x) for x in ids], batch_size):
         began = time.monotonic()
         outputs = engine.generate_batch([ids[i] for i in members], settings)
         latency = time.monotonic() - began  # a batch finishes together: one latency for all

@@ -4,7 +4,9 @@
 
 - llama.cpp (seeds 000/001): 1 worker x 2 threads and 2 workers x 1 thread, batch sizes
   1/4/8/16/32 (threads per worker scaled to the usable CPUs);
-- transformers batching (seed 000): float32, batch sizes 1/4/8/16/32.
+- transformers batching (seed 000): float32, batch sizes 1/4/8/16/32;
+- with ``--backends ...,ddp,pipeline``: DDP (seeds 002/003), one rank per CPU x 1 thread, and
+  the layer pipeline (seed 004), 2 stages split by measured compute, at the same batch sizes.
 
 Every layout runs through `autotune.measure.benchmark` (one warmup, one timed pass) on the
 same prompts. The naive baseline is llama.cpp, 1 worker, llama-cpp-python's default thread
@@ -59,6 +61,32 @@ def main() -> int:
                 (
                     f"hf float32, {cpus} threads, batch {batch}",
                     TrialConfig(backend="hf", threads_per_worker=cpus, batch_size=batch),
+                )
+            )
+
+    if "ddp" in args.backends:
+        for batch in batches:
+            layouts.append(
+                (
+                    f"ddp {cpus} ranks x 1 thread, batch {batch}",
+                    TrialConfig(
+                        backend="ddp", workers=cpus, threads_per_worker=1, batch_size=batch
+                    ),
+                )
+            )
+    if "pipeline" in args.backends:
+        stages = 2
+        for batch in batches:
+            layouts.append(
+                (
+                    f"pipeline {stages} stages x {max(1, cpus // stages)} threads, batch {batch}",
+                    TrialConfig(
+                        backend="pipeline",
+                        stages=stages,
+                        partition="compute",
+                        threads_per_worker=max(1, cpus // stages),
+                        batch_size=batch,
+                    ),
                 )
             )
 

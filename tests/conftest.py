@@ -60,7 +60,10 @@ def isolated_cache():
 
 @pytest.fixture(scope="session")
 def tiny_gguf(isolated_cache):
-    """ModelSpec of a tiny random Llama GGUF (seeded: built once, reused across runs)."""
+    """ModelSpec of a tiny random Llama GGUF (seeded: built once, reused across runs).
+
+    Four layers, so the pipeline tests can split it into up to four stages.
+    """
     from autotune.models import ModelSpec, file_lock
 
     # Loaded by path: putting tests/ on sys.path would let tests/backends/ shadow the
@@ -71,11 +74,11 @@ def tiny_gguf(isolated_cache):
     tiny_model = importlib.util.module_from_spec(helper)
     helper.loader.exec_module(tiny_model)
 
-    path = isolated_cache / "tiny-random-llama.gguf"
+    path = isolated_cache / "tiny-random-llama-4l.gguf"
     with file_lock(isolated_cache / "tiny-random-llama.lock"):
         if not path.is_file():
             partial = path.with_suffix(".partial")
-            tiny_model.build_tiny_llama(partial, ModelSpec.resolve().path)
+            tiny_model.build_tiny_llama(partial, ModelSpec.resolve().path, layers=4)
             partial.replace(path)
     return ModelSpec.resolve(str(path))
 

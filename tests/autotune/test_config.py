@@ -19,7 +19,10 @@ def test_defaults_are_valid_and_total_threads():
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"backend": "vllm"}, "backend must be one of llamacpp, hf, fake, got 'vllm'"),
+        (
+            {"backend": "vllm"},
+            "backend must be one of llamacpp, hf, ddp, pipeline, fake, got 'vllm'",
+        ),
         ({"workers": 0}, "workers must be a whole number >= 1, got 0"),
         ({"threads_per_worker": 1.5}, "threads_per_worker must be a whole number >= 1, got 1.5"),
         (
@@ -30,6 +33,14 @@ def test_defaults_are_valid_and_total_threads():
         ({"pinning": "numa"}, "pinning must be one of none, compact, spread, got 'numa'"),
         ({"fault": "crash"}, "fault is for the fake backend only"),
         ({"stages": 2}, "stages is for the pipeline backend"),
+        ({"kv_cache": False}, "kv_cache is for the pipeline backend"),
+        ({"backend": "pipeline", "boundaries": "0-3,4-7"}, "--partition custom and --boundaries"),
+        ({"backend": "pipeline", "partition": "custom"}, "--partition custom and --boundaries"),
+        ({"backend": "pipeline", "stage_memory_gb": 2.0}, "the cap of --partition memory"),
+        (
+            {"backend": "pipeline", "partition": "memory", "stage_memory_gb": -1.0},
+            "stage_memory_gb must be > 0",
+        ),
         ({"top_p": 0.0}, "top_p must be in (0, 1]"),
     ],
 )
@@ -37,6 +48,21 @@ def test_validation_names_field_allowed_and_given(changes, message):
     with pytest.raises(ConfigError) as error:
         TrialConfig(**changes)
     assert message in str(error.value)
+
+
+def test_pipeline_processes_are_its_stages():
+    config = TrialConfig(backend="pipeline", stages=3, threads_per_worker=2)
+    assert config.processes == 3 and config.total_threads == 6
+
+
+def test_pipeline_switches_on_the_command_line():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    flags = "--backend pipeline --stages 2 --partition custom --boundaries 0-13,14-29"
+    args = parser.parse_args([*flags.split(), "--no-kv-cache"])
+    config = config_from_args(args)
+    assert config.kv_cache is False and config.boundaries == "0-13,14-29"
+    assert config_from_args(parser.parse_args(["--backend", "pipeline"])).kv_cache is True
 
 
 def test_quant_is_case_insensitive():

@@ -1,6 +1,8 @@
 """The contract every backend keeps, run against each registered CPU backend.
 
-llamacpp and hf run the tiny random Llama (tests/tiny_model.py); fake needs no model.
+The model backends run the tiny random Llama (tests/tiny_model.py); fake needs no model. The
+tests that only generate share one loaded backend per backend (the torchrun ones take seconds
+to start); the lifecycle tests build their own.
 """
 
 from __future__ import annotations
@@ -32,12 +34,16 @@ LAYOUTS = {
     "fake": {"workers": 2, "batch_size": 2},
     "llamacpp": {"workers": 2, "threads_per_worker": 1, "batch_size": 2},
     "hf": {"threads_per_worker": 1, "batch_size": 2},
+    "ddp": {"workers": 2, "threads_per_worker": 1, "batch_size": 2},
+    "pipeline": {"stages": 2, "threads_per_worker": 1, "batch_size": 2},
 }
 # A config each backend must refuse, and a word its message must contain.
 BAD = {
     "fake": ({"pinning": "compact", "workers": 64}, "pinning"),
     "llamacpp": ({"dtype": "bfloat16"}, "dtype"),
     "hf": ({"workers": 2}, "workers must be 1"),
+    "ddp": ({"quant": "q4_0"}, "quant"),
+    "pipeline": ({"workers": 2}, "--stages"),
 }
 
 
@@ -45,12 +51,12 @@ def test_every_registered_backend_is_covered():
     assert set(BACKENDS) == set(LAYOUTS) == set(BAD)
 
 
-@pytest.fixture(params=sorted(LAYOUTS))
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
 def backend_name(request):
     return request.param
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def make(backend_name, tiny_gguf, topology):
     def build(**changes):
         config = TrialConfig(backend=backend_name, **{**LAYOUTS[backend_name], **changes})
@@ -59,10 +65,17 @@ def make(backend_name, tiny_gguf, topology):
     return build
 
 
-def test_outputs_in_input_order_and_match_one_at_a_time(make):
+@pytest.fixture(scope="module")
+def loaded(make):
+    """One loaded backend of each kind, shared by the tests that only generate."""
     with make() as backend:
-        together = backend.generate(PROMPTS, SETTINGS)
-        alone = [backend.generate([p], SETTINGS)[0] for p in PROMPTS[:2]]
+        yield backend
+
+
+def test_outputs_in_input_order_and_match_one_at_a_time(loaded):
+    backend = loaded
+    together = backend.generate(PROMPTS, SETTINGS)
+    alone = [backend.generate([p], SETTINGS)[0] for p in PROMPTS[:2]]
     assert [c.id for c in together] == [p.id for p in PROMPTS]
     assert len({c.token_ids for c in together}) > 1, "outputs depend on the prompt"
     for single in alone:
@@ -70,18 +83,16 @@ def test_outputs_in_input_order_and_match_one_at_a_time(make):
         assert match.text == single.text
 
 
-def test_max_new_tokens_respected(make):
-    with make() as backend:
-        for limit in (1, 4):
-            completions = backend.generate(PROMPTS, GenerationSettings(max_new_tokens=limit))
-            assert all(1 <= len(c.token_ids) <= limit for c in completions)
-            assert all(c.error is None and c.latency_s >= 0 for c in completions)
+def test_max_new_tokens_respected(loaded):
+    for limit in (1, 4):
+        completions = loaded.generate(PROMPTS, GenerationSettings(max_new_tokens=limit))
+        assert all(1 <= len(c.token_ids) <= limit for c in completions)
+        assert all(c.error is None and c.latency_s >= 0 for c in completions)
 
 
-def test_greedy_is_deterministic(make):
-    with make() as backend:
-        first = [c.token_ids for c in backend.generate(PROMPTS, SETTINGS)]
-        second = [c.token_ids for c in backend.generate(PROMPTS, SETTINGS)]
+def test_greedy_is_deterministic(loaded):
+    first = [c.token_ids for c in loaded.generate(PROMPTS, SETTINGS)]
+    second = [c.token_ids for c in loaded.generate(PROMPTS, SETTINGS)]
     assert first == second
 
 
@@ -102,9 +113,8 @@ def test_bad_config_is_a_clear_error(backend_name, make):
         make(**changes)
 
 
-def test_seeded_sampling_is_reproducible(make):
+def test_seeded_sampling_is_reproducible(loaded):
     sampled = GenerationSettings(max_new_tokens=6, temperature=0.9, top_p=0.9, seed=7)
-    with make() as backend:
-        first = [c.token_ids for c in backend.generate(PROMPTS, sampled)]
-        second = [c.token_ids for c in backend.generate(PROMPTS, sampled)]
+    first = [c.token_ids for c in loaded.generate(PROMPTS, sampled)]
+    second = [c.token_ids for c in loaded.generate(PROMPTS, sampled)]
     assert first == second
