@@ -204,6 +204,96 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from autotune.config import TrialConfig
+    from autotune.memory_plan import model_shape
+    from autotune.models import ModelSpec
+    from autotune.sweep import SweepOptions, run_sweep
+    from autotune.topology import detect
+    from autotune.units import parse_duration, parse_size
+    from backends import BACKENDS
+    from experiments.workload import load_workload
+
+    budget = parse_duration(args.budget)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not backends:
+        raise ConfigError(
+            f"--backends {args.backends!r}: each must be one of {', '.join(BACKENDS)}"
+        )
+    reports = Path(args.reports)
+    study = args.study
+    if study is None and args.resume:
+        found = sorted(reports.glob("*/study.db"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise ConfigError(f"--resume: no study under {reports} to continue; name one")
+        study = found[-1].parent.name
+    study = study or time.strftime("sweep-%Y%m%d-%H%M%S")
+    workload = load_workload(args.workload)  # a bad file fails here, before any trial
+    _warn_bad_lines(workload)
+    model = ModelSpec.resolve(args.model)
+    base = TrialConfig(model=args.model, max_new_tokens=args.max_new_tokens)
+    options = SweepOptions(
+        study=study,
+        reports_dir=reports,
+        budget_s=budget,
+        trials=args.trials,
+        storage=args.storage,
+        resume=args.resume,
+        backends=backends,
+        workload=args.workload,
+        limit=args.limit,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        memory_limit_bytes=parse_size(args.memory_limit) if args.memory_limit else None,
+        trial_timeout_s=(
+            parse_duration(args.trial_timeout, "--trial-timeout") if args.trial_timeout else None
+        ),
+        base=base,
+        pairs=args.pairs,
+        seed=args.seed,
+    )
+    from autotune import console
+
+    topology = detect()
+    progress = console.SweepProgress(budget, study)
+    summary = run_sweep(
+        options, topology=topology, model=model, shape=model_shape(model), on_event=progress
+    )
+    console.show_sweep(summary)
+    return 130 if summary.interrupted else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from autotune.export import load_summary, render
+
+    summary = load_summary(Path(args.reports), args.study)
+    fingerprint = None
+    machine = Path(args.reports) / summary["study"] / "machine.json"
+    if machine.is_file():
+        fingerprint = json.loads(machine.read_text()).get("fingerprint")
+    model_path = None
+    if machine.is_file():
+        model_path = json.loads(machine.read_text()).get("model")
+    text = render(summary, topology_fingerprint=fingerprint, fmt=args.format, model_path=model_path)
+    if args.output:
+        directory = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(directory):
+            raise ConfigError(f"-o {args.output}: its directory does not exist")
+        partial = args.output + ".partial"
+        with open(partial, "w") as handle:
+            handle.write(text)
+        os.replace(partial, args.output)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -272,6 +362,91 @@ def build_parser() -> argparse.ArgumentParser:
         help="write one JSONL line per request (text, token ids, timing)",
     )
     bench.set_defaults(handler=cmd_bench)
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="search the layouts that fit this machine, within a time budget",
+        description="An Optuna search over backends, workers, threads, batch size, "
+        "quantization and pipeline splits, bounded by the detected CPUs and memory. Trial 0 "
+        "is the naive baseline; the seeds' recipes follow; the best three are re-measured "
+        "alternately with the baseline. Writes reports/STUDY/{study.db,trials.jsonl,"
+        "machine.json,summary.json,best.env}.",
+    )
+    sweep.add_argument("--budget", default="30m", help="wall-clock budget: 90s, 30m, 1h30m")
+    sweep.add_argument("--trials", type=_positive("--trials"), help="stop after N trials")
+    sweep.add_argument("--study", help="study name (default: sweep-DATE-TIME)")
+    sweep.add_argument("--resume", action="store_true", help="continue --study (or the newest)")
+    sweep.add_argument(
+        "--storage", metavar="URL", help="Optuna RDB URL (default: sqlite in reports/STUDY/)"
+    )
+    sweep.add_argument(
+        "--backends",
+        default="llamacpp,hf,ddp,pipeline",
+        help="comma-separated backends to search (default: llamacpp,hf,ddp,pipeline)",
+    )
+    sweep.add_argument("--model", metavar="M", help="GGUF file or HF directory (default: embedded)")
+    sweep.add_argument("--workload", metavar="FILE", help="prompts JSONL (default: shipped)")
+    sweep.add_argument(
+        "--limit",
+        type=_positive("--limit"),
+        default=12,
+        metavar="N",
+        help="prompts per trial: the first N of the workload (default: 12)",
+    )
+    sweep.add_argument(
+        "--max-new-tokens",
+        type=_positive("--max-new-tokens"),
+        default=32,
+        metavar="N",
+        help="tokens generated per prompt (default: 32)",
+    )
+    sweep.add_argument(
+        "--repeats",
+        type=_positive("--repeats"),
+        default=1,
+        metavar="R",
+        help="timed passes per trial (default: 1)",
+    )
+    sweep.add_argument(
+        "--warmup",
+        type=_positive("--warmup", 0),
+        default=1,
+        metavar="W",
+        help="untimed passes per trial (default: 1)",
+    )
+    sweep.add_argument(
+        "--memory-limit",
+        metavar="SIZE",
+        help="skip layouts predicted to need more (default: 80%% of available memory)",
+    )
+    sweep.add_argument(
+        "--trial-timeout", metavar="DURATION", help="kill any trial running longer (e.g. 2m)"
+    )
+    sweep.add_argument(
+        "--pairs",
+        type=_positive("--pairs"),
+        default=3,
+        help="A B pairs when re-measuring the best three against the baseline (default: 3)",
+    )
+    sweep.add_argument("--seed", type=int, help="sampler seed (for a repeatable search)")
+    sweep.add_argument("--reports", default="reports", help="where studies live (default: reports)")
+    sweep.set_defaults(handler=cmd_sweep)
+
+    export = sub.add_parser(
+        "export",
+        help="write a study's winner as env vars",
+        description="The winner of a sweep as the env var contract (PARALLEL_WORKERS, "
+        "INFERENCE_NUM_THREADS, BATCH_SIZE, MODEL_QUANT, ...).",
+    )
+    export.add_argument("--study", help="study name (default: the newest finished one)")
+    export.add_argument(
+        "--format", default="env", help="env, shell, json, systemd or docker (default: env)"
+    )
+    export.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    export.add_argument(
+        "--reports", default="reports", help="where studies live (default: reports)"
+    )
+    export.set_defaults(handler=cmd_export)
 
     workload = sub.add_parser("workload", help="check a prompts JSONL and summarise it")
     workload.add_argument("file", nargs="?", help="JSONL file (default: the shipped workload)")

@@ -168,6 +168,85 @@ class TrialConfig:
         """Threads over all processes: INFERENCE_NUM_THREADS as seed 001 uses it."""
         return self.processes * self.threads_per_worker
 
+    def to_env(self) -> dict[str, str]:
+        """The env var contract (shared/DESIGN.md): every field, so `from_env` restores it.
+
+        ``PARALLEL_WORKERS`` counts processes (the pipeline's stages); ``INFERENCE_NUM_THREADS``
+        is the total over them, as seed 001 uses it; ``OMP_NUM_THREADS`` is per process.
+        """
+        env = {
+            "PARALLEL_WORKERS": str(self.processes),
+            "INFERENCE_NUM_THREADS": str(self.total_threads),
+            "OMP_NUM_THREADS": str(self.threads_per_worker),
+        }
+        for f in fields(self):
+            name = _env_name(f.name)
+            value = getattr(self, f.name)
+            if name is None or value is None:
+                continue
+            env[name] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+        return env
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> TrialConfig:
+        """A TrialConfig from the env var contract; a bad value is a ConfigError naming the
+        variable. Variables left out keep the field defaults."""
+        import os
+
+        env = os.environ if env is None else env
+        given: dict[str, Any] = {}
+        for f in fields(cls):
+            name = _env_name(f.name)
+            if name is None or name not in env or env[name] == "":
+                continue
+            raw = env[name]
+            kind = str(f.type).split(" |")[0]
+            try:
+                if kind == "bool":
+                    if raw not in ("0", "1", "true", "false"):
+                        raise ValueError
+                    given[f.name] = raw in ("1", "true")
+                else:
+                    given[f.name] = {"int": int, "float": float}.get(kind, str)(raw)
+            except ValueError:
+                raise ConfigError(f"{name}={raw!r}: not a valid {kind}") from None
+        backend = given.get("backend", cls.backend)
+        if "PARALLEL_WORKERS" in env:
+            try:
+                processes = int(env["PARALLEL_WORKERS"])
+            except ValueError:
+                raise ConfigError(
+                    f"PARALLEL_WORKERS={env['PARALLEL_WORKERS']!r}: not a valid int"
+                ) from None
+            given["stages" if backend == "pipeline" else "workers"] = processes
+        if "THREADS_PER_WORKER" not in env and env.get("INFERENCE_NUM_THREADS"):
+            # Seed 001 sets only the total: threads per worker = total / workers.
+            processes = given.get("stages" if backend == "pipeline" else "workers", 1)
+            try:
+                total = int(env["INFERENCE_NUM_THREADS"])
+            except ValueError:
+                total = -1
+            if total < processes or total % processes:
+                raise ConfigError(
+                    f"INFERENCE_NUM_THREADS={env['INFERENCE_NUM_THREADS']!r}: must be a multiple "
+                    f"of PARALLEL_WORKERS ({processes})"
+                )
+            given["threads_per_worker"] = total // processes
+        try:
+            config = cls(**given)
+        except ConfigError as error:
+            raise ConfigError(f"env: {error}") from None
+        for name, expected in (
+            ("INFERENCE_NUM_THREADS", config.total_threads),
+            ("OMP_NUM_THREADS", config.threads_per_worker),
+        ):
+            if env.get(name) and env[name] != str(expected):
+                raise ConfigError(
+                    f"{name}={env[name]!r} disagrees with the other variables "
+                    f"(they give {expected})"
+                )
+        return config
+
     def to_dict(self) -> dict:
         """JSON-ready dict of every field."""
         return asdict(self)
@@ -184,6 +263,26 @@ class TrialConfig:
     def replace(self, **changes: Any) -> TrialConfig:
         """A validated copy with some fields changed."""
         return replace(self, **changes)
+
+
+# The names of the env var contract; other fields travel as AUTOTUNE_<FIELD>.
+_ENV_NAMES = {
+    "backend": "AUTOTUNE_BACKEND",
+    "workers": None,  # PARALLEL_WORKERS, which counts the pipeline's stages too
+    "threads_per_worker": "THREADS_PER_WORKER",
+    "batch_size": "BATCH_SIZE",
+    "quant": "MODEL_QUANT",
+    "dtype": "TORCH_DTYPE",
+    "stages": "PIPELINE_STAGES",
+    "partition": "PIPELINE_PARTITION",
+    "boundaries": "PIPELINE_BOUNDARIES",
+    "pinning": "CPU_PINNING",
+    "model": "MODEL_PATH",
+}
+
+
+def _env_name(field_name: str) -> str | None:
+    return _ENV_NAMES.get(field_name, f"AUTOTUNE_{field_name.upper()}")
 
 
 # --------------------------------------------------------------------------- CLI

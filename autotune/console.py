@@ -137,3 +137,136 @@ def show_result(result) -> None:
     if result.failed_requests:
         table.add_row("Failed requests", str(result.failed_requests))
     console.print(table)
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+def _layout(config) -> str:
+    """A config in a few words: backend, processes x threads, batch, quant/dtype, split."""
+    c = config if isinstance(config, dict) else config.to_dict()
+    processes = c["stages"] if c["backend"] == "pipeline" else c["workers"]
+    text = f"{c['backend']} {processes}x{c['threads_per_worker']} b{c['batch_size']}"
+    if c["backend"] == "llamacpp" and c.get("quant"):
+        text += f" {c['quant']}"
+    if c["backend"] in ("hf", "ddp", "pipeline") and c.get("dtype") != "float32":
+        text += f" {c['dtype']}"
+    if c["backend"] == "pipeline":
+        text += f" {c.get('boundaries') or c['partition']}"
+    if c.get("pinning", "none") != "none":
+        text += f" pin:{c['pinning']}"
+    if c.get("fault", "none") != "none":
+        text += f" fault:{c['fault']}"
+    return text
+
+
+class SweepProgress:
+    """Live progress of a sweep, a line per event: elapsed / budget, trials done / failed /
+    pruned, the best so far and the trial running now. Lines (not a redrawn panel) so that a
+    log file or CI output shows the same."""
+
+    def __init__(self, budget_s: float, study: str) -> None:
+        import time
+
+        self.started = time.monotonic()
+        self.budget_s = budget_s
+        self.study = study
+        self.counts = {"complete": 0, "fail": 0, "pruned": 0}
+        self.best: tuple[float, str] | None = None
+        self.baseline: float | None = None
+
+    def _clock(self) -> str:
+        import time
+
+        from autotune.units import format_duration
+
+        elapsed = time.monotonic() - self.started
+        return f"[{format_duration(elapsed)} / {format_duration(self.budget_s)}]"
+
+    def __call__(self, kind: str, data: dict) -> None:
+        c = self.counts
+        tally = f"done {c['complete']} failed {c['fail']} pruned {c['pruned']}"
+        if kind == "start":
+            label = f" ({data['name']})" if data.get("name") else ""
+            console.print(
+                f"{self._clock()} {tally} | trial {data['number']}{label}: "
+                f"{_layout(data['config'])} ...",
+                highlight=False,
+            )
+        elif kind == "end":
+            self.counts[data["state"]] += 1
+            if data["state"] == "complete":
+                value = data["value"]
+                if data.get("role") == "baseline":
+                    self.baseline = value
+                if self.best is None or value > self.best[0]:
+                    self.best = (value, _layout(data["config"]))
+                ratio = f" (x{value / self.baseline:.2f} baseline)" if self.baseline else ""
+                line = f"{value:.1f} tok/s{ratio}"
+            else:
+                line = f"FAILED: {data['failure_class']}"
+            best = f" | best {self.best[0]:.1f} tok/s: {self.best[1]}" if self.best else ""
+            console.print(f"{self._clock()}   trial {data['number']} {line}{best}", highlight=False)
+        elif kind == "confirm":
+            console.print(
+                f"{self._clock()} re-measuring trial {data['number']} "
+                f"({_layout(data['config'])}) against the baseline, {data['pairs']} A B pairs",
+                highlight=False,
+            )
+        elif kind in ("skip-confirm", "confirm-failed"):
+            console.print(f"{self._clock()} {kind} trial {data['number']}", highlight=False)
+        elif kind == "interrupted":
+            console.print(f"{self._clock()} interrupted: keeping the finished trials")
+
+
+def show_sweep(summary) -> None:
+    """The sweep's outcome: winner, speedups, counts, files."""
+    from autotune.units import format_duration
+
+    records = summary.trials
+    table = key_value_table(f"Sweep {summary.study} ({format_duration(summary.elapsed_s)})")
+    counts = {s: sum(1 for r in records if r["state"] == s) for s in ("complete", "fail", "pruned")}
+    table.add_row(
+        "Trials",
+        f"{counts['complete']} measured, {counts['fail']} failed, {counts['pruned']} pruned",
+    )
+    failures = [r for r in records if r["state"] == "fail"]
+    if failures:
+        table.add_row(
+            "Failures", ", ".join(f"#{r['number']} {r['failure_class']}" for r in failures)
+        )
+    base = summary.baseline
+    if base:
+        table.add_row("Naive baseline", f"{base['value']:.1f} tok/s ({_layout(base['config'])})")
+    recipes = [r for r in records if r.get("role") == "recipe" and r["state"] == "complete"]
+    if recipes:
+        top = max(recipes, key=lambda r: r["value"])
+        table.add_row(
+            "Best seed recipe",
+            f"{top['value']:.1f} tok/s ({top.get('name')}: {_layout(top['config'])})",
+        )
+    winner = summary.winner
+    if winner:
+        table.add_row("Winner", f"{_layout(winner['config'])} (trial {winner['number']})")
+        table.add_row("Winner tokens/s", f"{winner['value']:.1f} (its search trial)")
+        paired = winner.get("paired")
+        if paired:
+            ci = ""
+            if paired.get("ci_low") is not None:
+                ci = f", 95% CI {paired['ci_low']:.2f}-{paired['ci_high']:.2f}"
+            table.add_row(
+                "Speedup vs baseline",
+                f"x{paired['speedup']:.2f} over {paired['pairs']} A B pairs{ci}",
+            )
+        elif base:
+            table.add_row(
+                "Speedup vs baseline",
+                f"x{winner['value'] / base['value']:.2f} (single runs: not re-measured)",
+            )
+        if recipes and base:
+            top = max(recipes, key=lambda r: r["value"])
+            table.add_row("Winner vs best recipe", f"x{winner['value'] / top['value']:.2f}")
+    else:
+        table.add_row("Winner", "none: no trial finished")
+    table.add_row("Files", str(summary.directory))
+    console.print(table)

@@ -1,0 +1,200 @@
+"""One trial in its own process, with a deadline; whatever happens to it becomes data.
+
+The parent writes a spec (config, workload, how to measure) to a file and starts
+``python -m autotune.trial SPEC RESULT``; the child measures with `autotune.measure.benchmark`
+and writes the RunResult as JSON. The parent sleeps in a blocking wait on the child's exit
+(a pidfd) until the deadline. Outcomes:
+
+- ``complete``: the result file is there;
+- ``timeout``: past the deadline (the child and everything it started are killed);
+- ``oom``: killed by SIGKILL (the kernel's OOM killer), a MemoryError, or a worker of the trial
+  killed by SIGKILL;
+- ``invalid``: the child refused the config (exit code 2, a ConfigError);
+- ``crash``: any other non-zero exit.
+
+A "paired" spec loads two configs side by side and times them alternately (A B A B ...), for
+the sweep's final comparison against the baseline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from pathlib import Path
+
+import psutil
+
+__all__ = ["TrialOutcome", "run_in_child"]
+
+_STDERR_TAIL = 2000
+
+
+@dataclass
+class TrialOutcome:
+    """What became of one trial process."""
+
+    state: str  # "complete" or "fail"
+    failure_class: str | None = None  # oom, crash, timeout, invalid, interrupted
+    result: dict | None = None
+    stderr_tail: str = ""
+    duration_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def _kill_tree(process: subprocess.Popen) -> None:
+    """The child and every process under it (torchrun's ranks live in sessions of their own,
+    so a process-group kill would miss them)."""
+    try:
+        tree = psutil.Process(process.pid).children(recursive=True)
+    except psutil.Error:
+        tree = []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    for proc in tree:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(tree, timeout=5)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=5)
+
+
+def _classify(returncode: int, stderr: str) -> str:
+    if returncode == -signal.SIGKILL or "MemoryError" in stderr or "SIGKILL" in stderr:
+        return "oom"
+    if returncode == 2:
+        return "invalid"
+    return "crash"
+
+
+def run_in_child(spec: dict, deadline_s: float) -> TrialOutcome:
+    """Run ``spec`` in a fresh process; kill it (and its children) after ``deadline_s``.
+
+    KeyboardInterrupt kills the child and is raised again.
+    """
+    with tempfile.TemporaryDirectory(prefix="autotune-trial-") as scratch:
+        spec_path, result_path = Path(scratch) / "spec.json", Path(scratch) / "result.json"
+        stderr_path = Path(scratch) / "stderr.txt"
+        spec_path.write_text(json.dumps(spec))
+        started = time.monotonic()
+        with stderr_path.open("wb") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "autotune.trial", str(spec_path), str(result_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,  # Ctrl-C reaches the sweep only; it ends the child
+            )
+            exited = os.pidfd_open(process.pid)
+            try:
+                finished = bool(wait([exited], timeout=max(0.0, deadline_s)))
+            except KeyboardInterrupt:
+                _kill_tree(process)
+                raise
+            finally:
+                os.close(exited)
+            if not finished:
+                _kill_tree(process)
+            else:
+                process.wait()
+        duration = time.monotonic() - started
+        tail = stderr_path.read_text(errors="replace")[-_STDERR_TAIL:]
+        if not finished:
+            return TrialOutcome(
+                "fail",
+                "timeout",
+                stderr_tail=tail,
+                duration_s=duration,
+                extra={"deadline_s": deadline_s},
+            )
+        if process.returncode == 0 and result_path.exists():
+            return TrialOutcome(
+                "complete",
+                result=json.loads(result_path.read_text()),
+                stderr_tail=tail,
+                duration_s=duration,
+            )
+        return TrialOutcome(
+            "fail",
+            _classify(process.returncode, tail),
+            stderr_tail=tail,
+            duration_s=duration,
+            extra={"returncode": process.returncode},
+        )
+
+
+# ---------------------------------------------------------------- the child
+
+
+def _measure(spec: dict) -> dict:
+    from autotune.config import TrialConfig
+    from autotune.measure import benchmark
+    from autotune.models import ModelSpec
+    from autotune.topology import detect
+    from experiments.workload import load_workload
+
+    config = TrialConfig.from_dict(spec["config"])
+    workload = load_workload(spec.get("workload")).head(spec["limit"])
+    model = ModelSpec.resolve(config.model)
+    topology = detect()
+    if spec.get("paired"):
+        return _paired(spec, config, workload, model, topology)
+    result = benchmark(
+        config, workload, model, topology, repeats=spec["repeats"], warmup=spec["warmup"]
+    )
+    return result.to_dict()
+
+
+def _paired(spec, candidate, workload, model, topology) -> dict:
+    """Load the baseline and the candidate side by side, time them A B A B."""
+    from autotune.config import TrialConfig
+    from backends import create_backend
+
+    baseline = TrialConfig.from_dict(spec["paired"])
+    backends = {
+        "baseline": create_backend(baseline, model, topology),
+        "candidate": create_backend(candidate, model, topology),
+    }
+    rates: dict[str, list[float]] = {"baseline": [], "candidate": []}
+    try:
+        for name, backend in backends.items():
+            backend.load()
+            width = max(1, (baseline if name == "baseline" else candidate).processes)
+            backend.generate(workload.prompts[: width * 2], candidate.generation)  # warm up
+        for _ in range(spec["pairs"]):
+            for name, backend in backends.items():
+                start = time.monotonic()
+                completions = backend.generate(workload.prompts, candidate.generation)
+                tokens = sum(len(c.token_ids) for c in completions)
+                rates[name].append(tokens / (time.monotonic() - start))
+    finally:
+        for backend in backends.values():
+            backend.close()
+    return rates
+
+
+def main(argv: list[str]) -> int:
+    """``python -m autotune.trial SPEC RESULT``: measure, write the result, exit 0."""
+    from autotune.errors import ConfigError
+
+    spec_path, result_path = Path(argv[0]), Path(argv[1])
+    try:
+        result = _measure(json.loads(spec_path.read_text()))
+    except ConfigError as error:
+        print(f"invalid config: {error}", file=sys.stderr)
+        return 2
+    partial = result_path.with_suffix(".partial")
+    partial.write_text(json.dumps(result))
+    partial.replace(result_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,102 @@
+"""The sweep's performance bar: does a 10-minute search beat the naive baseline 3x and the best
+seed recipe 1.3x on this machine?
+
+    python experiments/bench_sweep.py [--budget 10m] [--study NAME] [--reports reports]
+
+Runs ``autotune sweep --budget 10m`` on the embedded default (or reads a finished study with
+``--study NAME --no-run``) and prints, from that one run: the naive baseline, the best seed
+recipe and the winner in tokens/s, the winner's speedup over the baseline measured in paired
+A B runs (with its 95% interval), and its ratio to the best recipe (both from the search's own
+trials, same prompts, same process layout rules).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget", default="10m")
+    parser.add_argument("--study", default=None)
+    parser.add_argument("--reports", default="reports")
+    parser.add_argument("--no-run", action="store_true", help="only read --study")
+    args = parser.parse_args()
+
+    study = args.study or time.strftime("bar-%Y%m%d-%H%M%S")
+    if not args.no_run:
+        command = [
+            sys.executable,
+            "-m",
+            "autotune",
+            "sweep",
+            "--budget",
+            args.budget,
+            "--study",
+            study,
+            "--reports",
+            args.reports,
+        ]
+        print("$ " + " ".join(command[2:]), flush=True)
+        if subprocess.run(command).returncode != 0:
+            return 1
+    directory = Path(args.reports) / study
+    summary = json.loads((directory / "summary.json").read_text())
+    trials = [json.loads(line) for line in (directory / "trials.jsonl").open()]
+    done = [t for t in trials if t["state"] == "complete"]
+    baseline = summary["baseline"]
+    recipes = [t for t in done if t.get("role") == "recipe"]
+    winner = summary["winner"]
+    if not (baseline and recipes and winner):
+        print("the study has no baseline, recipe or winner to compare")
+        return 1
+    recipe = max(recipes, key=lambda t: t["value"])
+    print(f"naive baseline   {baseline['value']:7.1f} tok/s")
+    print(f"best seed recipe {recipe['value']:7.1f} tok/s  ({recipe['name']})")
+    print(
+        f"winner           {winner['value']:7.1f} tok/s  (trial {winner['number']}: "
+        f"{winner['config']['backend']}, {json.dumps(_short(winner['config']))})"
+    )
+    vs_recipe = winner["value"] / recipe["value"]
+    paired = winner.get("paired")
+    if paired:
+        vs_base = paired["speedup"]
+        ci = (
+            f", 95% CI {paired['ci_low']:.2f}-{paired['ci_high']:.2f}"
+            if paired.get("ci_low") is not None
+            else ""
+        )
+        print(f"winner / baseline    x{vs_base:.2f}  (paired, {paired['pairs']} A B pairs{ci})")
+    else:
+        vs_base = winner["value"] / baseline["value"]
+        print(f"winner / baseline    x{vs_base:.2f}  (search trials; not re-measured)")
+    print(f"winner / best recipe x{vs_recipe:.2f}  (search trials)")
+    print(
+        f"bar: >= 3x baseline {'met' if vs_base >= 3 else 'NOT met'}, "
+        f">= 1.3x best recipe {'met' if vs_recipe >= 1.3 else 'NOT met'}"
+    )
+    return 0
+
+
+def _short(config: dict) -> dict:
+    keys = (
+        "workers",
+        "threads_per_worker",
+        "batch_size",
+        "quant",
+        "dtype",
+        "stages",
+        "partition",
+        "boundaries",
+        "pinning",
+    )
+    return {k: config[k] for k in keys if config.get(k) not in (None, "none")}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

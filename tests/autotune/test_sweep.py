@@ -1,0 +1,293 @@
+"""The sweep on the fake backend: failures are data, the budget holds, studies resume, the
+winner is exported; and the pieces under it (search space, memory planner, statistics)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from autotune.config import TrialConfig
+from autotune.errors import ConfigError
+from autotune.memory_plan import MemoryPlanner, ModelShape
+from autotune.space import SearchSpace, Unfit
+from autotune.sweep import SweepOptions, run_sweep, speedup_interval
+from autotune.topology import Topology
+from autotune.units import parse_duration, parse_size
+
+SHAPE = ModelShape(
+    file_bytes=100 * 2**20, parameters=135_000_000, layers=30, kv_heads=3, head_dim=64
+)
+
+
+def options(tmp_path: Path, **changes) -> SweepOptions:
+    settings = {
+        "study": "s",
+        "reports_dir": tmp_path,
+        "budget_s": 60.0,
+        "backends": ["fake"],
+        "limit": 4,
+        "pairs": 2,
+        "seed": 1,
+        **changes,
+    }
+    return SweepOptions(**settings)
+
+
+def sweep(topology, tiny_gguf, opts, extra=()):
+    return run_sweep(opts, topology=topology, model=tiny_gguf, shape=SHAPE, extra=list(extra))
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_crash_oom_and_hang_are_recorded_with_their_class_and_the_sweep_goes_on(
+    tmp_path, topology, tiny_gguf
+):
+    faults = [TrialConfig(backend="fake", fault=f) for f in ("crash", "oom", "hang")]
+    started = time.monotonic()
+    summary = sweep(
+        topology, tiny_gguf, options(tmp_path, trials=8, trial_timeout_s=4), extra=faults
+    )
+    assert time.monotonic() - started < 60 * 1.05
+    failed = {r["config"]["fault"]: r for r in summary.trials if r["state"] == "fail"}
+    assert {k: r["failure_class"] for k, r in failed.items()} == {
+        "crash": "crash",
+        "oom": "oom",
+        "hang": "timeout",
+    }
+    assert all("stderr_tail" in r for r in failed.values())
+    assert sum(r["state"] == "complete" for r in summary.trials) >= 5, "the search went on"
+    directory = tmp_path / "s"
+    assert {"study.db", "trials.jsonl", "best.env", "machine.json", "summary.json"} <= {
+        p.name for p in directory.iterdir()
+    }
+    logged = lines(directory / "trials.jsonl")
+    assert [r["number"] for r in logged] == [r["number"] for r in summary.trials]
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{directory / 'study.db'}")
+    states = [t.state.name for t in study.trials]
+    assert states.count("FAIL") == 3
+    assert summary.trials[0]["role"] == "baseline" and summary.trials[0]["state"] == "complete"
+    assert summary.winner["confirmed"] and summary.winner["paired"]["pairs"] >= 1
+    env = (directory / "best.env").read_text()
+    assert "PARALLEL_WORKERS=" in env and "# speedup over the naive baseline" in env
+
+
+def test_resume_continues_the_study_and_a_name_clash_is_refused(tmp_path, topology, tiny_gguf):
+    first = sweep(topology, tiny_gguf, options(tmp_path, trials=3))
+    assert sum(r["state"] != "pruned" for r in first.trials) == 3
+    with pytest.raises(ConfigError, match="--resume"):
+        sweep(topology, tiny_gguf, options(tmp_path, trials=3))
+    second = sweep(topology, tiny_gguf, options(tmp_path, trials=5, resume=True))
+    measured = [r for r in second.trials if r["state"] != "pruned"]
+    assert len(measured) == 5
+    assert [r["number"] for r in measured][:3] == [
+        r["number"] for r in first.trials if r["state"] != "pruned"
+    ]
+    roles = [r["role"] for r in measured]
+    assert roles.count("baseline") == 1, "the baseline is not measured twice"
+
+
+def test_a_layout_over_the_memory_limit_is_pruned_with_the_reason(tmp_path, topology, tiny_gguf):
+    summary = sweep(topology, tiny_gguf, options(tmp_path, trials=3, memory_limit_bytes=2**20))
+    assert summary.winner is None
+    assert all(r["state"] == "pruned" for r in summary.trials)
+    assert "predicted peak memory" in summary.trials[0]["reason"]
+    assert not (tmp_path / "s" / "best.env").exists()
+
+
+def test_the_budget_stops_the_search(tmp_path, topology, tiny_gguf):
+    started = time.monotonic()
+    summary = sweep(topology, tiny_gguf, options(tmp_path, budget_s=12.0))
+    assert time.monotonic() - started < 12 * 1.05 + 1
+    assert any(r["state"] == "complete" for r in summary.trials)
+
+
+def test_cli_sweep_then_export_in_every_format(cli, tmp_path):
+    result = cli(
+        "sweep",
+        "--budget",
+        "40s",
+        "--backends",
+        "fake",
+        "--trials",
+        "5",
+        "--limit",
+        "4",
+        "--reports",
+        str(tmp_path),
+        "--study",
+        "c",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Winner" in result.stdout
+    env = cli("export", "--reports", str(tmp_path), "--format", "env")
+    assert env.returncode == 0, env.stderr
+    values = dict(
+        line.split("=", 1)
+        for line in env.stdout.splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    assert values["AUTOTUNE_BACKEND"] == "fake"
+    assert TrialConfig.from_env(values).backend == "fake"
+    for fmt, marker in (
+        ("shell", "export PARALLEL_WORKERS="),
+        ("json", '"BATCH_SIZE"'),
+        ("systemd", 'Environment="BATCH_SIZE='),
+        ("docker", "BATCH_SIZE="),
+    ):
+        out = cli("export", "--reports", str(tmp_path), "--study", "c", "--format", fmt)
+        assert out.returncode == 0 and marker in out.stdout, (fmt, out.stderr)
+    written = tmp_path / "best.sh"
+    assert (
+        cli(
+            "export", "--reports", str(tmp_path), "--format", "shell", "-o", str(written)
+        ).returncode
+        == 0
+    )
+    assert "export AUTOTUNE_BACKEND=fake" in written.read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "word"),
+    [
+        (["--budget", "5x"], "--budget '5x'"),
+        (["--backends", "fake,vllm"], "--backends"),
+        (["--memory-limit", "lots"], "--memory-limit"),
+    ],
+)
+def test_bad_sweep_flags_are_one_line_and_exit_2(cli, tmp_path, args, word):
+    result = cli("sweep", "--reports", str(tmp_path), *args)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and word in result.stderr
+    assert not any(tmp_path.iterdir()), "nothing half-written"
+
+
+def test_ctrl_c_keeps_every_finished_trial(tmp_path, isolated_cache):
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "autotune",
+            "sweep",
+            "--budget",
+            "2m",
+            "--backends",
+            "fake",
+            "--limit",
+            "4",
+            "--reports",
+            str(tmp_path),
+            "--study",
+            "i",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "AUTOTUNE_CACHE": str(isolated_cache)},
+    )
+    log = tmp_path / "i" / "trials.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not log.exists() or len(lines(log)) < 3):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stderr
+    finished = lines(log)
+    assert len(finished) >= 3
+    study = optuna.load_study(study_name="i", storage=f"sqlite:///{tmp_path / 'i' / 'study.db'}")
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) >= sum(r["state"] == "complete" for r in finished)
+    assert (tmp_path / "i" / "best.env").exists()
+
+
+# ---------------------------------------------------------------- the pieces
+
+
+@pytest.mark.parametrize("name", ["epyc_16c32t", "desktop_8c16t", "vm_2vcpu"])
+def test_suggestions_fit_the_machine(machine, name):
+    from autotune.topology import detect
+
+    topology = detect(machine(name), probe_gpus=False)
+    space = SearchSpace(topology, ["llamacpp", "hf", "ddp", "pipeline"], 30, TrialConfig())
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    fitted = 0
+    for _ in range(150):
+        trial = study.ask()
+        try:
+            config = space.suggest(trial)
+        except Unfit:
+            continue
+        fitted += 1
+        assert config.total_threads <= topology.usable_cpus
+        if config.pinning == "compact":
+            assert topology.threads_per_core > 1, "compact only where there is SMT"
+    assert fitted > 50
+
+
+def test_baseline_and_recipes():
+    topo = Topology.__new__(Topology)
+    object.__setattr__(topo, "usable_cpus", 4)
+    object.__setattr__(topo, "threads_per_core", 1)
+    object.__setattr__(topo, "cpu_flags", ())
+    object.__setattr__(topo, "gpus", ())
+    space = SearchSpace(topo, ["llamacpp", "hf"], 30, TrialConfig())
+    assert space.baseline().params["llamacpp.batch_exp"] == 0
+    names = [r.name for r in space.recipes()]
+    assert names == [
+        "seed 001: 1 workers x 4 threads",
+        "seed 001: 2 workers x 2 threads",
+        "seed 001: 4 workers x 1 threads",
+        "seed 000: transformers batch 4",
+        "seed 000: transformers batch 8",
+    ]
+
+
+def test_memory_planner_counts_a_shared_gguf_once_and_learns():
+    big = ModelShape(
+        file_bytes=4 * 2**30, parameters=7 * 10**9, layers=32, kv_heads=8, head_dim=128
+    )
+    one = MemoryPlanner(big, 2**40).predict(TrialConfig(backend="llamacpp", workers=1))
+    four = MemoryPlanner(big, 2**40).predict(TrialConfig(backend="llamacpp", workers=4))
+    assert four - one < big.file_bytes  # the mmapped file counts once, not 4 times
+    planner = MemoryPlanner(SHAPE, limit_bytes=8 * 2**30)
+    ddp = planner.predict(TrialConfig(backend="ddp", workers=4))
+    assert ddp > 4 * SHAPE.parameters * 4  # every rank holds its own fp32 copy
+    config = TrialConfig(backend="hf")
+    before = planner.predict(config)
+    planner.observe(config, before * 2)
+    assert planner.predict(config) >= 2 * before - 2
+    assert planner.refusal(TrialConfig(backend="ddp", workers=64)) is not None
+
+
+def test_speedup_interval_is_paired_and_brackets_the_estimate():
+    stats = speedup_interval([20.0, 22.0, 21.0], [10.0, 10.0, 10.0])
+    assert stats["ci_low"] < stats["speedup"] < stats["ci_high"]
+    assert stats["speedup"] == pytest.approx((2.0 * 2.2 * 2.1) ** (1 / 3))
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90s", 90), ("30m", 1800), ("1h30m", 5400), ("2h", 7200), ("45", 45)]
+)
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "5x", "m", "0s", "-3m"])
+def test_bad_durations(text):
+    with pytest.raises(ConfigError, match="--budget"):
+        parse_duration(text)
+
+
+def test_sizes():
+    assert parse_size("8G") == 8 * 2**30 and parse_size("512MiB") == 512 * 2**20
+    with pytest.raises(ConfigError, match="--memory-limit"):
+        parse_size("lots")
