@@ -175,6 +175,10 @@ class SweepProgress:
         self.best: tuple[float, str] | None = None
         self.baseline: float | None = None
 
+    @staticmethod
+    def _say(text: str) -> None:
+        console.print(text, highlight=False, soft_wrap=True)  # one event, one line
+
     def _clock(self) -> str:
         import time
 
@@ -188,10 +192,9 @@ class SweepProgress:
         tally = f"done {c['complete']} failed {c['fail']} pruned {c['pruned']}"
         if kind == "start":
             label = f" ({data['name']})" if data.get("name") else ""
-            console.print(
+            self._say(
                 f"{self._clock()} {tally} | trial {data['number']}{label}: "
                 f"{_layout(data['config'])} ...",
-                highlight=False,
             )
         elif kind == "end":
             self.counts[data["state"]] += 1
@@ -206,17 +209,16 @@ class SweepProgress:
             else:
                 line = f"FAILED: {data['failure_class']}"
             best = f" | best {self.best[0]:.1f} tok/s: {self.best[1]}" if self.best else ""
-            console.print(f"{self._clock()}   trial {data['number']} {line}{best}", highlight=False)
+            self._say(f"{self._clock()}   trial {data['number']} {line}{best}")
         elif kind == "confirm":
-            console.print(
+            self._say(
                 f"{self._clock()} re-measuring trial {data['number']} "
                 f"({_layout(data['config'])}) against the baseline, {data['pairs']} A B pairs",
-                highlight=False,
             )
         elif kind in ("skip-confirm", "confirm-failed"):
-            console.print(f"{self._clock()} {kind} trial {data['number']}", highlight=False)
+            self._say(f"{self._clock()} {kind} trial {data['number']}")
         elif kind == "interrupted":
-            console.print(f"{self._clock()} interrupted: keeping the finished trials")
+            self._say(f"{self._clock()} interrupted: keeping the finished trials")
 
 
 def show_sweep(summary) -> None:

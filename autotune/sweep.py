@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -159,7 +160,9 @@ def run_sweep(
             indent=2,
         )
     )
-    space = SearchSpace(topology, options.backends, shape.layers, options.base)
+    # A batch larger than the prompts of a trial measures nothing a smaller one would not.
+    batch_cap = 2 ** max(0, min(6, int(math.log2(max(1, options.limit)))))
+    space = SearchSpace(topology, options.backends, shape.layers, options.base, batch_cap)
     available = topology.memory_available_bytes
     planner = MemoryPlanner(shape, options.memory_limit_bytes or int(available * 0.8))
     log = _Log(directory / "trials.jsonl")
@@ -347,6 +350,8 @@ def _finish(study, trial, config, role, name, outcome: TrialOutcome) -> dict:
     }
     trial.set_user_attr("config", config.to_dict())
     trial.set_user_attr("role", role)
+    # Which sweep process ran it: several machines may share one study (--storage).
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     if outcome.state == "complete":
         result = outcome.result
         keep = (
