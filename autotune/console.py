@@ -253,13 +253,9 @@ def show_sweep(summary) -> None:
         table.add_row("Winner tokens/s", f"{winner['value']:.1f} (its search trial)")
         paired = winner.get("paired")
         if paired:
-            ci = ""
-            if paired.get("ci_low") is not None:
-                ci = f", 95% CI {paired['ci_low']:.2f}-{paired['ci_high']:.2f}"
-            table.add_row(
-                "Speedup vs baseline",
-                f"x{paired['speedup']:.2f} over {paired['pairs']} A B pairs{ci}",
-            )
+            from autotune.sweep import describe_speedup
+
+            table.add_row("Speedup vs baseline", describe_speedup(paired))
         elif base:
             table.add_row(
                 "Speedup vs baseline",
@@ -268,6 +264,12 @@ def show_sweep(summary) -> None:
         if recipes and base:
             top = max(recipes, key=lambda r: r["value"])
             table.add_row("Winner vs best recipe", f"x{winner['value'] / top['value']:.2f}")
+        table.add_row(
+            "SMT siblings",
+            "used (more threads than physical cores)"
+            if summary.uses_smt_siblings
+            else "not used (threads <= physical cores)",
+        )
     else:
         table.add_row("Winner", "none: no trial finished")
     table.add_row("Files", str(summary.directory))

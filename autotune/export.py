@@ -65,13 +65,9 @@ def _header(summary: dict, fingerprint: str | None) -> list[str]:
     lines.append(f"measured: {winner['value']:.1f} tokens/s (trial {winner['number']})")
     paired = winner.get("paired")
     if paired:
-        ci = ""
-        if paired.get("ci_low") is not None:
-            ci = f", 95% CI {paired['ci_low']:.2f}-{paired['ci_high']:.2f}"
-        lines.append(
-            f"speedup over the naive baseline: x{paired['speedup']:.2f} "
-            f"({paired['pairs']} paired runs, A B A B{ci})"
-        )
+        from autotune.sweep import describe_speedup
+
+        lines.append(f"speedup over the naive baseline: {describe_speedup(paired)}")
     elif summary.get("baseline"):
         ratio = winner["value"] / summary["baseline"]["value"]
         lines.append(f"speedup over the naive baseline: x{ratio:.2f} (single runs, not confirmed)")

@@ -33,7 +33,7 @@ from autotune.memory_plan import MemoryPlanner
 from autotune.space import SearchSpace, Unfit
 from autotune.trial import TrialOutcome, run_in_child
 
-__all__ = ["SweepOptions", "SweepSummary", "run_sweep", "speedup_interval"]
+__all__ = ["SweepOptions", "SweepSummary", "describe_speedup", "run_sweep", "speedup_interval"]
 
 # First guesses of a trial's cost in seconds, replaced by each backend's measured mean.
 _FIRST_GUESS_S = {"llamacpp": 20.0, "hf": 40.0, "ddp": 45.0, "pipeline": 50.0, "fake": 5.0}
@@ -75,6 +75,7 @@ class SweepSummary:
     baseline: dict | None
     elapsed_s: float
     interrupted: bool = False
+    uses_smt_siblings: bool = False
 
 
 def speedup_interval(candidate: list[float], baseline: list[float]) -> dict:
@@ -88,6 +89,14 @@ def speedup_interval(candidate: list[float], baseline: list[float]) -> dict:
     else:
         result.update(ci_low=None, ci_high=None)
     return result
+
+
+def describe_speedup(paired: dict) -> str:
+    """``x2.20 over 3 A B pairs, 95% CI 1.90-2.55`` for a `speedup_interval` result."""
+    text = f"x{paired['speedup']:.2f} over {paired['pairs']} A B pairs"
+    if paired.get("ci_low") is not None:
+        text += f", 95% CI {paired['ci_low']:.2f}-{paired['ci_high']:.2f}"
+    return text
 
 
 def _t95(df: int) -> float:
@@ -285,7 +294,7 @@ def run_sweep(
         elapsed_s=time.monotonic() - started,
         interrupted=interrupted,
     )
-    _write_outputs(summary, topology, model)
+    summary.uses_smt_siblings = _write_outputs(summary, topology, model)
     return summary
 
 
@@ -492,12 +501,23 @@ def _best_unconfirmed(records, baseline) -> dict | None:
     return {**best, "confirmed": False}
 
 
-def _write_outputs(summary: SweepSummary, topology, model) -> None:
+def _write_outputs(summary: SweepSummary, topology, model) -> bool:
+    """summary.json and best.env; returns whether the winner uses SMT siblings."""
     from autotune.export import render
 
     directory = summary.directory
+    winner_threads = (
+        TrialConfig.from_dict(summary.winner["config"]).total_threads if summary.winner else 0
+    )
     data = {
         "study": summary.study,
+        # More threads than physical cores means SMT siblings are in use (seed 001's question).
+        "uses_smt_siblings": winner_threads > topology.physical_cores,
+        "machine": {
+            "physical_cores": topology.physical_cores,
+            "usable_cpus": topology.usable_cpus,
+            "threads_per_core": topology.threads_per_core,
+        },
         "elapsed_s": summary.elapsed_s,
         "interrupted": summary.interrupted,
         "winner": summary.winner,
@@ -517,3 +537,4 @@ def _write_outputs(summary: SweepSummary, topology, model) -> None:
         partial = directory / "best.env.partial"
         partial.write_text(text)
         partial.replace(directory / "best.env")
+    return data["uses_smt_siblings"]

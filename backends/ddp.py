@@ -9,15 +9,10 @@ is the layout — one full model per rank under torch.distributed — not the wr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from autotune.config import TrialConfig
-from autotune.errors import BackendError, ConfigError
-from autotune.models import hf_dir
-from autotune.pinning import cpu_sets
-from backends.base import Backend, Completion
-from backends.torchrun import RankGroup, collective_timeout_s
-from experiments.workload import GenerationSettings, Prompt
+from autotune.errors import ConfigError
+from backends.base import Completion
+from backends.torchrun import RankGroupBackend, collective_timeout_s
 
 __all__ = ["DDPBackend", "DDPRank", "check_gpus_per_rank"]
 
@@ -31,7 +26,7 @@ def check_gpus_per_rank(config: TrialConfig, ranks: int, topology) -> None:
         )
 
 
-class DDPBackend(Backend):
+class DDPBackend(RankGroupBackend):
     """Data-parallel ranks under torchrun, one hf engine each, gathered in input order."""
 
     name = "ddp"
@@ -44,7 +39,7 @@ class DDPBackend(Backend):
         check_gpus_per_rank(config, config.workers, topology)
 
     @classmethod
-    def rank_spec(cls, config: TrialConfig, model_dir: str, pins=None) -> dict:
+    def rank_spec(cls, config: TrialConfig, model_dir: str, pins=None, **extra) -> dict:
         """What every rank needs, JSON-ready (also used by the by-hand torchrun mode)."""
         return {
             "kind": "ddp",
@@ -53,43 +48,6 @@ class DDPBackend(Backend):
             "pins": pins,
             "timeout_s": collective_timeout_s(),
         }
-
-    def __init__(self, config, model, topology) -> None:
-        super().__init__(config, model, topology)
-        self.group: RankGroup | None = None
-
-    @property
-    def pids(self) -> list[int]:
-        """The ranks' process ids, rank order (empty before load)."""
-        return self.group.pids if self.group else []
-
-    @property
-    def load_times_s(self) -> list[float]:
-        return self.group.load_times_s if self.group else []
-
-    def load(self) -> None:
-        pins = cpu_sets(
-            self.topology, self.config.workers, self.config.threads_per_worker, self.config.pinning
-        )
-        spec = self.rank_spec(
-            self.config, str(hf_dir(self.model)), [sorted(p) for p in pins] if pins else None
-        )
-        self.group = RankGroup("ddp", spec, self.config.workers, self.config.threads_per_worker)
-        try:
-            self.group.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def generate(self, prompts: Sequence[Prompt], settings: GenerationSettings) -> list[Completion]:
-        if self.group is None:
-            raise BackendError("ddp backend: generate() before load()")
-        return self.group.request(("generate", tuple(prompts), settings))
-
-    def close(self) -> None:
-        if self.group is not None:
-            self.group.close()
-            self.group = None
 
 
 class DDPRank:

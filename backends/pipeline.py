@@ -10,16 +10,15 @@ and the schedule.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
 
 from autotune.config import TrialConfig
-from autotune.errors import BackendError, ConfigError
+from autotune.errors import ConfigError
 from autotune.models import hf_dir
 from autotune.pinning import cpu_sets
-from backends.base import Backend, Completion
+from backends.base import Completion
 from backends.ddp import check_gpus_per_rank
 from backends.partition import (
     StageCosts,
@@ -29,8 +28,7 @@ from backends.partition import (
     stage_totals,
     uniform,
 )
-from backends.torchrun import RankGroup, collective_timeout_s
-from experiments.workload import GenerationSettings, Prompt
+from backends.torchrun import RankGroupBackend, collective_timeout_s
 
 __all__ = ["PipelineBackend", "memory_costs", "resolve_partition"]
 
@@ -112,7 +110,7 @@ def resolve_partition(
     return ranges
 
 
-class PipelineBackend(Backend):
+class PipelineBackend(RankGroupBackend):
     """Stages under torchrun, hidden states passed rank to rank, micro-batches in flight."""
 
     name = "pipeline"
@@ -150,47 +148,19 @@ class PipelineBackend(Backend):
 
     def __init__(self, config, model, topology) -> None:
         super().__init__(config, model, topology)
-        self.group: RankGroup | None = None
-        self.boundaries: str | None = None
+        self.boundaries: str | None = None  # the split the stages run, once loaded
         self.last_stats: dict = {}
 
-    @property
-    def pids(self) -> list[int]:
-        """The stages' process ids, stage order (empty before load)."""
-        return self.group.pids if self.group else []
-
-    @property
-    def load_times_s(self) -> list[float]:
-        return self.group.load_times_s if self.group else []
+    def _spec_extra(self) -> dict:
+        return {"memory_cap_bytes": self.topology.memory_available_bytes}
 
     def load(self) -> None:
-        pins = cpu_sets(
-            self.topology, self.config.stages, self.config.threads_per_worker, self.config.pinning
-        )
-        spec = self.rank_spec(
-            self.config,
-            str(hf_dir(self.model)),
-            [sorted(p) for p in pins] if pins else None,
-            self.topology.memory_available_bytes,
-        )
-        self.group = RankGroup("pipeline", spec, self.config.stages, self.config.threads_per_worker)
-        try:
-            self.group.start()
-        except BaseException:
-            self.close()
-            raise
-        self.boundaries = self.group.info.get("boundaries")
+        super().load()
+        self.boundaries = self.group.info.get("boundaries")  # for compute: as measured
 
-    def generate(self, prompts: Sequence[Prompt], settings: GenerationSettings) -> list[Completion]:
-        if self.group is None:
-            raise BackendError("pipeline backend: generate() before load()")
-        completions, self.last_stats = self.group.request(("generate", tuple(prompts), settings))
+    def _answer(self, payload) -> list[Completion]:
+        completions, self.last_stats = payload
         return completions
 
     def details(self) -> dict:
         return {"boundaries": self.boundaries, **self.last_stats}
-
-    def close(self) -> None:
-        if self.group is not None:
-            self.group.close()
-            self.group = None

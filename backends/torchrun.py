@@ -27,14 +27,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 import psutil
 
+from autotune.config import TrialConfig
 from autotune.errors import BackendError, ConfigError
+from backends.base import Backend, Completion
+from experiments.workload import GenerationSettings, Prompt
 
-__all__ = ["RankGroup", "collective_timeout_s"]
+__all__ = ["RankGroup", "RankGroupBackend", "collective_timeout_s"]
 
 _CLOSE_GRACE_S = 10.0
 # After rank 0 reported an error, how long to wait for the agent's verdict on which rank failed
@@ -291,3 +295,65 @@ def _agent_failures(log: str) -> dict[int, tuple[int, int]]:
     ):
         found[int(match.group(1))] = (int(match.group(3)), int(match.group(2)))
     return found
+
+
+class RankGroupBackend(Backend):
+    """A backend whose processes are a torchrun rank group (ddp, pipeline).
+
+    Subclasses give `rank_spec` (what every rank needs) and may override `_answer` (how rank
+    0's answer becomes completions); load, generate and close are the same for all.
+    """
+
+    @classmethod
+    def rank_spec(cls, config: TrialConfig, model_dir: str, pins=None, **extra) -> dict:
+        """What every rank needs, JSON-ready (also used by the by-hand torchrun mode)."""
+        raise NotImplementedError
+
+    def __init__(self, config, model, topology) -> None:
+        super().__init__(config, model, topology)
+        self.group: RankGroup | None = None
+
+    @property
+    def pids(self) -> list[int]:
+        """The ranks' process ids, rank order (empty before load)."""
+        return self.group.pids if self.group else []
+
+    @property
+    def load_times_s(self) -> list[float]:
+        """Each rank's load time, rank order (empty before load)."""
+        return self.group.load_times_s if self.group else []
+
+    def _spec_extra(self) -> dict:
+        return {}
+
+    def load(self) -> None:
+        from autotune.models import hf_dir
+        from autotune.pinning import cpu_sets
+
+        ranks, threads = self.config.processes, self.config.threads_per_worker
+        pins = cpu_sets(self.topology, ranks, threads, self.config.pinning)
+        spec = self.rank_spec(
+            self.config,
+            str(hf_dir(self.model)),
+            [sorted(p) for p in pins] if pins else None,
+            **self._spec_extra(),
+        )
+        self.group = RankGroup(self.name, spec, ranks, threads)
+        try:
+            self.group.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _answer(self, payload) -> list[Completion]:
+        return payload
+
+    def generate(self, prompts: Sequence[Prompt], settings: GenerationSettings) -> list[Completion]:
+        if self.group is None:
+            raise BackendError(f"{self.name} backend: generate() before load()")
+        return self._answer(self.group.request(("generate", tuple(prompts), settings)))
+
+    def close(self) -> None:
+        if self.group is not None:
+            self.group.close()
+            self.group = None

@@ -65,13 +65,10 @@ def main() -> int:
     vs_recipe = winner["value"] / recipe["value"]
     paired = winner.get("paired")
     if paired:
+        from autotune.sweep import describe_speedup
+
         vs_base = paired["speedup"]
-        ci = (
-            f", 95% CI {paired['ci_low']:.2f}-{paired['ci_high']:.2f}"
-            if paired.get("ci_low") is not None
-            else ""
-        )
-        print(f"winner / baseline    x{vs_base:.2f}  (paired, {paired['pairs']} A B pairs{ci})")
+        print(f"winner / baseline    {describe_speedup(paired)} (paired)")
     else:
         vs_base = winner["value"] / baseline["value"]
         print(f"winner / baseline    x{vs_base:.2f}  (search trials; not re-measured)")

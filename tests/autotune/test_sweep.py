@@ -129,6 +129,30 @@ def test_cli_sweep_then_export_in_every_format(cli, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "Winner" in result.stdout
+    log = tmp_path / "c" / "trials.jsonl"
+    before = [r for r in lines(log) if r["state"] != "pruned"]
+    resumed = cli(
+        "sweep",
+        "--budget",
+        "40s",
+        "--backends",
+        "fake",
+        "--trials",
+        "7",
+        "--limit",
+        "4",
+        "--reports",
+        str(tmp_path),
+        "--resume",
+    )  # the newest study
+    assert resumed.returncode == 0, resumed.stderr
+    after = [r for r in lines(log) if r["state"] != "pruned"]
+    assert len(after) == 7 and after[: len(before)] == before
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    winner = TrialConfig.from_dict(summary["winner"]["config"])
+    assert summary["uses_smt_siblings"] == (
+        winner.total_threads > summary["machine"]["physical_cores"]
+    )
     env = cli("export", "--reports", str(tmp_path), "--format", "env")
     assert env.returncode == 0, env.stderr
     values = dict(
