@@ -81,17 +81,11 @@ def main() -> int:
 
 
 def _short(config: dict) -> dict:
-    keys = (
-        "workers",
-        "threads_per_worker",
-        "batch_size",
-        "quant",
-        "dtype",
-        "stages",
-        "partition",
-        "boundaries",
-        "pinning",
-    )
+    """The fields that matter for the winner's backend."""
+    keys = ["workers", "threads_per_worker", "batch_size", "pinning"]
+    keys.append("quant" if config["backend"] == "llamacpp" else "dtype")
+    if config["backend"] == "pipeline":
+        keys += ["stages", "partition", "boundaries"]
     return {k: config[k] for k in keys if config.get(k) not in (None, "none")}
 
 
