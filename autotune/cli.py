@@ -294,6 +294,86 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from autotune import console
+    from autotune.report import build_report, load_study
+
+    study = load_study(Path(args.reports), args.study)
+    roofline_path = study.directory / "roofline.json"
+    if study.roofline is None and not args.no_roofline:
+        from autotune import models, roofline
+        from autotune.topology import detect
+
+        print(
+            "measuring the machine's roofline for the report (once per study) ...",
+            file=sys.stderr,
+            flush=True,
+        )
+        spec = models.ModelSpec.resolve(study.machine.get("model"))
+        roof = roofline.measure(
+            threads=detect().usable_cpus,
+            weights=models.weights_summary(spec),
+            model_name=spec.name,
+        )
+        study.roofline = roof.to_dict()
+        partial = roofline_path.with_suffix(".partial")
+        partial.write_text(json.dumps(study.roofline, indent=2))
+        partial.replace(roofline_path)
+    report = build_report(study)
+    console.show_report(study, report)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from autotune import console
+    from autotune.models import ModelSpec
+    from autotune.run import config_from_env_file, run_job
+    from autotune.topology import detect
+    from experiments.workload import load_workload
+
+    topology = detect()
+    config = config_from_env_file(Path(args.env) if args.env else None, topology)
+    workload = load_workload(args.input, strict=True, source="--input")
+    output = Path(args.output)
+    if not output.parent.is_dir():
+        raise ConfigError(f"--output {output}: its directory does not exist")
+    model = ModelSpec.resolve(config.model)
+    with console.progress_bar(f"{config.backend} x{config.processes}") as advance:
+        stats = run_job(
+            config, workload, output, model=model, topology=topology, on_progress=advance
+        )
+    console.show_run(stats, output)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from autotune import console
+    from autotune.measure import benchmark
+    from autotune.models import ModelSpec
+    from autotune.run import config_from_env_file, parse_header, read_env_file
+    from autotune.topology import detect
+    from experiments.workload import load_workload
+
+    topology = detect()
+    path = Path(args.env)
+    config = config_from_env_file(path, topology)
+    recorded = parse_header(read_env_file(path)[1])
+    workload = load_workload(args.workload).head(args.limit)
+    result = benchmark(
+        config, workload, ModelSpec.resolve(config.model), topology, repeats=args.repeats
+    )
+    warnings = console.show_verify(recorded, result, topology.fingerprint())
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -447,6 +527,57 @@ def build_parser() -> argparse.ArgumentParser:
         "--reports", default="reports", help="where studies live (default: reports)"
     )
     export.set_defaults(handler=cmd_export)
+
+    report = sub.add_parser(
+        "report",
+        help="figures and tables of a study: report.md, report.html",
+        description="Draws the study's figures (PNG) and writes reports/STUDY/report.md and a "
+        "standalone report.html (figures embedded). Works on a study cut off midway.",
+    )
+    report.add_argument("--study", help="study name (default: the newest)")
+    report.add_argument(
+        "--reports", default="reports", help="where studies live (default: reports)"
+    )
+    report.add_argument(
+        "--no-roofline",
+        action="store_true",
+        help="do not measure the roofline for its figure (it says so instead)",
+    )
+    report.set_defaults(handler=cmd_report)
+
+    run = sub.add_parser(
+        "run",
+        help="the production job: answer a JSONL with the exported config",
+        description="Answers every line of --input with the config of --env (or of the "
+        "environment: the variables autotune export writes). One output line per input line, "
+        "written as items finish; a re-run with the same --output skips ids already answered.",
+    )
+    run.add_argument("--env", metavar="FILE", help="env file from autotune export (default: env)")
+    run.add_argument("--input", required=True, metavar="FILE", help="prompts JSONL")
+    run.add_argument("--output", required=True, metavar="FILE", help="results JSONL")
+    run.set_defaults(handler=cmd_run)
+
+    verify = sub.add_parser(
+        "verify",
+        help="re-measure an exported config here and compare with its header",
+    )
+    verify.add_argument("--env", required=True, metavar="FILE", help="env file from export")
+    verify.add_argument("--workload", metavar="FILE", help="prompts JSONL (default: shipped)")
+    verify.add_argument(
+        "--limit",
+        type=_positive("--limit"),
+        default=12,
+        metavar="N",
+        help="prompts (default: 12, as the sweep's trials)",
+    )
+    verify.add_argument(
+        "--repeats",
+        type=_positive("--repeats"),
+        default=3,
+        metavar="R",
+        help="timed passes (default: 3)",
+    )
+    verify.set_defaults(handler=cmd_verify)
 
     workload = sub.add_parser("workload", help="check a prompts JSONL and summarise it")
     workload.add_argument("file", nargs="?", help="JSONL file (default: the shipped workload)")

@@ -274,3 +274,107 @@ def show_sweep(summary) -> None:
         table.add_row("Winner", "none: no trial finished")
     table.add_row("Files", str(summary.directory))
     console.print(table)
+
+
+def show_report(study, report) -> None:
+    """The report's top configurations and where its files are."""
+    table = Table(title=f"Report {study.name}: top configurations", title_justify="left")
+    base = study.baseline["value"] if study.baseline else None
+    for column in ("trial", "layout", "tokens/s", "x baseline", "peak GiB"):
+        table.add_column(column)
+    for trial in report.top:
+        memory = (trial.get("result") or {}).get("peak_memory_bytes")
+        table.add_row(
+            str(trial["number"]),
+            _layout(trial["config"]),
+            f"{trial['value']:.1f}",
+            f"{trial['value'] / base:.2f}" if base else "-",
+            f"{memory / 2**30:.2f}" if memory else "-",
+        )
+    console.print(table if report.top else "no trial finished")
+    console.print(f"report: {report.markdown}  {report.html}  ({len(report.figures)} figures)")
+
+
+class _Advance:
+    def __init__(self, progress, task) -> None:
+        self.progress, self.task = progress, task
+
+    def __call__(self, done: int, total: int) -> None:
+        self.progress.update(self.task, completed=done, total=total)
+
+
+def progress_bar(label: str):
+    """A rich progress bar (on stderr); yields a callable(done, total)."""
+    from contextlib import contextmanager
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    @contextmanager
+    def bar():
+        with Progress(
+            f"[bold]{label}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=errors,
+        ) as progress:
+            yield _Advance(progress, progress.add_task(label, total=None))
+
+    return bar()
+
+
+def show_run(stats, output) -> None:
+    """Seed 003's summary: per worker items, errors, success rate, mean time."""
+    table = Table(title=f"Run: {output}", title_justify="left")
+    for column in ("worker", "items", "errors", "success rate", "mean time (s)"):
+        table.add_column(column)
+    for rank, mine in sorted(stats.workers.items()):
+        table.add_row(
+            "restarted chunk (failed)" if rank < 0 else str(rank),
+            str(mine["items"]),
+            str(mine["errors"]),
+            f"{1 - mine['errors'] / mine['items']:.1%}",
+            f"{mine['seconds'] / mine['items']:.3f}",
+        )
+    console.print(table)
+    if stats.skipped:
+        console.print(f"{stats.skipped} lines already answered in an earlier run: skipped")
+    if stats.restarts:
+        console.print(f"the backend was restarted {stats.restarts} times (a worker died)")
+
+
+def show_verify(recorded: dict, result, fingerprint: str) -> list[str]:
+    """The exported figures beside the ones measured now; returns the warnings."""
+    table = key_value_table("Verify: the exported config, measured here")
+    summary = result.tokens_per_s_summary
+    table.add_row(
+        "Measured now",
+        f"{result.tokens_per_s:.1f} tokens/s (median of {summary['n']}; "
+        f"{summary['min']:.1f}-{summary['max']:.1f})",
+    )
+    warnings = []
+    expected = recorded.get("tokens_per_s")
+    if expected:
+        ratio = result.tokens_per_s / expected
+        table.add_row("Recorded at export", f"{expected:.1f} tokens/s (now x{ratio:.2f})")
+        # The recorded speedup's interval gives the tolerance; without one, +-15%.
+        low, high = 0.85, 1.15
+        if recorded.get("ci") and recorded.get("speedup"):
+            low = recorded["ci"][0] / recorded["speedup"]
+            high = recorded["ci"][1] / recorded["speedup"]
+        table.add_row("Accepted range", f"{expected * low:.1f}-{expected * high:.1f} tokens/s")
+        if not low <= ratio <= high:
+            warnings.append(
+                f"{result.tokens_per_s:.1f} tokens/s is outside the recorded range "
+                f"({expected * low:.1f}-{expected * high:.1f})"
+            )
+    else:
+        warnings.append("the env file records no measured tokens/s to compare with")
+    table.add_row("Machine fingerprint", f"{fingerprint} (recorded {recorded.get('fingerprint')})")
+    if recorded.get("fingerprint") and recorded["fingerprint"] != fingerprint:
+        warnings.append(
+            f"this machine's fingerprint {fingerprint} differs from the recorded "
+            f"{recorded['fingerprint']}: the config was tuned elsewhere"
+        )
+    console.print(table)
+    return warnings

@@ -261,6 +261,7 @@ def run_sweep(
             spec = _spec(options, config)
             outcome = run_in_child(spec, limit)
             record = _finish(study, trial, config, role, name, outcome)
+            record["ended_s"] = round(time.monotonic() - started, 3)  # since the sweep began
             log.write(record)
             records.append(record)
             seen[key] = trial.number

@@ -343,6 +343,7 @@ class PipelineStage:
 
                 self.caches[mb] = DynamicCache(config=self.model.config)
             cache = self.caches[mb]
+        began = time.perf_counter()
         with torch.inference_mode():
             out = _forward(
                 self.model,
@@ -353,6 +354,7 @@ class PipelineStage:
                 cache=cache,
                 last=self.last,
             )
+        self.busy_s += time.perf_counter() - began
         if not self.last:
             rows, q_len = out.shape[0], out.shape[1]
             self._send_header(self.next_rank, STEP, mb, rows, q_len, mask.shape[1], int(prefill))
@@ -377,6 +379,7 @@ class PipelineStage:
     def generate(self, prompts, settings):
         """Every stage takes part; stage 0 returns (completions in input order, stats)."""
         self.settings = settings
+        self.busy_s = 0.0  # this stage's compute time in the round (the report's per-stage time)
         if self.first:
             return self._lead(prompts, settings)
         self._follow()
@@ -395,6 +398,9 @@ class PipelineStage:
                     self._send_header(self.next_rank, kind, mb)
                 if kind == END:
                     self._flush()
+                    from backends.torch_rank import send_object
+
+                    send_object(self.busy_s, 0)
                     return
                 continue
             mask = self._recv(self.prev_rank, (rows, kv_len), torch.int64)
@@ -480,12 +486,17 @@ class PipelineStage:
                     admit()
             else:
                 step(state, prefill=False)
+        busy = [self.busy_s]
         if self.ctx.world > 1:
+            from backends.torch_rank import recv_object
+
             self._send_header(self.next_rank, END, -1)
-        self._flush()
+            self._flush()
+            busy += [recv_object(rank, self.ctx) for rank in range(1, self.ctx.world)]
         stats = {
             "steps": steps,
             "decode_step_s": sum(step_gaps) / len(step_gaps) if step_gaps else None,
+            "stage_busy_s": busy,
         }
         return results, stats
 

@@ -1,0 +1,232 @@
+"""`autotune run`: the production job with an exported config; nothing lost, nothing twice.
+
+The config comes from an env file (what `autotune export` writes) or the environment. Every
+prompt goes through the backend in chunks; each chunk's answers are appended to
+``OUTPUT.partial`` as soon as the chunk is done (flushed and synced), so a crash loses at most
+the chunk in flight, and a re-run with the same output resumes from what is there. When the
+backend fails mid-chunk (a worker killed), it is restarted and the chunk's items go back to the
+queue; an item that fails on its own is written with ``success: false`` and the rest go on.
+At the end the partial file is renamed to OUTPUT: a file under the final name is complete.
+
+One output line per input line: every input field kept, plus ``answer``, ``inference_time``,
+``worker_rank``, ``success`` and ``error`` (seed 003's record). A "main" + "branches" line has
+one answer per branch, in order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from autotune.config import TrialConfig
+from autotune.errors import BackendError, ConfigError
+
+__all__ = ["RunStats", "config_from_env_file", "read_env_file", "run_job"]
+
+_RESTARTS = 3  # backend restarts per chunk before its items are written as failed
+
+
+def read_env_file(path: Path) -> tuple[dict[str, str], list[str]]:
+    """(variables, comment lines) of a KEY=VALUE file; a bad line names the file and line."""
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"--env {path}: cannot read ({error.strerror})") from None
+    env, comments = {}, []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("#"):
+            comments.append(line.lstrip("# "))
+            continue
+        line = line.removeprefix("export ")
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ConfigError(f"{path}:{number}: expected KEY=value, got {raw!r}")
+        env[key.strip()] = value.strip().strip("'\"")
+    return env, comments
+
+
+def config_from_env_file(path: Path | None, topology) -> TrialConfig:
+    """The config of an env file, or of the environment without one, checked against this
+    machine (a bad value names its variable)."""
+    env = read_env_file(path)[0] if path else dict(os.environ)
+    config = TrialConfig.from_env(env)
+    if config.total_threads > topology.usable_cpus or config.processes > topology.usable_cpus:
+        raise ConfigError(
+            f"PARALLEL_WORKERS={config.processes} x THREADS_PER_WORKER="
+            f"{config.threads_per_worker} needs {config.total_threads} CPUs; this machine has "
+            f"{topology.usable_cpus} usable"
+        )
+    return config
+
+
+@dataclass
+class RunStats:
+    """Per-worker statistics (seed 003's summary) and the totals."""
+
+    workers: dict[int, dict] = field(default_factory=dict)
+    skipped: int = 0
+    restarts: int = 0
+
+    def add(self, rank: int, ok: bool, seconds: float) -> None:
+        mine = self.workers.setdefault(rank, {"items": 0, "errors": 0, "seconds": 0.0})
+        mine["items"] += 1
+        mine["errors"] += not ok
+        mine["seconds"] += seconds
+
+
+def _lines(workload) -> list[list]:
+    """Prompts grouped by the input line they came from (a line with branches has several)."""
+    groups: list[list] = []
+    index: dict[int, list] = {}
+    for prompt in workload.prompts:
+        key = id(prompt.record) if "branch_index" not in prompt.record else prompt.id.rsplit("#")[0]
+        if key not in index:
+            index[key] = []
+            groups.append(index[key])
+        index[key].append(prompt)
+    return groups
+
+
+def _record(group, completions) -> dict:
+    record = {k: v for k, v in group[0].record.items() if k != "branch_index"}
+    answers = [c.text for c in completions]
+    errors = [c.error for c in completions if c.error]
+    record.update(
+        id=group[0].id.split("#")[0] if len(group) > 1 else group[0].id,
+        answer=answers if len(group) > 1 else answers[0],
+        inference_time=round(sum(c.latency_s for c in completions), 4),
+        worker_rank=completions[0].worker_rank,
+        success=not errors,
+    )
+    if errors:
+        record["error"] = errors[0]
+    return record
+
+
+def _answered(path: Path) -> set[str]:
+    """Ids answered successfully in an earlier run's output (final or partial)."""
+    done = set()
+    if not path.exists():
+        return done
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a crash: that item runs again
+        if record.get("success"):
+            done.add(str(record.get("id")))
+    return done
+
+
+def run_job(
+    config: TrialConfig,
+    workload,
+    output: Path,
+    *,
+    model,
+    topology,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> RunStats:
+    """Answer every prompt of ``workload`` into ``output`` (see the module docstring)."""
+    from backends import create_backend
+
+    partial = output.with_name(output.name + ".partial")
+    done = _answered(output) | _answered(partial)
+    # Keep the successful lines of earlier runs; failed ones are run again.
+    kept = []
+    for path in (output, partial):
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("success"):
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    pass
+    groups = _lines(workload)
+    todo = [g for g in groups if (g[0].id.split("#")[0] if len(g) > 1 else g[0].id) not in done]
+    stats = RunStats(skipped=len(groups) - len(todo))
+    backend = create_backend(config, model, topology)  # a bad config fails before any output
+    chunk_size = max(1, config.processes * config.batch_size * 2)
+    with partial.open("w") as handle:
+        for line in kept:
+            handle.write(line + "\n")
+        handle.flush()
+        backend.load()
+        try:
+            finished = stats.skipped
+            if on_progress:
+                on_progress(finished, len(groups))
+            start = 0
+            while start < len(todo):
+                chunk = todo[start : start + chunk_size]
+                prompts = [p for group in chunk for p in group]
+                completions = None
+                for attempt in range(_RESTARTS + 1):
+                    try:
+                        completions = backend.generate(prompts, config.generation)
+                        break
+                    except BackendError as error:
+                        # A worker died: start the backend again; the chunk goes back in.
+                        stats.restarts += 1
+                        backend.close()
+                        if attempt == _RESTARTS:
+                            completions = [_failed(p, str(error)) for p in prompts]
+                            break
+                        backend = create_backend(config, model, topology)
+                        backend.load()
+                by_id = {c.id: c for c in completions}
+                for group in chunk:
+                    answers = [by_id[p.id] for p in group]
+                    record = _record(group, answers)
+                    handle.write(json.dumps(record) + "\n")
+                    for answer in answers:
+                        stats.add(answer.worker_rank, answer.error is None, answer.latency_s)
+                handle.flush()
+                os.fsync(handle.fileno())
+                finished += len(chunk)
+                if on_progress:
+                    on_progress(finished, len(groups))
+                start += chunk_size
+        finally:
+            backend.close()
+    partial.replace(output)  # complete: only now under the final name
+    return stats
+
+
+def _failed(prompt, error: str):
+    from backends.base import Completion
+
+    return Completion(
+        id=prompt.id,
+        text="",
+        token_ids=(),
+        prompt_tokens=0,
+        worker_rank=-1,
+        latency_s=0.0,
+        error=error,
+    )
+
+
+def parse_header(comments: list[str]) -> dict:
+    """What an exported env file's header recorded: fingerprint, tokens/s, speedup interval."""
+    import re
+
+    found: dict = {}
+    for line in comments:
+        if match := re.match(r"machine fingerprint: (\S+)", line):
+            found["fingerprint"] = match.group(1)
+        elif match := re.match(r"measured: ([\d.]+) tokens/s", line):
+            found["tokens_per_s"] = float(match.group(1))
+        elif match := re.search(
+            r"x([\d.]+) over (\d+) A B pairs(?:, 95% CI ([\d.]+)-([\d.]+))?", line
+        ):
+            found["speedup"] = float(match.group(1))
+            if match.group(3):
+                found["ci"] = (float(match.group(3)), float(match.group(4)))
+    return found
