@@ -377,6 +377,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+def _add_reports_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--reports", default="reports", help="where studies live (default: reports)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full command-line interface."""
     parser = _Parser(
@@ -509,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="A B pairs when re-measuring the best three against the baseline (default: 3)",
     )
     sweep.add_argument("--seed", type=int, help="sampler seed (for a repeatable search)")
-    sweep.add_argument("--reports", default="reports", help="where studies live (default: reports)")
+    _add_reports_dir(sweep)
     sweep.set_defaults(handler=cmd_sweep)
 
     export = sub.add_parser(
@@ -523,9 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", default="env", help="env, shell, json, systemd or docker (default: env)"
     )
     export.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
-    export.add_argument(
-        "--reports", default="reports", help="where studies live (default: reports)"
-    )
+    _add_reports_dir(export)
     export.set_defaults(handler=cmd_export)
 
     report = sub.add_parser(
@@ -535,9 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
         "standalone report.html (figures embedded). Works on a study cut off midway.",
     )
     report.add_argument("--study", help="study name (default: the newest)")
-    report.add_argument(
-        "--reports", default="reports", help="where studies live (default: reports)"
-    )
+    _add_reports_dir(report)
     report.add_argument(
         "--no-roofline",
         action="store_true",

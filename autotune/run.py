@@ -85,7 +85,7 @@ def _lines(workload) -> list[list]:
     groups: list[list] = []
     index: dict[int, list] = {}
     for prompt in workload.prompts:
-        key = id(prompt.record) if "branch_index" not in prompt.record else prompt.id.rsplit("#")[0]
+        key = id(prompt.record) if "branch_index" not in prompt.record else _line_id([prompt])
         if key not in index:
             index[key] = []
             groups.append(index[key])
@@ -93,12 +93,19 @@ def _lines(workload) -> list[list]:
     return groups
 
 
+def _line_id(group) -> str:
+    """The id of the input line a group of prompts came from (branches are ``id#index``)."""
+    if "branch_index" in group[0].record:
+        return group[0].id.rsplit("#", 1)[0]
+    return group[0].id
+
+
 def _record(group, completions) -> dict:
     record = {k: v for k, v in group[0].record.items() if k != "branch_index"}
     answers = [c.text for c in completions]
     errors = [c.error for c in completions if c.error]
     record.update(
-        id=group[0].id.split("#")[0] if len(group) > 1 else group[0].id,
+        id=_line_id(group),
         answer=answers if len(group) > 1 else answers[0],
         inference_time=round(sum(c.latency_s for c in completions), 4),
         worker_rank=completions[0].worker_rank,
@@ -107,21 +114,6 @@ def _record(group, completions) -> dict:
     if errors:
         record["error"] = errors[0]
     return record
-
-
-def _answered(path: Path) -> set[str]:
-    """Ids answered successfully in an earlier run's output (final or partial)."""
-    done = set()
-    if not path.exists():
-        return done
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by a crash: that item runs again
-        if record.get("success"):
-            done.add(str(record.get("id")))
-    return done
 
 
 def run_job(
@@ -137,24 +129,24 @@ def run_job(
     from backends import create_backend
 
     partial = output.with_name(output.name + ".partial")
-    done = _answered(output) | _answered(partial)
-    # Keep the successful lines of earlier runs; failed ones are run again.
-    kept = []
+    # Keep the successful lines of earlier runs, once each; failed ones are run again.
+    kept: dict[str, str] = {}
     for path in (output, partial):
         if path.exists():
             for line in path.read_text().splitlines():
                 try:
-                    if json.loads(line).get("success"):
-                        kept.append(line)
+                    record = json.loads(line)
                 except json.JSONDecodeError:
-                    pass
+                    continue
+                if record.get("success"):
+                    kept.setdefault(str(record.get("id")), line)
     groups = _lines(workload)
-    todo = [g for g in groups if (g[0].id.split("#")[0] if len(g) > 1 else g[0].id) not in done]
+    todo = [g for g in groups if _line_id(g) not in kept]
     stats = RunStats(skipped=len(groups) - len(todo))
     backend = create_backend(config, model, topology)  # a bad config fails before any output
     chunk_size = max(1, config.processes * config.batch_size * 2)
     with partial.open("w") as handle:
-        for line in kept:
+        for line in kept.values():
             handle.write(line + "\n")
         handle.flush()
         backend.load()

@@ -85,6 +85,12 @@ def test_resume_skips_answered_ids_and_reruns_the_rest(cli, tmp_path):
     assert sorted(r["id"] for r in records) == sorted(r["id"] for r in first)
     assert records[:5] == first[:5], "answered lines are kept, not run again"
     assert "5 lines already answered" in again.stdout
+    # A re-run that crashed after copying the answered lines: both files hold them.
+    partial.write_text(out.read_text())
+    third = cli("run", "--env", str(env), "--input", str(data), "--output", str(out))
+    assert third.returncode == 0, third.stderr
+    ids = [r["id"] for r in outputs(out)]
+    assert sorted(ids) == sorted(set(ids)) == sorted(r["id"] for r in first), "each id once"
 
 
 def test_an_item_that_fails_is_recorded_and_the_rest_go_on(cli, tmp_path, tiny_gguf):
