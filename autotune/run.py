@@ -145,10 +145,15 @@ def run_job(
     stats = RunStats(skipped=len(groups) - len(todo))
     backend = create_backend(config, model, topology)  # a bad config fails before any output
     chunk_size = max(1, config.processes * config.batch_size * 2)
-    with partial.open("w") as handle:
-        for line in kept.values():
-            handle.write(line + "\n")
+    # The kept lines go into a fresh partial file that replaces the old one in one step, so no
+    # moment exists at which an answered line is on disk nowhere.
+    fresh = partial.with_name(partial.name + ".new")
+    with fresh.open("w") as handle:
+        handle.writelines(line + "\n" for line in kept.values())
         handle.flush()
+        os.fsync(handle.fileno())
+    fresh.replace(partial)
+    with partial.open("a") as handle:
         backend.load()
         try:
             finished = stats.skipped
