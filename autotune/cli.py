@@ -273,14 +273,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from autotune.export import load_summary, render
 
     summary = load_summary(Path(args.reports), args.study)
-    fingerprint = None
-    machine = Path(args.reports) / summary["study"] / "machine.json"
-    if machine.is_file():
-        fingerprint = json.loads(machine.read_text()).get("fingerprint")
-    model_path = None
-    if machine.is_file():
-        model_path = json.loads(machine.read_text()).get("model")
-    text = render(summary, topology_fingerprint=fingerprint, fmt=args.format, model_path=model_path)
+    machine_path = Path(args.reports) / summary["study"] / "machine.json"
+    machine = json.loads(machine_path.read_text()) if machine_path.is_file() else {}
+    text = render(
+        summary,
+        topology_fingerprint=machine.get("fingerprint"),
+        fmt=args.format,
+        model_path=machine.get("model"),
+    )
     if args.output:
         directory = os.path.dirname(os.path.abspath(args.output))
         if not os.path.isdir(directory):
@@ -354,9 +354,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from autotune import console
+    from autotune.export import parse_header
     from autotune.measure import benchmark
     from autotune.models import ModelSpec
-    from autotune.run import config_from_env_file, parse_header, read_env_file
+    from autotune.run import config_from_env_file, read_env_file
     from autotune.topology import detect
     from experiments.workload import load_workload
 

@@ -142,7 +142,7 @@ def show_result(result) -> None:
 # --------------------------------------------------------------------------- sweep
 
 
-def _layout(config) -> str:
+def layout_text(config) -> str:
     """A config in a few words: backend, processes x threads, batch, quant/dtype, split."""
     c = config if isinstance(config, dict) else config.to_dict()
     processes = c["stages"] if c["backend"] == "pipeline" else c["workers"]
@@ -194,7 +194,7 @@ class SweepProgress:
             label = f" ({data['name']})" if data.get("name") else ""
             self._say(
                 f"{self._clock()} {tally} | trial {data['number']}{label}: "
-                f"{_layout(data['config'])} ...",
+                f"{layout_text(data['config'])} ...",
             )
         elif kind == "end":
             self.counts[data["state"]] += 1
@@ -203,7 +203,7 @@ class SweepProgress:
                 if data.get("role") == "baseline":
                     self.baseline = value
                 if self.best is None or value > self.best[0]:
-                    self.best = (value, _layout(data["config"]))
+                    self.best = (value, layout_text(data["config"]))
                 ratio = f" (x{value / self.baseline:.2f} baseline)" if self.baseline else ""
                 line = f"{value:.1f} tok/s{ratio}"
             else:
@@ -213,7 +213,7 @@ class SweepProgress:
         elif kind == "confirm":
             self._say(
                 f"{self._clock()} re-measuring trial {data['number']} "
-                f"({_layout(data['config'])}) against the baseline, {data['pairs']} A B pairs",
+                f"({layout_text(data['config'])}) against the baseline, {data['pairs']} A B pairs",
             )
         elif kind in ("skip-confirm", "confirm-failed"):
             self._say(f"{self._clock()} {kind} trial {data['number']}")
@@ -239,17 +239,19 @@ def show_sweep(summary) -> None:
         )
     base = summary.baseline
     if base:
-        table.add_row("Naive baseline", f"{base['value']:.1f} tok/s ({_layout(base['config'])})")
+        table.add_row(
+            "Naive baseline", f"{base['value']:.1f} tok/s ({layout_text(base['config'])})"
+        )
     recipes = [r for r in records if r.get("role") == "recipe" and r["state"] == "complete"]
     if recipes:
         top = max(recipes, key=lambda r: r["value"])
         table.add_row(
             "Best seed recipe",
-            f"{top['value']:.1f} tok/s ({top.get('name')}: {_layout(top['config'])})",
+            f"{top['value']:.1f} tok/s ({top.get('name')}: {layout_text(top['config'])})",
         )
     winner = summary.winner
     if winner:
-        table.add_row("Winner", f"{_layout(winner['config'])} (trial {winner['number']})")
+        table.add_row("Winner", f"{layout_text(winner['config'])} (trial {winner['number']})")
         table.add_row("Winner tokens/s", f"{winner['value']:.1f} (its search trial)")
         paired = winner.get("paired")
         if paired:
@@ -286,7 +288,7 @@ def show_report(study, report) -> None:
         memory = (trial.get("result") or {}).get("peak_memory_bytes")
         table.add_row(
             str(trial["number"]),
-            _layout(trial["config"]),
+            layout_text(trial["config"]),
             f"{trial['value']:.1f}",
             f"{trial['value'] / base:.2f}" if base else "-",
             f"{memory / 2**30:.2f}" if memory else "-",

@@ -10,13 +10,14 @@ with its confidence interval.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 
 from autotune.config import TrialConfig
 from autotune.errors import ConfigError
 
-__all__ = ["FORMATS", "load_summary", "render", "winner_config"]
+__all__ = ["FORMATS", "load_summary", "parse_header", "render", "winner_config"]
 
 FORMATS = ("env", "shell", "json", "systemd", "docker")
 
@@ -72,6 +73,24 @@ def _header(summary: dict, fingerprint: str | None) -> list[str]:
         ratio = winner["value"] / summary["baseline"]["value"]
         lines.append(f"speedup over the naive baseline: x{ratio:.2f} (single runs, not confirmed)")
     return lines
+
+
+def parse_header(comments: list[str]) -> dict:
+    """What `_header` recorded, read back from an env file's comment lines: fingerprint,
+    tokens/s, speedup and its interval (for `autotune verify`)."""
+    found: dict = {}
+    for line in comments:
+        if match := re.match(r"machine fingerprint: (\S+)", line):
+            found["fingerprint"] = match.group(1)
+        elif match := re.match(r"measured: ([\d.]+) tokens/s", line):
+            found["tokens_per_s"] = float(match.group(1))
+        elif match := re.search(
+            r"x([\d.]+) over (\d+) A B pairs(?:, 95% CI ([\d.]+)-([\d.]+))?", line
+        ):
+            found["speedup"] = float(match.group(1))
+            if match.group(3):
+                found["ci"] = (float(match.group(3)), float(match.group(4)))
+    return found
 
 
 def render(

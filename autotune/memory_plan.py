@@ -19,8 +19,8 @@ __all__ = ["MemoryPlanner", "ModelShape", "model_shape"]
 
 # Bits per weight of llama.cpp's types, for the size of a --quant variant before it exists.
 _QUANT_BITS = {"f16": 16.0, "q8_0": 8.5, "q5_k_m": 5.7, "q4_k_m": 4.9, "q4_1": 5.0, "q4_0": 4.5}
-# Resident memory of one process before the model (interpreter, libraries), measured here:
-# a llama.cpp worker ~60 MB, a process with torch + transformers imported ~350 MB.
+# Resident memory of one process before the model (interpreter, libraries): first guesses,
+# raised by `observe` as soon as a trial of the backend has measured its real peak.
 _OVERHEAD = {"llamacpp": 80 * 2**20, "torch": 380 * 2**20, "fake": 40 * 2**20}
 _HARNESS = 60 * 2**20  # the trial process itself
 

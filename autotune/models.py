@@ -128,6 +128,19 @@ class ModelSpec:
 
 
 def _file_sha256(path: Path) -> str:
+    """SHA-256 of a file; an unchanged file (same inode, size, mtime) is hashed once per
+    process, since a run asks for it several times (validation, then loading)."""
+    stat = path.stat()
+    key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = _hash_file(path)
+    return _HASHES[key]
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def _hash_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while chunk := handle.read(_HASH_CHUNK):

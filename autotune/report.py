@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from autotune.console import layout_text
 from autotune.errors import ConfigError
 
 __all__ = ["FIGURES", "Report", "build_report", "load_study"]
@@ -78,12 +79,13 @@ def load_study(reports_dir: Path, study: str | None) -> Study:
         if not (directory / "trials.jsonl").is_file():
             raise ConfigError(f"--study {study}: no trials.jsonl in {directory}")
     trials = []
-    for number, line in enumerate((directory / "trials.jsonl").read_text().splitlines(), 1):
+    lines = (directory / "trials.jsonl").read_text().splitlines()
+    for number, line in enumerate(lines, 1):
         try:
             trials.append(json.loads(line))
         except json.JSONDecodeError:
             # A sweep killed mid-write leaves at most a torn last line: report the rest.
-            if number != len((directory / "trials.jsonl").read_text().splitlines()):
+            if number != len(lines):
                 raise ConfigError(f"{directory / 'trials.jsonl'}:{number}: not JSON") from None
     summary_path = directory / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
@@ -100,12 +102,6 @@ def load_study(reports_dir: Path, study: str | None) -> Study:
 
 
 # ---------------------------------------------------------------- figures
-
-
-def _layout(config: dict) -> str:
-    from autotune.console import _layout as layout
-
-    return layout(config)
 
 
 def _speedup_ci(study: Study, trial: dict) -> tuple[float, float, float] | None:
@@ -143,7 +139,7 @@ def _fig_speedup(study: Study, ax) -> None:
         _empty(ax, "no finished baseline: speedups need trial 0")
         return
     rows.sort(key=lambda r: r[2][0])
-    names = [f"{b}\n{_layout(t['config'])}" for b, t, _ in rows]
+    names = [f"{b}\n{layout_text(t['config'])}" for b, t, _ in rows]
     values = [c[0] for _, _, c in rows]
     errors = [[c[0] - c[1] for _, _, c in rows], [c[2] - c[0] for _, _, c in rows]]
     ax.barh(names, values, xerr=errors, capsize=4, color="#4c72b0")
@@ -334,7 +330,7 @@ def _fig_roofline(study: Study, ax) -> None:
     ax.set_ylabel("tokens/s")
     ax.set_title(
         f"{roof['memory_bandwidth_gb_s']:.1f} GB/s, {roof['gemm_gflops']:.0f} GFLOP/s "
-        f"({roof['threads']} threads); best: {_layout(best['config'])}",
+        f"({roof['threads']} threads); best: {layout_text(best['config'])}",
         fontsize=8,
     )
 
@@ -430,7 +426,7 @@ def _sections(study: Study) -> list[tuple[str, list]]:
     ]
     if winner:
         line = (
-            f"Winner: trial {winner['number']}, {_layout(winner['config'])}, "
+            f"Winner: trial {winner['number']}, {layout_text(winner['config'])}, "
             f"{winner['value']:.1f} tokens/s"
         )
         paired = winner.get("paired")
@@ -444,7 +440,7 @@ def _sections(study: Study) -> list[tuple[str, list]]:
             (
                 "p",
                 f"Naive baseline (trial {study.baseline['number']}): "
-                f"{_layout(study.baseline['config'])}, "
+                f"{layout_text(study.baseline['config'])}, "
                 f"{study.baseline['value']:.1f} tokens/s.",
             )
         )
@@ -457,7 +453,7 @@ def _sections(study: Study) -> list[tuple[str, list]]:
     failed = [
         [
             str(t["number"]),
-            _layout(t["config"]) if t.get("config") else "-",
+            layout_text(t["config"]) if t.get("config") else "-",
             t.get("failure_class") or "-",
             _one_line(t.get("stderr_tail") or ""),
         ]
@@ -465,7 +461,11 @@ def _sections(study: Study) -> list[tuple[str, list]]:
         if t["state"] == "fail"
     ]
     pruned = [
-        [str(t["number"]), _layout(t["config"]) if t.get("config") else "-", t.get("reason") or "-"]
+        [
+            str(t["number"]),
+            layout_text(t["config"]) if t.get("config") else "-",
+            t.get("reason") or "-",
+        ]
         for t in study.trials
         if t["state"] == "pruned"
     ]

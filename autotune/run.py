@@ -208,22 +208,3 @@ def _failed(prompt, error: str):
         latency_s=0.0,
         error=error,
     )
-
-
-def parse_header(comments: list[str]) -> dict:
-    """What an exported env file's header recorded: fingerprint, tokens/s, speedup interval."""
-    import re
-
-    found: dict = {}
-    for line in comments:
-        if match := re.match(r"machine fingerprint: (\S+)", line):
-            found["fingerprint"] = match.group(1)
-        elif match := re.match(r"measured: ([\d.]+) tokens/s", line):
-            found["tokens_per_s"] = float(match.group(1))
-        elif match := re.search(
-            r"x([\d.]+) over (\d+) A B pairs(?:, 95% CI ([\d.]+)-([\d.]+))?", line
-        ):
-            found["speedup"] = float(match.group(1))
-            if match.group(3):
-                found["ci"] = (float(match.group(3)), float(match.group(4)))
-    return found

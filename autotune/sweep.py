@@ -206,7 +206,7 @@ def run_sweep(
             if queue_extra and not _waiting(study):
                 config, role, name = queue_extra.pop(0), "extra", "injected"
                 trial = study.ask()
-                _force_params(study, trial, config)
+                _mark_injected(trial, config)
             else:
                 trial = study.ask()
                 role = trial.user_attrs.get("role", "search")
@@ -325,7 +325,7 @@ def _waiting(study) -> bool:
     return bool(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
 
 
-def _force_params(study, trial, config: TrialConfig) -> None:
+def _mark_injected(trial, config: TrialConfig) -> None:
     """An injected config is recorded with its fields as the trial's attributes."""
     trial.set_user_attr("role", "extra")
     trial.set_user_attr("config", config.to_dict())
@@ -451,13 +451,12 @@ def _confirm(options, records, baseline, deadline, tell) -> dict | None:
     base_config = TrialConfig.from_dict(baseline["config"])
     confirmed = []
     for record in candidates:
-        cost = _paired_cost(record, baseline, options.pairs)
         left = deadline - time.monotonic() - 5.0
-        pairs = options.pairs
+        pairs = options.pairs  # as many as fit in the time left, at least one
         while pairs > 1 and _paired_cost(record, baseline, pairs) > left:
             pairs -= 1
         if _paired_cost(record, baseline, pairs) > left:
-            tell("skip-confirm", {"number": record["number"], "expected_s": cost})
+            tell("skip-confirm", {"number": record["number"]})
             continue
         config = TrialConfig.from_dict(record["config"])
         tell("confirm", {"number": record["number"], "config": config, "pairs": pairs})

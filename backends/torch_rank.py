@@ -184,11 +184,11 @@ def _worker(kind: str, ctx: RankContext):
     return getattr(importlib.import_module(module_name), class_name)(ctx)
 
 
-def run_rank(spec: dict, requests=None) -> None:
+def run_rank(spec: dict, requests=None, on_result=None) -> None:
     """Join the group, build this rank's worker, and serve requests until told to close.
 
     ``requests`` (rank 0 only, by-hand mode) is an iterable of requests used instead of the
-    parent's socket; each answer is passed to ``spec["on_result"]``.
+    parent's socket; each answer is passed to ``on_result``.
     """
     import torch
     import torch.distributed as dist
@@ -251,7 +251,7 @@ def run_rank(spec: dict, requests=None) -> None:
                 if conn is not None:
                     conn.send(("result", result))
                 else:
-                    spec["on_result"](result)
+                    on_result(result)
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - any failure is reported, then the rank exits
         text = f"rank {rank} (pid {os.getpid()}):\n{traceback.format_exc()}"
@@ -307,9 +307,8 @@ def _by_hand(argv: list[str]) -> None:
                 handle.write(json.dumps(completion.to_dict()) + "\n")
         os.replace(partial, output)  # all lines or none
 
-    spec["on_result"] = write
     requests = [("generate", workload.prompts, config.generation)] if rank == 0 else None
-    run_rank(spec, requests)
+    run_rank(spec, requests, on_result=write)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -50,16 +50,9 @@ def test_every_line_answered_once_with_its_fields(cli, tmp_path):
     records = outputs(out)
     inputs = [json.loads(line) for line in data.read_text().splitlines()]
     assert len(records) == len(inputs)
-    for given, record in zip(
-        inputs,
-        sorted(
-            records,
-            key=lambda r: inputs.index(
-                next(i for i in inputs if i.get("id", i.get("questionID")) == r["id"])
-            ),
-        ),
-        strict=True,
-    ):
+    by_id = {r["id"]: r for r in records}
+    for given in inputs:
+        record = by_id[str(given.get("id", given.get("questionID")))]
         assert {k: record[k] for k in given} == given, "every input field kept"
         assert record["success"] is True and record["inference_time"] >= 0
         assert isinstance(record["worker_rank"], int)
