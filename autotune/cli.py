@@ -66,6 +66,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 def cmd_model(args: argparse.Namespace) -> int:
     from autotune import models
+    from autotune.cache import cache_entry_problem
 
     spec = models.ModelSpec.resolve(args.model)
     weights = models.weights_summary(spec)
@@ -77,7 +78,8 @@ def cmd_model(args: argparse.Namespace) -> int:
         else:
             sha = spec.sha256()
             entry = models.hf_cache_entry(spec, source_sha256=sha)
-            cache = f"{entry} ({models.cache_entry_problem(entry, sha) or 'ready'})"
+            problem = cache_entry_problem(entry, sha)
+            cache = f"{entry} ({problem or 'ready'})"
     if args.json:
         _print_json(
             {
@@ -105,7 +107,7 @@ def _warn_bad_lines(workload, shown: int = 10) -> None:
 
 
 def cmd_workload(args: argparse.Namespace) -> int:
-    from experiments.workload import load_workload
+    from autotune.workload import load_workload
 
     workload = load_workload(args.file, strict=args.strict, source="workload")
     lengths = sorted(len(p.text) for p in workload.prompts)
@@ -143,28 +145,11 @@ def _positive(name: str, minimum: int = 1):
     return parse
 
 
-def _write_jsonl_atomically(path: str, rows) -> None:
-    """Write all rows or nothing: a temporary file renamed into place when complete."""
-    import tempfile
-    from pathlib import Path
-
-    target = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(handle, "w") as out:
-            for row in rows:
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(temporary, target)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     from autotune.config import config_from_args
     from autotune.models import ModelSpec
     from autotune.topology import detect
-    from experiments.workload import load_workload
+    from autotune.workload import load_workload
 
     config = config_from_args(args)
     workload = load_workload(args.workload, strict=args.strict)
@@ -173,9 +158,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         workload = workload.head(args.limit)
     model = ModelSpec.resolve(config.model)
     topology = detect()
-    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        # fail on a bad --output before spending minutes measuring
-        raise ConfigError(f"--output {args.output}: its directory does not exist")
+    if args.output:  # fail on a bad --output before spending minutes measuring
+        _check_output(args.output, "--output")
 
     from autotune.measure import benchmark
 
@@ -192,7 +176,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         on_progress=progress,
     )
     if args.output:
-        _write_jsonl_atomically(args.output, (c.to_dict() for c in result.completions))
+        from autotune.files import write_jsonl
+
+        write_jsonl(args.output, (c.to_dict() for c in result.completions))
     if args.json:
         _print_json(result.to_dict())
     else:
@@ -211,31 +197,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from autotune.config import TrialConfig
     from autotune.memory_plan import model_shape
     from autotune.models import ModelSpec
+    from autotune.study import newest
     from autotune.sweep import SweepOptions, run_sweep
     from autotune.topology import detect
     from autotune.units import parse_duration, parse_size
-    from backends import BACKENDS
-    from experiments.workload import load_workload
+    from autotune.workload import load_workload
 
     budget = parse_duration(args.budget)
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = [b for b in backends if b not in BACKENDS]
-    if unknown or not backends:
-        raise ConfigError(
-            f"--backends {args.backends!r}: each must be one of {', '.join(BACKENDS)}"
-        )
+    backends = _backends(args.backends)
     reports = Path(args.reports)
     study = args.study
     if study is None and args.resume:
-        found = sorted(reports.glob("*/study.db"), key=lambda p: p.stat().st_mtime)
-        if not found:
-            raise ConfigError(f"--resume: no study under {reports} to continue; name one")
-        study = found[-1].parent.name
+        study = newest(reports).name
     study = study or time.strftime("sweep-%Y%m%d-%H%M%S")
     workload = load_workload(args.workload)  # a bad file fails here, before any trial
     _warn_bad_lines(workload)
     model = ModelSpec.resolve(args.model)
-    base = TrialConfig(model=args.model, max_new_tokens=args.max_new_tokens)
+    # The model by absolute path where one was given (the embedded default stays None, so an
+    # export never points into the environment the sweep ran in).
+    base = TrialConfig(
+        model=str(model.path.absolute()) if args.model else None,
+        max_new_tokens=args.max_new_tokens,
+    )
     options = SweepOptions(
         study=study,
         reports_dir=reports,
@@ -267,28 +250,88 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 130 if summary.interrupted else 0
 
 
+def _backends(text: str) -> list[str]:
+    """The --backends list, each a registered backend."""
+    from backends import BACKENDS
+
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    if not names or any(b not in BACKENDS for b in names):
+        raise ConfigError(f"--backends {text!r}: each must be one of {', '.join(BACKENDS)}")
+    return names
+
+
+def _check_output(path: str, flag: str) -> None:
+    """A file we may write: its directory exists and it is not a directory itself."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {path}: is a directory; name a file")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise ConfigError(f"{flag} {path}: its directory does not exist")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from autotune.config import TrialConfig
+    from autotune.knobs import Target
+    from autotune.memory_plan import MemoryPlanner, model_shape
+    from autotune.models import ModelSpec
+    from autotune.space import SearchSpace
+    from autotune.topology import detect, load_machine
+    from backends import backend_class
+
+    topology = load_machine(args.machine) if args.machine else detect()
+    backends = _backends(args.backends)
+    model = ModelSpec.resolve(args.model)
+    shape = model_shape(model)
+    target = Target(topology, shape.layers, batch_cap=args.max_batch)
+    planner = MemoryPlanner(shape, int(topology.memory_available_bytes * 0.8))
+    space = SearchSpace(target, backends, TrialConfig(), planner)
+    plan = space.plan()
+    examples = space.examples(args.examples, seed=args.seed)
+    data = {
+        "machine": {
+            "source": args.machine or "this machine",
+            "fingerprint": topology.fingerprint(),
+            "usable_cpus": topology.usable_cpus,
+            "physical_cores": topology.physical_cores,
+            "threads_per_core": topology.threads_per_core,
+            "gpus": len(topology.gpus),
+            "memory_available_bytes": topology.memory_available_bytes,
+        },
+        "model": {"name": model.name, "layers": shape.layers},
+        "memory_limit_bytes": planner.limit_bytes,
+        **plan,
+        "baseline": space.baseline().config.to_dict(),
+        "examples": [
+            {
+                **config.to_dict(),
+                "devices": backend_class(config.backend).devices(config, topology),
+                "predicted_memory_bytes": planner.predict(config),
+            }
+            for config in examples
+        ],
+    }
+    if args.json:
+        _print_json(data)
+        return 0
+    from autotune import console
+
+    console.show_plan(data)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from autotune.export import load_summary, render
+    from autotune.export import render
+    from autotune.files import atomic_write
+    from autotune.study import find
 
-    summary = load_summary(Path(args.reports), args.study)
-    machine_path = Path(args.reports) / summary["study"] / "machine.json"
-    machine = json.loads(machine_path.read_text()) if machine_path.is_file() else {}
-    text = render(
-        summary,
-        topology_fingerprint=machine.get("fingerprint"),
-        fmt=args.format,
-        model_path=machine.get("model"),
-    )
+    study = find(Path(args.reports), args.study)
+    summary = study.load_summary()
+    machine = study.read_json(study.machine, "machine.json") or {}
+    text = render(summary, fingerprint=machine.get("fingerprint"), fmt=args.format)
     if args.output:
-        directory = os.path.dirname(os.path.abspath(args.output))
-        if not os.path.isdir(directory):
-            raise ConfigError(f"-o {args.output}: its directory does not exist")
-        partial = args.output + ".partial"
-        with open(partial, "w") as handle:
-            handle.write(text)
-        os.replace(partial, args.output)
+        _check_output(args.output, "-o")
+        atomic_write(args.output, text)
     else:
         sys.stdout.write(text)
     return 0
@@ -299,9 +342,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from autotune import console
     from autotune.report import build_report, load_study
+    from autotune.study import StudyDir
 
     study = load_study(Path(args.reports), args.study)
-    roofline_path = study.directory / "roofline.json"
     if study.roofline is None and not args.no_roofline:
         from autotune import models, roofline
         from autotune.topology import detect
@@ -318,9 +361,8 @@ def cmd_report(args: argparse.Namespace) -> int:
             model_name=spec.name,
         )
         study.roofline = roof.to_dict()
-        partial = roofline_path.with_suffix(".partial")
-        partial.write_text(json.dumps(study.roofline, indent=2))
-        partial.replace(roofline_path)
+        directory = StudyDir(study.directory)
+        directory.write_json(directory.roofline, study.roofline)
     report = build_report(study)
     console.show_report(study, report)
     return 0
@@ -333,14 +375,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from autotune.models import ModelSpec
     from autotune.run import config_from_env_file, run_job
     from autotune.topology import detect
-    from experiments.workload import load_workload
+    from autotune.workload import load_workload
 
     topology = detect()
     config = config_from_env_file(Path(args.env) if args.env else None, topology)
     workload = load_workload(args.input, strict=True, source="--input")
+    _check_output(args.output, "--output")
     output = Path(args.output)
-    if not output.parent.is_dir():
-        raise ConfigError(f"--output {output}: its directory does not exist")
     model = ModelSpec.resolve(config.model)
     with console.progress_bar(f"{config.backend} x{config.processes}") as advance:
         stats = run_job(
@@ -359,7 +400,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from autotune.models import ModelSpec
     from autotune.run import config_from_env_file, read_env_file
     from autotune.topology import detect
-    from experiments.workload import load_workload
+    from autotune.workload import load_workload
 
     topology = detect()
     path = Path(args.env)
@@ -415,6 +456,42 @@ def build_parser() -> argparse.ArgumentParser:
     model.set_defaults(handler=cmd_model)
 
     from autotune.config import add_config_arguments
+    from backends import summaries
+
+    plan = sub.add_parser(
+        "plan",
+        help="show what a sweep would search on a machine, without running anything",
+        description="Per backend: its knobs and their values on the machine, the constraints "
+        "that join them (or why the backend is left out), the size of the space; with --json "
+        "also 'examples', configs drawn by the sweep's own sampler, each one the machine can "
+        "run. --machine plans for another machine from its `autotune detect --json`.",
+    )
+    plan.add_argument(
+        "--machine", metavar="FILE", help="JSON of `autotune detect --json` on the machine to plan"
+    )
+    plan.add_argument("--model", metavar="M", help="GGUF file or HF directory (default: embedded)")
+    plan.add_argument(
+        "--backends",
+        default="llamacpp,hf,ddp,pipeline",
+        help="comma-separated backends (default: llamacpp,hf,ddp,pipeline)",
+    )
+    plan.add_argument(
+        "--max-batch",
+        type=_positive("--max-batch"),
+        default=64,
+        metavar="B",
+        help="largest batch size in the space (default: 64)",
+    )
+    plan.add_argument(
+        "--examples",
+        type=_positive("--examples", 0),
+        default=50,
+        metavar="N",
+        help="configs to draw with the sweep's sampler (default: 50)",
+    )
+    plan.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    plan.set_defaults(handler=cmd_plan)
 
     bench = sub.add_parser(
         "bench",
@@ -422,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load the model once, warm up, run the workload --repeats times and report "
         "tokens/s, requests/s, latency, load time and peak memory (PSS of all processes).",
     )
-    add_config_arguments(bench)
+    add_config_arguments(bench, summaries())
     bench.add_argument("--workload", metavar="FILE", help="prompts JSONL (default: shipped)")
     bench.add_argument("--strict", action="store_true", help="a bad workload line is fatal")
     bench.add_argument(
@@ -525,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The winner of a sweep as the env var contract (PARALLEL_WORKERS, "
         "INFERENCE_NUM_THREADS, BATCH_SIZE, MODEL_QUANT, ...).",
     )
-    export.add_argument("--study", help="study name (default: the newest finished one)")
+    export.add_argument("--study", help="study name (default: the newest)")
     export.add_argument(
         "--format", default="env", help="env, shell, json, systemd or docker (default: env)"
     )

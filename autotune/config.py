@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Collection
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from autotune.errors import ConfigError
-from experiments.workload import GenerationSettings
+from autotune.workload import GenerationSettings
 
-__all__ = ["DTYPES", "FAULTS", "PARTITIONS", "PINNING", "QUANTS", "TrialConfig"]
+__all__ = [
+    "DTYPES",
+    "FAULTS",
+    "PARTITIONS",
+    "PINNING",
+    "QUANTS",
+    "TrialConfig",
+    "env_name",
+    "field_default",
+]
 
 # GGUF weight types llama.cpp can make from any GGUF (llama_ftype names, lower case).
 QUANTS = ("f16", "q8_0", "q5_k_m", "q4_k_m", "q4_1", "q4_0")
@@ -92,10 +102,10 @@ class TrialConfig:
     fault: str = _field("none", "--fault", "fake backend only: fail on purpose", choices=FAULTS)
 
     def __post_init__(self) -> None:
-        from backends import BACKENDS
-
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        # Field by field only: which fields a backend reads (and so may differ from their
+        # defaults) is the backend's to check (`backends.check_config`).
+        if not isinstance(self.backend, str) or not self.backend:
+            raise ConfigError(f"backend must be a name, got {self.backend!r}")
         for name in (
             "workers",
             "threads_per_worker",
@@ -120,20 +130,11 @@ class TrialConfig:
             value = getattr(self, name)
             if value is not None and value not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-        pipeline_fields = {
-            "stages": 1,
-            "partition": "uniform",
-            "boundaries": None,
-            "stage_memory_gb": None,
-            "kv_cache": True,
-        }
-        for name, default in pipeline_fields.items():
-            if self.backend != "pipeline" and getattr(self, name) != default:
-                raise ConfigError(
-                    f"{name} is for the pipeline backend, got backend {self.backend!r}"
-                )
-        if self.fault != "none" and self.backend != "fake":
-            raise ConfigError(f"fault is for the fake backend only, got backend {self.backend!r}")
+        if self.workers > 1 and self.stages > 1:
+            raise ConfigError(
+                f"workers ({self.workers}) and stages ({self.stages}) cannot both be above 1: "
+                "a layout runs data-parallel workers or pipeline stages"
+            )
         if self.boundaries is not None and not re.fullmatch(r"\d+-\d+(,\d+-\d+)*", self.boundaries):
             raise ConfigError(f"boundaries must look like 0-13,14-29, got {self.boundaries!r}")
         if (self.partition == "custom") != (self.boundaries is not None):
@@ -160,16 +161,19 @@ class TrialConfig:
 
     @property
     def processes(self) -> int:
-        """Model processes the layout runs: the pipeline's stages, else its workers."""
-        return self.stages if self.backend == "pipeline" else self.workers
+        """Model processes the layout runs: workers x stages (a backend reads one of the two,
+        the other stays 1)."""
+        return self.workers * self.stages
 
     @property
     def total_threads(self) -> int:
         """Threads over all processes: INFERENCE_NUM_THREADS as seed 001 uses it."""
         return self.processes * self.threads_per_worker
 
-    def to_env(self) -> dict[str, str]:
-        """The env var contract (shared/DESIGN.md): every field, so `from_env` restores it.
+    def to_env(self, only: Collection[str] | None = None) -> dict[str, str]:
+        """The env var contract (shared/DESIGN.md). With ``only`` (the fields a backend reads,
+        `backends.fields_read`), just those; fields left out are at their defaults, so
+        `from_env` still restores the config.
 
         ``PARALLEL_WORKERS`` counts processes (the pipeline's stages); ``INFERENCE_NUM_THREADS``
         is the total over them, as seed 001 uses it; ``OMP_NUM_THREADS`` is per process.
@@ -180,9 +184,9 @@ class TrialConfig:
             "OMP_NUM_THREADS": str(self.threads_per_worker),
         }
         for f in fields(self):
-            name = _env_name(f.name)
+            name = env_name(f.name)
             value = getattr(self, f.name)
-            if name is None or value is None:
+            if name is None or value is None or (only is not None and f.name not in only):
                 continue
             env[name] = ("1" if value else "0") if isinstance(value, bool) else str(value)
         return env
@@ -196,7 +200,7 @@ class TrialConfig:
         env = os.environ if env is None else env
         given: dict[str, Any] = {}
         for f in fields(cls):
-            name = _env_name(f.name)
+            name = env_name(f.name)
             if name is None or name not in env or env[name] == "":
                 continue
             raw = env[name]
@@ -210,18 +214,18 @@ class TrialConfig:
                     given[f.name] = {"int": int, "float": float}.get(kind, str)(raw)
             except ValueError:
                 raise ConfigError(f"{name}={raw!r}: not a valid {kind}") from None
-        backend = given.get("backend", cls.backend)
-        if "PARALLEL_WORKERS" in env:
+        # PARALLEL_WORKERS counts processes: the pipeline's stages where PIPELINE_STAGES is set
+        # (checked below to agree), else the workers.
+        if "PARALLEL_WORKERS" in env and given.get("stages", 1) == 1:
             try:
-                processes = int(env["PARALLEL_WORKERS"])
+                given["workers"] = int(env["PARALLEL_WORKERS"])
             except ValueError:
                 raise ConfigError(
                     f"PARALLEL_WORKERS={env['PARALLEL_WORKERS']!r}: not a valid int"
                 ) from None
-            given["stages" if backend == "pipeline" else "workers"] = processes
         if "THREADS_PER_WORKER" not in env and env.get("INFERENCE_NUM_THREADS"):
             # Seed 001 sets only the total: threads per worker = total / workers.
-            processes = given.get("stages" if backend == "pipeline" else "workers", 1)
+            processes = given.get("workers", 1) * given.get("stages", 1)
             try:
                 total = int(env["INFERENCE_NUM_THREADS"])
             except ValueError:
@@ -237,6 +241,7 @@ class TrialConfig:
         except ConfigError as error:
             raise ConfigError(f"env: {error}") from None
         for name, expected in (
+            ("PARALLEL_WORKERS", config.processes),
             ("INFERENCE_NUM_THREADS", config.total_threads),
             ("OMP_NUM_THREADS", config.threads_per_worker),
         ):
@@ -281,17 +286,23 @@ _ENV_NAMES = {
 }
 
 
-def _env_name(field_name: str) -> str | None:
+def env_name(field_name: str) -> str | None:
+    """The variable that carries a field in the env var contract (None for ``workers``, which
+    travels as PARALLEL_WORKERS)."""
     return _ENV_NAMES.get(field_name, f"AUTOTUNE_{field_name.upper()}")
+
+
+def field_default(name: str) -> Any:
+    """The default of a TrialConfig field."""
+    return TrialConfig.__dataclass_fields__[name].default
 
 
 # --------------------------------------------------------------------------- CLI
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per TrialConfig field that has one, with its help and type."""
-    from backends import BACKENDS
-
+def add_config_arguments(parser: argparse.ArgumentParser, backends: dict[str, str]) -> None:
+    """Add one flag per TrialConfig field that has one, with its help and type; ``backends``
+    (name -> one line) are listed in the help of ``--backend``."""
     for f in fields(TrialConfig):
         if "off_flag" in f.metadata:  # a switch that is on by default
             parser.add_argument(
@@ -307,7 +318,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
         text = f.metadata["help"]
         if f.name == "backend":
-            text += ": " + "; ".join(f"{name} ({entry[2]})" for name, entry in BACKENDS.items())
+            text += ": " + "; ".join(f"{name} ({line})" for name, line in backends.items())
         elif "choices" in f.metadata:
             text += f"; one of {', '.join(f.metadata['choices'])}"
         if f.default not in (None, MISSING) and "default" not in text:

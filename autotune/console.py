@@ -107,15 +107,9 @@ def show_summary(title: str, summary: dict) -> None:
 
 def show_result(result) -> None:
     """Print one measured configuration."""
-    config = result.config
-    if config["backend"] == "pipeline":
-        processes = f"{config['stages']} stages ({result.details.get('boundaries')})"
-    else:
-        processes = str(config["workers"])
-    layout = (
-        f"{config['backend']}: {processes} x {config['threads_per_worker']} threads, "
-        f"batch {config['batch_size']}"
-    )
+    layout = layout_text(result.config)
+    if result.details.get("boundaries"):  # a split the backend chose while loading
+        layout += f" (layers {result.details['boundaries']})"
     table = key_value_table(f"Result ({layout})")
     summary = result.tokens_per_s_summary
     table.add_row(
@@ -143,21 +137,10 @@ def show_result(result) -> None:
 
 
 def layout_text(config) -> str:
-    """A config in a few words: backend, processes x threads, batch, quant/dtype, split."""
-    c = config if isinstance(config, dict) else config.to_dict()
-    processes = c["stages"] if c["backend"] == "pipeline" else c["workers"]
-    text = f"{c['backend']} {processes}x{c['threads_per_worker']} b{c['batch_size']}"
-    if c["backend"] == "llamacpp" and c.get("quant"):
-        text += f" {c['quant']}"
-    if c["backend"] in ("hf", "ddp", "pipeline") and c.get("dtype") != "float32":
-        text += f" {c['dtype']}"
-    if c["backend"] == "pipeline":
-        text += f" {c.get('boundaries') or c['partition']}"
-    if c.get("pinning", "none") != "none":
-        text += f" pin:{c['pinning']}"
-    if c.get("fault", "none") != "none":
-        text += f" fault:{c['fault']}"
-    return text
+    """A config in a few words, as its backend describes it: ``llamacpp 2x1 b4 q4_0``."""
+    from backends import describe
+
+    return describe(config)
 
 
 class SweepProgress:
@@ -187,85 +170,85 @@ class SweepProgress:
         elapsed = time.monotonic() - self.started
         return f"[{format_duration(elapsed)} / {format_duration(self.budget_s)}]"
 
-    def __call__(self, kind: str, data: dict) -> None:
+    def __call__(self, event) -> None:
+        from autotune import sweep
+        from autotune.study import Role
+
         c = self.counts
         tally = f"done {c['complete']} failed {c['fail']} pruned {c['pruned']}"
-        if kind == "start":
-            label = f" ({data['name']})" if data.get("name") else ""
+        if isinstance(event, sweep.TrialStarted):
+            label = f" ({event.name})" if event.name else ""
             self._say(
-                f"{self._clock()} {tally} | trial {data['number']}{label}: "
-                f"{layout_text(data['config'])} ...",
+                f"{self._clock()} {tally} | trial {event.number}{label}: "
+                f"{layout_text(event.config)} ...",
             )
-        elif kind == "end":
-            self.counts[data["state"]] += 1
-            if data["state"] == "complete":
-                value = data["value"]
-                if data.get("role") == "baseline":
-                    self.baseline = value
-                if self.best is None or value > self.best[0]:
-                    self.best = (value, layout_text(data["config"]))
-                ratio = f" (x{value / self.baseline:.2f} baseline)" if self.baseline else ""
-                line = f"{value:.1f} tok/s{ratio}"
+        elif isinstance(event, sweep.TrialEnded):
+            record = event.record
+            self.counts[record.state.value] += 1
+            if record.state.value == "pruned":
+                return  # counted; a line each would drown the trials that ran
+            if record.complete:
+                if record.role is Role.BASELINE:
+                    self.baseline = record.value
+                if self.best is None or record.value > self.best[0]:
+                    self.best = (record.value, layout_text(record.config))
+                ratio = f" (x{record.value / self.baseline:.2f} baseline)" if self.baseline else ""
+                line = f"{record.value:.1f} tok/s{ratio}"
             else:
-                line = f"FAILED: {data['failure_class']}"
+                line = f"FAILED: {record.failure_class}"
             best = f" | best {self.best[0]:.1f} tok/s: {self.best[1]}" if self.best else ""
-            self._say(f"{self._clock()}   trial {data['number']} {line}{best}")
-        elif kind == "confirm":
+            self._say(f"{self._clock()}   trial {record.number} {line}{best}")
+        elif isinstance(event, sweep.ConfirmStarted):
             self._say(
-                f"{self._clock()} re-measuring trial {data['number']} "
-                f"({layout_text(data['config'])}) against the baseline, {data['pairs']} A B pairs",
+                f"{self._clock()} re-measuring trial {event.number} "
+                f"({layout_text(event.config)}) against the baseline, {event.pairs} A B pairs",
             )
-        elif kind in ("skip-confirm", "confirm-failed"):
-            self._say(f"{self._clock()} {kind} trial {data['number']}")
-        elif kind == "interrupted":
+        elif isinstance(event, sweep.ConfirmSkipped):
+            self._say(f"{self._clock()} no time left to re-measure trial {event.number}")
+        elif isinstance(event, sweep.ConfirmFailed):
+            self._say(
+                f"{self._clock()} re-measuring trial {event.number} failed: {event.failure_class}"
+            )
+        elif isinstance(event, sweep.Interrupted):
             self._say(f"{self._clock()} interrupted: keeping the finished trials")
 
 
 def show_sweep(summary) -> None:
     """The sweep's outcome: winner, speedups, counts, files."""
+    from autotune.stats import describe_speedup
+    from autotune.study import TrialState
     from autotune.units import format_duration
 
-    records = summary.trials
     table = key_value_table(f"Sweep {summary.study} ({format_duration(summary.elapsed_s)})")
-    counts = {s: sum(1 for r in records if r["state"] == s) for s in ("complete", "fail", "pruned")}
     table.add_row(
         "Trials",
-        f"{counts['complete']} measured, {counts['fail']} failed, {counts['pruned']} pruned",
+        f"{summary.count(TrialState.COMPLETE)} measured, {summary.count(TrialState.FAIL)} "
+        f"failed, {summary.count(TrialState.PRUNED)} pruned",
     )
-    failures = [r for r in records if r["state"] == "fail"]
+    failures = [r for r in summary.trials if r.state is TrialState.FAIL]
     if failures:
-        table.add_row(
-            "Failures", ", ".join(f"#{r['number']} {r['failure_class']}" for r in failures)
-        )
+        table.add_row("Failures", ", ".join(f"#{r.number} {r.failure_class}" for r in failures))
     base = summary.baseline
     if base:
+        table.add_row("Naive baseline", f"{base.value:.1f} tok/s ({layout_text(base.config)})")
+    top = summary.best_recipe
+    if top:
         table.add_row(
-            "Naive baseline", f"{base['value']:.1f} tok/s ({layout_text(base['config'])})"
-        )
-    recipes = [r for r in records if r.get("role") == "recipe" and r["state"] == "complete"]
-    if recipes:
-        top = max(recipes, key=lambda r: r["value"])
-        table.add_row(
-            "Best seed recipe",
-            f"{top['value']:.1f} tok/s ({top.get('name')}: {layout_text(top['config'])})",
+            "Best seed recipe", f"{top.value:.1f} tok/s ({top.name}: {layout_text(top.config)})"
         )
     winner = summary.winner
     if winner:
-        table.add_row("Winner", f"{layout_text(winner['config'])} (trial {winner['number']})")
-        table.add_row("Winner tokens/s", f"{winner['value']:.1f} (its search trial)")
-        paired = winner.get("paired")
-        if paired:
-            from autotune.sweep import describe_speedup
-
-            table.add_row("Speedup vs baseline", describe_speedup(paired))
+        table.add_row("Winner", f"{layout_text(winner.config)} (trial {winner.number})")
+        table.add_row("Winner tokens/s", f"{winner.value:.1f} (its search trial)")
+        if winner.paired:
+            table.add_row("Speedup vs baseline", describe_speedup(winner.paired))
         elif base:
             table.add_row(
                 "Speedup vs baseline",
-                f"x{winner['value'] / base['value']:.2f} (single runs: not re-measured)",
+                f"x{winner.value / base.value:.2f} (single runs: not re-measured)",
             )
-        if recipes and base:
-            top = max(recipes, key=lambda r: r["value"])
-            table.add_row("Winner vs best recipe", f"x{winner['value'] / top['value']:.2f}")
+        if top and base:
+            table.add_row("Winner vs best recipe", f"x{winner.value / top.value:.2f}")
         table.add_row(
             "SMT siblings",
             "used (more threads than physical cores)"
@@ -281,16 +264,16 @@ def show_sweep(summary) -> None:
 def show_report(study, report) -> None:
     """The report's top configurations and where its files are."""
     table = Table(title=f"Report {study.name}: top configurations", title_justify="left")
-    base = study.baseline["value"] if study.baseline else None
+    base = study.baseline.value if study.baseline else None
     for column in ("trial", "layout", "tokens/s", "x baseline", "peak GiB"):
         table.add_column(column)
     for trial in report.top:
-        memory = (trial.get("result") or {}).get("peak_memory_bytes")
+        memory = (trial.result or {}).get("peak_memory_bytes")
         table.add_row(
-            str(trial["number"]),
-            layout_text(trial["config"]),
-            f"{trial['value']:.1f}",
-            f"{trial['value'] / base:.2f}" if base else "-",
+            str(trial.number),
+            layout_text(trial.config),
+            f"{trial.value:.1f}",
+            f"{trial.value / base:.2f}" if base else "-",
             f"{memory / 2**30:.2f}" if memory else "-",
         )
     console.print(table if report.top else "no trial finished")
@@ -380,3 +363,43 @@ def show_verify(recorded: dict, result, fingerprint: str) -> list[str]:
         )
     console.print(table)
     return warnings
+
+
+def show_plan(plan: dict) -> None:
+    """`autotune plan`: per backend its knobs and values, or why it is left out."""
+    machine = plan["machine"]
+    console.print(
+        f"Plan for {machine['source']} (fingerprint {machine['fingerprint']}): "
+        f"{machine['usable_cpus']} usable CPUs, {machine['physical_cores']} physical cores, "
+        f"{machine['threads_per_core']} threads per core, {machine['gpus']} GPUs, "
+        f"{gib(machine['memory_available_bytes'])} available; model {plan['model']['name']} "
+        f"({plan['model']['layers']} layers)",
+        highlight=False,
+    )
+    for name, backend in plan["backends"].items():
+        if "excluded" in backend:
+            console.print(f"[bold]{name}[/bold]: left out: {backend['excluded']}", highlight=False)
+            continue
+        table = Table(title=f"{name}: {backend['size']} layouts", title_justify="left")
+        for column in ("knob", "values", "constraint"):
+            table.add_column(column)
+        for knob in backend["knobs"]:
+            values = knob["values"]
+            if knob["ordered"] and len(values) > 6:
+                shown = f"{values[0]}, {values[1]}, ... {values[-1]} ({len(values)} values)"
+            else:
+                shown = ", ".join("file's own" if v is None else str(v) for v in values)
+            table.add_row(knob["name"], shown, knob["note"])
+        console.print(table)
+    console.print(
+        f"Space: {plan['size']} layouts; memory limit {gib(plan['memory_limit_bytes'])} "
+        f"(80% of available); naive baseline: {layout_text(plan['baseline'])}",
+        highlight=False,
+    )
+    if plan["examples"]:
+        console.print(
+            "Drawn by the sweep's sampler: "
+            + "; ".join(layout_text(example) for example in plan["examples"][:8])
+            + (" ..." if len(plan["examples"]) > 8 else ""),
+            highlight=False,
+        )

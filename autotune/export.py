@@ -2,9 +2,11 @@
 
 Formats: ``env`` (KEY=value, what best.env holds), ``shell`` (export KEY='value'), ``json``,
 ``systemd`` (Environment= lines for a unit's [Service]), ``docker`` (--env-file lines, which
-take no comments and no quotes). A comment header (where the format has comments) records the
-machine fingerprint, library versions, the measured tokens/s and the speedup over the baseline
-with its confidence interval.
+take no comments and no quotes). Only the variables the winner's backend reads are written
+(`backends.fields_read`), and ``MODEL_PATH`` only when the study's model was not the embedded
+default. The measured figures (`figures`: tokens/s, the paired speedup and its interval, the
+machine fingerprint, library versions) go in a comment header, or beside the variables in
+``json``.
 """
 
 from __future__ import annotations
@@ -12,66 +14,86 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from pathlib import Path
 
 from autotune.config import TrialConfig
 from autotune.errors import ConfigError
+from autotune.stats import describe_speedup
+from autotune.study import TrialRecord
+from backends import fields_read
 
-__all__ = ["FORMATS", "load_summary", "parse_header", "render", "winner_config"]
+__all__ = ["FORMATS", "figures", "parse_header", "render", "variables", "winner_config"]
 
 FORMATS = ("env", "shell", "json", "systemd", "docker")
 
 
-def load_summary(reports_dir: Path, study: str | None) -> dict:
-    """The summary.json of ``study`` (default: the newest study under ``reports_dir``)."""
-    if study is None:
-        found = sorted(reports_dir.glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
-        if not found:
-            raise ConfigError(f"no finished study under {reports_dir}; run autotune sweep first")
-        path = found[-1]
-    else:
-        path = reports_dir / study / "summary.json"
-        if not path.is_file():
-            raise ConfigError(f"--study {study}: no summary at {path}; run autotune sweep first")
-    return json.loads(path.read_text())
-
-
-def winner_config(summary: dict, model_path: str | None = None) -> TrialConfig:
-    """The winner's TrialConfig, with the pipeline split it measured written out and the model
-    named by path, so the env vars reproduce exactly what was measured."""
-    winner = summary.get("winner")
+def winner_config(summary: dict) -> TrialConfig:
+    """The winner's TrialConfig, with a layer split it chose while measuring (the pipeline's
+    ``compute`` partition) written out, so the variables reproduce what was measured."""
+    winner: TrialRecord | None = summary.get("winner")
     if not winner:
         raise ConfigError(f"study {summary.get('study')}: no trial finished, nothing to export")
-    config = TrialConfig.from_dict(winner["config"])
-    details = (winner.get("result") or {}).get("details") or {}
-    if config.backend == "pipeline" and details.get("boundaries"):
+    config = TrialConfig.from_dict(winner.config)
+    details = (winner.result or {}).get("details") or {}
+    if details.get("boundaries"):
         config = config.replace(
             partition="custom", boundaries=details["boundaries"], stage_memory_gb=None
         )
-    if config.model is None and model_path:
-        config = config.replace(model=model_path)
     return config
 
 
-def _header(summary: dict, fingerprint: str | None) -> list[str]:
+def variables(summary: dict) -> dict[str, str]:
+    """The env vars of the winner: only what its backend reads."""
+    config = winner_config(summary)
+    return config.to_env(only=fields_read(config.backend))
+
+
+def figures(summary: dict, fingerprint: str | None) -> dict:
+    """What was measured, for the header and the JSON: tokens/s of the winner's trial, its
+    paired speedup over the naive baseline with the interval and the number of pairs (or a
+    single-run ratio, marked unconfirmed), the machine fingerprint and library versions."""
     from autotune.provenance import versions
 
-    winner = summary["winner"]
-    lines = [f"autotune study {summary['study']}: the fastest layout measured"]
-    if fingerprint:
-        lines.append(f"machine fingerprint: {fingerprint}")
-    lines.append(
-        "versions: " + ", ".join(f"{k} {v}" for k, v in versions().items() if v is not None)
-    )
-    lines.append(f"measured: {winner['value']:.1f} tokens/s (trial {winner['number']})")
-    paired = winner.get("paired")
-    if paired:
-        from autotune.sweep import describe_speedup
+    winner: TrialRecord = summary["winner"]
+    baseline: TrialRecord | None = summary.get("baseline")
+    data = {
+        "study": summary["study"],
+        "trial": winner.number,
+        "tokens_per_s": winner.value,
+        "baseline_tokens_per_s": baseline.value if baseline else None,
+        "confirmed": bool(winner.paired),
+        "speedup": None,
+        "ci_low": None,
+        "ci_high": None,
+        "pairs": None,
+        "machine_fingerprint": fingerprint,
+        "versions": {k: v for k, v in versions().items() if v is not None},
+    }
+    if winner.paired:
+        paired = winner.paired
+        data.update(
+            speedup=paired["speedup"],
+            ci_low=paired.get("ci_low"),
+            ci_high=paired.get("ci_high"),
+            pairs=paired["pairs"],
+        )
+    elif baseline:
+        data["speedup"] = winner.value / baseline.value
+    return data
 
+
+def _header(found: dict) -> list[str]:
+    lines = [f"autotune study {found['study']}: the fastest layout measured"]
+    if found["machine_fingerprint"]:
+        lines.append(f"machine fingerprint: {found['machine_fingerprint']}")
+    lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in found["versions"].items()))
+    lines.append(f"measured: {found['tokens_per_s']:.1f} tokens/s (trial {found['trial']})")
+    if found["confirmed"]:
+        paired = {k: found[k] for k in ("speedup", "pairs", "ci_low", "ci_high")}
         lines.append(f"speedup over the naive baseline: {describe_speedup(paired)}")
-    elif summary.get("baseline"):
-        ratio = winner["value"] / summary["baseline"]["value"]
-        lines.append(f"speedup over the naive baseline: x{ratio:.2f} (single runs, not confirmed)")
+    elif found["speedup"] is not None:
+        lines.append(
+            f"speedup over the naive baseline: x{found['speedup']:.2f} (single runs, not confirmed)"
+        )
     return lines
 
 
@@ -93,16 +115,15 @@ def parse_header(comments: list[str]) -> dict:
     return found
 
 
-def render(
-    summary: dict, *, topology_fingerprint: str | None, fmt: str, model_path: str | None = None
-) -> str:
-    """The winner of ``summary`` in format ``fmt``."""
+def render(summary: dict, *, fingerprint: str | None, fmt: str) -> str:
+    """The winner of ``summary`` (as `StudyDir.load_summary` reads it) in format ``fmt``."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    env = winner_config(summary, model_path).to_env()
+    env = variables(summary)
+    found = figures(summary, fingerprint)
     if fmt == "json":
-        return json.dumps(env, indent=2) + "\n"
-    header = [f"# {line}" for line in _header(summary, topology_fingerprint)]
+        return json.dumps({"variables": env, **found}, indent=2) + "\n"
+    header = [f"# {line}" for line in _header(found)]
     if fmt == "env":
         body = [f"{key}={value}" for key, value in env.items()]
     elif fmt == "shell":

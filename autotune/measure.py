@@ -25,9 +25,9 @@ from autotune.models import ModelSpec
 from autotune.provenance import provenance
 from autotune.stats import HIGH_CV, percentile, summarize
 from autotune.topology import Topology
+from autotune.workload import Workload
 from backends import create_backend
 from backends.base import Completion
-from experiments.workload import Workload
 
 __all__ = ["RunResult", "TreeSampler", "benchmark"]
 

@@ -1,8 +1,9 @@
 """Predict a trial's peak memory before it starts, and learn from the ones that ran.
 
-The prediction adds, for the layout's processes: the weights (a GGUF is mmapped, so N llama.cpp
-workers share its pages and it counts once; every torch process holds its own copy of what it
-loads), the KV cache for batch x context, and a runtime overhead per process. After each
+Each backend predicts its layout's bytes (`Backend.predict_memory_bytes`): the weights (a GGUF
+is mmapped, so N llama.cpp workers share its pages and it counts once; every torch process
+holds its own copy of what it loads), the KV cache for batch x context, and a runtime overhead
+per process. The planner adds the trial's own process. After each
 trial the measured peak (PSS of the whole tree) corrects the backend's factor, so a model that
 guessed low does not guess low twice. A config predicted above the limit is not run.
 """
@@ -14,14 +15,10 @@ from dataclasses import dataclass
 
 from autotune.config import TrialConfig
 from autotune.models import ModelSpec, read_gguf_header, weights_summary
+from backends import backend_class
 
 __all__ = ["MemoryPlanner", "ModelShape", "model_shape"]
 
-# Bits per weight of llama.cpp's types, for the size of a --quant variant before it exists.
-_QUANT_BITS = {"f16": 16.0, "q8_0": 8.5, "q5_k_m": 5.7, "q4_k_m": 4.9, "q4_1": 5.0, "q4_0": 4.5}
-# Resident memory of one process before the model (interpreter, libraries): first guesses,
-# raised by `observe` as soon as a trial of the backend has measured its real peak.
-_OVERHEAD = {"llamacpp": 80 * 2**20, "torch": 380 * 2**20, "fake": 40 * 2**20}
 _HARNESS = 60 * 2**20  # the trial process itself
 
 
@@ -34,6 +31,10 @@ class ModelShape:
     layers: int
     kv_heads: int
     head_dim: int
+
+    def kv_bytes_per_token(self, width: int) -> int:
+        """Bytes of KV cache one token of one sequence takes, at ``width`` bytes a value."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * width
 
 
 def model_shape(spec: ModelSpec) -> ModelShape:
@@ -70,31 +71,7 @@ class MemoryPlanner:
         self.factors: dict[str, float] = {}  # backend -> measured / predicted, worst seen
 
     def _raw(self, config: TrialConfig) -> float:
-        s = self.shape
-        kv_per_sequence = 2 * s.layers * s.kv_heads * s.head_dim * config.ctx_per_sequence
-        if config.backend == "fake":
-            return _HARNESS + config.workers * _OVERHEAD["fake"]
-        if config.backend == "llamacpp":
-            weights = s.file_bytes
-            if config.quant:
-                weights = s.parameters * _QUANT_BITS[config.quant] / 8
-            kv = kv_per_sequence * 2 * config.batch_size * config.workers  # f16 cache
-            return _HARNESS + weights + kv + config.workers * _OVERHEAD["llamacpp"]
-        width = 4 if config.dtype == "float32" else 2
-        # transformers holds the weights (the head twice where it is tied and split) and, while
-        # generating, the KV cache plus activations; a factor 2 on the cache covers the latter.
-        per_copy = s.parameters * width
-        kv = kv_per_sequence * width * config.batch_size * 2
-        if config.backend == "pipeline":
-            processes = config.stages
-            weights = per_copy * 1.3  # the tied head on the last stage, plus loading buffers
-            kv *= config.stages + 1  # micro-batches in flight
-        else:
-            processes = config.workers
-            weights = per_copy * processes
-            kv *= processes
-        launcher = _OVERHEAD["torch"] if config.backend in ("ddp", "pipeline") else 0
-        return _HARNESS + weights + kv + processes * _OVERHEAD["torch"] + launcher
+        return _HARNESS + backend_class(config.backend).predict_memory_bytes(config, self.shape)
 
     def predict(self, config: TrialConfig) -> int:
         """Predicted peak bytes of the trial's process tree."""

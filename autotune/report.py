@@ -10,37 +10,27 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from autotune.console import layout_text
-from autotune.errors import ConfigError
+from autotune.files import atomic_write
+from autotune.stats import describe_speedup
+from autotune.study import Role, StudyDir, TrialRecord, TrialState, find
 
-__all__ = ["FIGURES", "Report", "build_report", "load_study"]
-
-# file name -> caption; the order of the report.
-FIGURES = {
-    "speedup_by_backend.png": "Speedup over the naive baseline, best config of each backend",
-    "workers_threads.png": "Tokens/s by workers x threads per worker (seed 001's question)",
-    "batch_size.png": "Tokens/s against batch size, best per backend",
-    "memory_pareto.png": "Tokens/s against peak memory, every trial, Pareto front marked",
-    "pipeline_stages.png": "Pipeline: compute time per stage for each split tried",
-    "best_so_far.png": "Best tokens/s so far against trial number and wall time",
-    "importances.png": "Parameter importances (Optuna's fANOVA evaluator)",
-    "roofline.png": "The best result beside the machine's roofline bounds",
-}
+__all__ = ["FIGURES", "Report", "Study", "build_report", "load_study"]
 
 
 @dataclass
 class Study:
-    """What a study directory holds."""
+    """What a study directory holds, read once."""
 
     directory: Path
     summary: dict
-    trials: list[dict]
+    trials: list[TrialRecord]
     machine: dict
     roofline: dict | None = None
 
@@ -49,12 +39,16 @@ class Study:
         return self.summary.get("study", self.directory.name)
 
     @property
-    def done(self) -> list[dict]:
-        return [t for t in self.trials if t["state"] == "complete"]
+    def done(self) -> list[TrialRecord]:
+        return [t for t in self.trials if t.complete]
 
     @property
-    def baseline(self) -> dict | None:
+    def baseline(self) -> TrialRecord | None:
         return self.summary.get("baseline")
+
+    @property
+    def winner(self) -> TrialRecord | None:
+        return self.summary.get("winner")
 
 
 @dataclass
@@ -64,41 +58,24 @@ class Report:
     markdown: Path
     html: Path
     figures: list[Path]
-    top: list[dict] = field(default_factory=list)
+    top: list[TrialRecord] = field(default_factory=list)
 
 
 def load_study(reports_dir: Path, study: str | None) -> Study:
-    """The study named (default: the newest under ``reports_dir``)."""
-    if study is None:
-        found = sorted(reports_dir.glob("*/trials.jsonl"), key=lambda p: p.stat().st_mtime)
-        if not found:
-            raise ConfigError(f"no study under {reports_dir}; run autotune sweep first")
-        directory = found[-1].parent
-    else:
-        directory = reports_dir / study
-        if not (directory / "trials.jsonl").is_file():
-            raise ConfigError(f"--study {study}: no trials.jsonl in {directory}")
-    trials = []
-    lines = (directory / "trials.jsonl").read_text().splitlines()
-    for number, line in enumerate(lines, 1):
-        try:
-            trials.append(json.loads(line))
-        except json.JSONDecodeError:
-            # A sweep killed mid-write leaves at most a torn last line: report the rest.
-            if number != len(lines):
-                raise ConfigError(f"{directory / 'trials.jsonl'}:{number}: not JSON") from None
-    summary_path = directory / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    summary.setdefault("study", directory.name)
+    """The study named (default: the newest under ``reports_dir``); a study cut off midway
+    (no summary, a torn last line) loads what finished."""
+    directory = find(reports_dir, study)
+    trials = directory.records()
+    summary = {"study": directory.name}
+    if directory.summary.is_file():
+        summary.update(directory.load_summary())
     if not summary.get("baseline"):
         summary["baseline"] = next(
-            (t for t in trials if t.get("role") == "baseline" and t["state"] == "complete"), None
+            (t for t in trials if t.role is Role.BASELINE and t.complete), None
         )
-    machine_path = directory / "machine.json"
-    machine = json.loads(machine_path.read_text()) if machine_path.is_file() else {}
-    roofline_path = directory / "roofline.json"
-    roofline = json.loads(roofline_path.read_text()) if roofline_path.is_file() else None
-    return Study(directory, summary, trials, machine, roofline)
+    machine = directory.read_json(directory.machine, "machine.json") or {}
+    roofline = directory.read_json(directory.roofline, "roofline.json")
+    return Study(directory.path, summary, trials, machine, roofline)
 
 
 # ---------------------------------------------------------------- figures
@@ -110,14 +87,14 @@ def _speedup_ci(study: Study, trial: dict) -> tuple[float, float, float] | None:
     base = study.baseline
     if not base:
         return None
-    winner = study.summary.get("winner") or {}
-    paired = winner.get("paired") if winner.get("number") == trial["number"] else None
+    winner = study.winner
+    paired = winner.paired if winner and winner.number == trial.number else None
     if paired and paired.get("ci_low") is not None:
         return paired["speedup"], paired["ci_low"], paired["ci_high"]
-    spread = (trial.get("result") or {}).get("tokens_per_s_summary") or {}
-    value = trial["value"] / base["value"]
-    low = spread.get("min", trial["value"]) / base["value"]
-    high = spread.get("max", trial["value"]) / base["value"]
+    spread = (trial.result or {}).get("tokens_per_s_summary") or {}
+    value = trial.value / base.value
+    low = spread.get("min", trial.value) / base.value
+    high = spread.get("max", trial.value) / base.value
     return value, low, high
 
 
@@ -128,10 +105,10 @@ def _empty(ax, text: str) -> None:
 
 
 def _fig_speedup(study: Study, ax) -> None:
-    best: dict[str, dict] = {}
+    best: dict[str, TrialRecord] = {}
     for trial in study.done:
-        backend = trial["config"]["backend"]
-        if backend not in best or trial["value"] > best[backend]["value"]:
+        backend = trial.backend
+        if backend not in best or trial.value > best[backend].value:
             best[backend] = trial
     rows = [(b, t, _speedup_ci(study, t)) for b, t in best.items()]
     rows = [r for r in rows if r[2] is not None]
@@ -139,7 +116,7 @@ def _fig_speedup(study: Study, ax) -> None:
         _empty(ax, "no finished baseline: speedups need trial 0")
         return
     rows.sort(key=lambda r: r[2][0])
-    names = [f"{b}\n{layout_text(t['config'])}" for b, t, _ in rows]
+    names = [f"{b}\n{layout_text(t.config)}" for b, t, _ in rows]
     values = [c[0] for _, _, c in rows]
     errors = [[c[0] - c[1] for _, _, c in rows], [c[2] - c[0] for _, _, c in rows]]
     ax.barh(names, values, xerr=errors, capsize=4, color="#4c72b0")
@@ -149,22 +126,22 @@ def _fig_speedup(study: Study, ax) -> None:
 
 
 def _fig_workers_threads(study: Study, ax) -> None:
-    by_backend: dict[str, list[dict]] = {}
+    from backends import fields_read
+
+    # The backends whose layouts have workers (llama.cpp processes, DDP ranks); the one with
+    # the most measured trials is drawn.
+    by_backend: dict[str, list[TrialRecord]] = {}
     for trial in study.done:
-        if trial["config"]["backend"] in ("llamacpp", "fake", "ddp"):
-            by_backend.setdefault(trial["config"]["backend"], []).append(trial)
-    backend = (
-        "llamacpp"
-        if "llamacpp" in by_backend
-        else max(by_backend, key=lambda b: len(by_backend[b]), default=None)
-    )
+        if "workers" in fields_read(trial.backend):
+            by_backend.setdefault(trial.backend, []).append(trial)
+    backend = max(by_backend, key=lambda b: len(by_backend[b]), default=None)
     if backend is None:
-        _empty(ax, "no trial of a multi-process backend (llamacpp, ddp)")
+        _empty(ax, "no trial of a backend with several workers (llamacpp, ddp)")
         return
     cells: dict[tuple[int, int], float] = {}
     for trial in by_backend[backend]:
-        key = (trial["config"]["workers"], trial["config"]["threads_per_worker"])
-        cells[key] = max(cells.get(key, 0.0), trial["value"])
+        key = (trial.config["workers"], trial.config["threads_per_worker"])
+        cells[key] = max(cells.get(key, 0.0), trial.value)
     workers = sorted({w for w, _ in cells})
     threads = sorted({t for _, t in cells})
     grid = [[cells.get((w, t), math.nan) for t in threads] for w in workers]
@@ -184,9 +161,9 @@ def _fig_workers_threads(study: Study, ax) -> None:
 def _fig_batch(study: Study, ax) -> None:
     lines: dict[str, dict[int, float]] = {}
     for trial in study.done:
-        c = trial["config"]
-        line = lines.setdefault(c["backend"], {})
-        line[c["batch_size"]] = max(line.get(c["batch_size"], 0.0), trial["value"])
+        line = lines.setdefault(trial.backend, {})
+        batch = trial.config["batch_size"]
+        line[batch] = max(line.get(batch, 0.0), trial.value)
     if not lines:
         _empty(ax, "no finished trial")
         return
@@ -200,10 +177,7 @@ def _fig_batch(study: Study, ax) -> None:
 
 
 def _fig_pareto(study: Study, ax) -> None:
-    points = [
-        ((t.get("result") or {}).get("peak_memory_bytes"), t["value"], t["config"]["backend"])
-        for t in study.done
-    ]
+    points = [((t.result or {}).get("peak_memory_bytes"), t.value, t.backend) for t in study.done]
     points = [(m / 2**30, v, b) for m, v, b in points if m]
     if not points:
         _empty(ax, "no finished trial with a memory figure")
@@ -231,8 +205,8 @@ def _fig_pareto(study: Study, ax) -> None:
 def _fig_pipeline(study: Study, ax) -> None:
     rows = []
     for trial in study.done:
-        details = (trial.get("result") or {}).get("details") or {}
-        if trial["config"]["backend"] == "pipeline" and details.get("stage_busy_s"):
+        details = (trial.result or {}).get("details") or {}
+        if details.get("stage_busy_s"):  # what a layer pipeline reports of its stages
             rows.append((details.get("boundaries") or "?", details["stage_busy_s"], trial))
     if not rows:
         _empty(ax, "no pipeline trial in this study")
@@ -244,7 +218,7 @@ def _fig_pipeline(study: Study, ax) -> None:
         xs = [i + stage * width for i in range(len(rows))]
         ys = [busy[stage] if stage < len(busy) else 0 for _, busy, _ in rows]
         ax.bar(xs, ys, width=width, label=f"stage {stage}")
-    labels = [f"{b}\nb{t['config']['batch_size']}" for b, _, t in rows]
+    labels = [f"{b}\nb{t.config['batch_size']}" for b, _, t in rows]
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], labels, fontsize=7)
     ax.set_xlabel("layer split (stage ranges) and micro-batch size")
     ax.set_ylabel("compute time per stage in the last timed pass (s)")
@@ -256,11 +230,11 @@ def _fig_best_so_far(study: Study, axes) -> None:
     best, xs, ys, ts = -1.0, [], [], []
     elapsed = 0.0
     for trial in study.trials:
-        elapsed = trial.get("ended_s", elapsed + trial.get("duration_s", 0.0))
-        if trial["state"] == "complete" and trial["value"] > best:
-            best = trial["value"]
+        elapsed = trial.ended_s if trial.ended_s is not None else elapsed + trial.duration_s
+        if trial.complete and trial.value > best:
+            best = trial.value
         if best > 0:
-            xs.append(trial["number"])
+            xs.append(trial.number)
             ys.append(best)
             ts.append(elapsed / 60)
     if not xs:
@@ -277,7 +251,7 @@ def _fig_best_so_far(study: Study, axes) -> None:
 def _fig_importances(study: Study, ax) -> None:
     import optuna
 
-    database = study.directory / "study.db"
+    database = StudyDir(study.directory).database
     if not database.is_file():
         _empty(ax, "no study.db here (a --storage study): importances need the Optuna storage")
         return
@@ -314,13 +288,13 @@ def _fig_importances(study: Study, ax) -> None:
 
 def _fig_roofline(study: Study, ax) -> None:
     roof = study.roofline
-    best = max(study.done, key=lambda t: t["value"], default=None)
+    best = max(study.done, key=lambda t: t.value, default=None)
     if roof is None or best is None:
         _empty(ax, "no roofline measured or no finished trial")
         return
     names = ["best measured", "batch-1 bound\n(bandwidth)", "compute bound\n(GEMM)"]
     values = [
-        best["value"],
+        best.value,
         roof.get("bound_batch1_tokens_per_s") or 0,
         roof.get("bound_compute_tokens_per_s") or 0,
     ]
@@ -330,9 +304,56 @@ def _fig_roofline(study: Study, ax) -> None:
     ax.set_ylabel("tokens/s")
     ax.set_title(
         f"{roof['memory_bandwidth_gb_s']:.1f} GB/s, {roof['gemm_gflops']:.0f} GFLOP/s "
-        f"({roof['threads']} threads); best: {layout_text(best['config'])}",
+        f"({roof['threads']} threads); best: {layout_text(best.config)}",
         fontsize=8,
     )
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One figure of the report: its file, its caption, and what draws it on its axes."""
+
+    name: str
+    caption: str
+    draw: Callable
+    panels: int = 1  # side by side, sharing the y axis
+
+
+# The figures, in the order of the report.
+FIGURES = (
+    Figure(
+        "speedup_by_backend.png",
+        "Speedup over the naive baseline, best config of each backend",
+        _fig_speedup,
+    ),
+    Figure(
+        "workers_threads.png",
+        "Tokens/s by workers x threads per worker (seed 001's question)",
+        _fig_workers_threads,
+    ),
+    Figure("batch_size.png", "Tokens/s against batch size, best per backend", _fig_batch),
+    Figure(
+        "memory_pareto.png",
+        "Tokens/s against peak memory, every trial, Pareto front marked",
+        _fig_pareto,
+    ),
+    Figure(
+        "pipeline_stages.png",
+        "Pipeline: compute time per stage for each split tried",
+        _fig_pipeline,
+    ),
+    Figure(
+        "best_so_far.png",
+        "Best tokens/s so far against trial number and wall time",
+        _fig_best_so_far,
+        panels=2,
+    ),
+    Figure(
+        "importances.png", "Parameter importances (Optuna's fANOVA evaluator)", _fig_importances
+    ),
+    Figure("roofline.png", "The best result beside the machine's roofline bounds", _fig_roofline),
+)
+_CAPTIONS = {figure.name: figure.caption for figure in FIGURES}
 
 
 def _draw(study: Study, directory: Path) -> list[Path]:
@@ -341,27 +362,16 @@ def _draw(study: Study, directory: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    drawers = {
-        "speedup_by_backend.png": _fig_speedup,
-        "workers_threads.png": _fig_workers_threads,
-        "batch_size.png": _fig_batch,
-        "memory_pareto.png": _fig_pareto,
-        "pipeline_stages.png": _fig_pipeline,
-        "best_so_far.png": _fig_best_so_far,
-        "importances.png": _fig_importances,
-        "roofline.png": _fig_roofline,
-    }
     written = []
-    for name, draw in drawers.items():
-        if name == "best_so_far.png":
-            figure, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
-            draw(study, axes)
+    for figure_spec in FIGURES:
+        if figure_spec.panels > 1:
+            figure, axes = plt.subplots(1, figure_spec.panels, figsize=(9, 3.8), sharey=True)
         else:
-            figure, ax = plt.subplots(figsize=(7.5, 4.2))
-            draw(study, ax)
-        figure.suptitle(FIGURES[name], fontsize=10)
+            figure, axes = plt.subplots(figsize=(7.5, 4.2))
+        figure_spec.draw(study, axes)
+        figure.suptitle(figure_spec.caption, fontsize=10)
         figure.tight_layout()
-        path = directory / name
+        path = directory / figure_spec.name
         figure.savefig(path, dpi=100)
         plt.close(figure)
         written.append(path)
@@ -371,8 +381,8 @@ def _draw(study: Study, directory: Path) -> list[Path]:
 # ---------------------------------------------------------------- tables and documents
 
 
+# Config fields shown as columns, when a backend in the table reads them and they vary.
 _COLUMNS = (
-    "backend",
     "workers",
     "stages",
     "threads_per_worker",
@@ -387,20 +397,25 @@ _COLUMNS = (
 
 
 def top_rows(study: Study, count: int = 10) -> tuple[list[str], list[list[str]]]:
-    """The best ``count`` configs, with only the config columns that vary among them."""
-    best = sorted(study.done, key=lambda t: t["value"], reverse=True)[:count]
-    columns = [c for c in _COLUMNS if len({str(t["config"].get(c)) for t in best}) > 1]
-    base = study.baseline["value"] if study.baseline else None
+    """The best ``count`` configs, with only the config columns that vary among them (and
+    that one of their backends reads)."""
+    from backends import fields_read
+
+    best = sorted(study.done, key=lambda t: t.value, reverse=True)[:count]
+    read = set().union(*(fields_read(t.backend) for t in best)) if best else set()
+    columns = ["backend"] if len({t.backend for t in best}) > 1 else []
+    columns += [c for c in _COLUMNS if c in read and len({str(t.config.get(c)) for t in best}) > 1]
+    base = study.baseline.value if study.baseline else None
     header = ["trial", *columns, "tokens/s", "x baseline", "peak memory (GiB)"]
     rows = []
     for trial in best:
-        memory = (trial.get("result") or {}).get("peak_memory_bytes")
+        memory = (trial.result or {}).get("peak_memory_bytes")
         rows.append(
             [
-                str(trial["number"]),
-                *(str(trial["config"].get(c)) for c in columns),
-                f"{trial['value']:.1f}",
-                f"{trial['value'] / base:.2f}" if base else "-",
+                str(trial.number),
+                *(str(trial.config.get(c)) for c in columns),
+                f"{trial.value:.1f}",
+                f"{trial.value / base:.2f}" if base else "-",
                 f"{memory / 2**30:.2f}" if memory else "-",
             ]
         )
@@ -410,8 +425,8 @@ def top_rows(study: Study, count: int = 10) -> tuple[list[str], list[list[str]]]
 def _sections(study: Study) -> list[tuple[str, list]]:
     """(title, blocks) where a block is ("p", text), ("table", header, rows), ("img", name)."""
     summary = study.summary
-    counts = {s: sum(t["state"] == s for t in study.trials) for s in ("complete", "fail", "pruned")}
-    winner = summary.get("winner")
+    counts = {s.value: sum(t.state is s for t in study.trials) for s in TrialState}
+    winner = study.winner
     intro = [
         (
             "p",
@@ -426,22 +441,19 @@ def _sections(study: Study) -> list[tuple[str, list]]:
     ]
     if winner:
         line = (
-            f"Winner: trial {winner['number']}, {layout_text(winner['config'])}, "
-            f"{winner['value']:.1f} tokens/s"
+            f"Winner: trial {winner.number}, {layout_text(winner.config)}, "
+            f"{winner.value:.1f} tokens/s"
         )
-        paired = winner.get("paired")
-        if paired:
-            from autotune.sweep import describe_speedup
-
-            line += f"; against the naive baseline {describe_speedup(paired)}"
+        if winner.paired:
+            line += f"; against the naive baseline {describe_speedup(winner.paired)}"
         intro.append(("p", line + "."))
     if study.baseline:
         intro.append(
             (
                 "p",
-                f"Naive baseline (trial {study.baseline['number']}): "
-                f"{layout_text(study.baseline['config'])}, "
-                f"{study.baseline['value']:.1f} tokens/s.",
+                f"Naive baseline (trial {study.baseline.number}): "
+                f"{layout_text(study.baseline.config)}, "
+                f"{study.baseline.value:.1f} tokens/s.",
             )
         )
     sections = [("Summary", intro)]
@@ -449,25 +461,21 @@ def _sections(study: Study) -> list[tuple[str, list]]:
     sections.append(
         ("Top configurations", [("table", header, rows)] if rows else [("p", "No trial finished.")])
     )
-    sections.append(("Figures", [("img", name) for name in FIGURES]))
+    sections.append(("Figures", [("img", figure.name) for figure in FIGURES]))
     failed = [
         [
-            str(t["number"]),
-            layout_text(t["config"]) if t.get("config") else "-",
-            t.get("failure_class") or "-",
-            _one_line(t.get("stderr_tail") or ""),
+            str(t.number),
+            layout_text(t.config) if t.config else "-",
+            t.failure_class or "-",
+            _one_line(t.stderr_tail),
         ]
         for t in study.trials
-        if t["state"] == "fail"
+        if t.state is TrialState.FAIL
     ]
     pruned = [
-        [
-            str(t["number"]),
-            layout_text(t["config"]) if t.get("config") else "-",
-            t.get("reason") or "-",
-        ]
+        [str(t.number), layout_text(t.config) if t.config else "-", t.reason or "-"]
         for t in study.trials
-        if t["state"] == "pruned"
+        if t.state is TrialState.PRUNED
     ]
     blocks = []
     blocks.append(
@@ -525,7 +533,7 @@ def _markdown(study: Study, sections) -> str:
                 out.append("")
             else:
                 name = block[1]
-                out += [f"### {FIGURES[name]}", "", f"![{FIGURES[name]}]({name})", ""]
+                out += [f"### {_CAPTIONS[name]}", "", f"![{_CAPTIONS[name]}]({name})", ""]
     return "\n".join(out)
 
 
@@ -556,17 +564,11 @@ def _html(study: Study, sections, directory: Path) -> str:
                 name = block[1]
                 data = base64.b64encode((directory / name).read_bytes()).decode()
                 out.append(
-                    f"<h3>{e(FIGURES[name])}</h3>"
-                    f"<img alt='{e(FIGURES[name])}' src='data:image/png;base64,{data}'>"
+                    f"<h3>{e(_CAPTIONS[name])}</h3>"
+                    f"<img alt='{e(_CAPTIONS[name])}' src='data:image/png;base64,{data}'>"
                 )
     out.append("</body></html>")
     return "\n".join(out)
-
-
-def _write(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    partial.replace(path)
 
 
 def build_report(study: Study) -> Report:
@@ -574,9 +576,9 @@ def build_report(study: Study) -> Report:
     figures = _draw(study, study.directory)
     sections = _sections(study)
     markdown, page = study.directory / "report.md", study.directory / "report.html"
-    _write(markdown, _markdown(study, sections))
-    _write(page, _html(study, sections, study.directory))
-    top = sorted(study.done, key=lambda t: t["value"], reverse=True)[:10]
+    atomic_write(markdown, _markdown(study, sections))
+    atomic_write(page, _html(study, sections, study.directory))
+    top = sorted(study.done, key=lambda t: t.value, reverse=True)[:10]
     return Report(markdown, page, figures, top)
 
 

@@ -54,8 +54,11 @@ def read_env_file(path: Path) -> tuple[dict[str, str], list[str]]:
 def config_from_env_file(path: Path | None, topology) -> TrialConfig:
     """The config of an env file, or of the environment without one, checked against this
     machine (a bad value names its variable)."""
+    from backends import check_config
+
     env = read_env_file(path)[0] if path else dict(os.environ)
     config = TrialConfig.from_env(env)
+    check_config(config)
     if config.total_threads > topology.usable_cpus or config.processes > topology.usable_cpus:
         raise ConfigError(
             f"PARALLEL_WORKERS={config.processes} x THREADS_PER_WORKER="

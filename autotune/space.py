@@ -1,30 +1,35 @@
-"""The search space, conditional on the backend and bounded by the machine.
+"""The search space: every backend's declared knobs on one target machine, and what joins them.
 
-`suggest` turns an Optuna trial into a TrialConfig. Parameters are named per backend
-(``llamacpp.workers``, ``hf.batch_size`` ...), so each backend's sub-space is learned on its
-own. A suggestion that the machine cannot run (more threads than usable CPUs, more stages than
-layers) raises `Unfit` with the reason, and the sweep records it as pruned without running it.
+`SearchSpace` asks each backend for its `BackendSpace` (`Backend.space`) and knows nothing of
+any backend by name. It turns an Optuna trial into a TrialConfig (`suggest`), a config back
+into Optuna parameters (`params`, to enqueue fixed layouts), and says why a config must not
+run here (`refusal`: the backend's own validation on this machine, then the memory planner).
+The sweep and `autotune plan` use this one object, so what the plan shows is what the sweep
+searches, and a config the space refuses is never launched.
 
-`baseline` and `recipes` are the fixed layouts the sweep measures first: the naive baseline
-every speedup is relative to, and the seeds' hand-made recipes fitted to this machine.
+Parameters are named per backend (``llamacpp.workers``, ``hf.batch_size`` ...), so each
+backend's sub-space is learned on its own. Ordered knobs are sampled as a position in their
+value list (``llamacpp.batch_size`` = 3 is batch 8).
 """
 
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass
 
-from autotune.config import QUANTS, TrialConfig
-from autotune.topology import Topology
+from autotune.config import TrialConfig
+from autotune.errors import ConfigError
+from autotune.knobs import BackendSpace, Target
+from autotune.memory_plan import MemoryPlanner
+from backends import backend_class, describe
 
 __all__ = ["Fixed", "SearchSpace", "Unfit"]
 
-TORCH_BACKENDS = ("hf", "ddp", "pipeline")
+
+_MISSING = object()
 
 
 class Unfit(Exception):
-    """The suggested config does not fit this machine; the message says why."""
+    """The suggested config cannot run on the target; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -33,150 +38,144 @@ class Fixed:
 
     name: str
     role: str  # "baseline" or "recipe"
-    params: dict
+    config: TrialConfig
 
 
 class SearchSpace:
-    """What may be tried on this machine, for this model."""
+    """What may be tried on ``target`` for the ``backends`` named, each trial built on ``base``
+    (model and generation settings shared by every trial)."""
 
     def __init__(
         self,
-        topology: Topology,
+        target: Target,
         backends: list[str],
-        layers: int,
         base: TrialConfig,
-        batch_cap: int = 64,
+        planner: MemoryPlanner | None = None,
     ) -> None:
-        self.topology = topology
-        self.backends = backends
-        self.layers = layers
-        self.base = base  # generation settings and model, shared by every trial
-        self.cpus = topology.usable_cpus
-        self.batch_exponents = int(math.log2(batch_cap))
-        self.smt = topology.threads_per_core > 1
-        flags = set(topology.cpu_flags)
-        # bfloat16 only where the CPU computes it natively (or on a GPU).
-        self.dtypes = ["float32"]
-        if topology.gpus or flags & {"avx512_bf16", "amx_bf16"}:
-            self.dtypes.append("bfloat16")
+        self.target = target
+        self.base = base
+        self.planner = planner
+        self.spaces: dict[str, BackendSpace] = {b: backend_class(b).space(target) for b in backends}
+        self.backends = [b for b, space in self.spaces.items() if space.excluded is None]
 
-    # ------------------------------------------------------------ suggestions
+    # ------------------------------------------------------------ configs
+
+    def build(self, backend: str, chosen: dict) -> TrialConfig:
+        """The TrialConfig for knob values ``chosen`` of ``backend``."""
+        changes = backend_class(backend).config_changes(chosen, self.target)
+        return self.base.replace(backend=backend, **changes)
 
     def suggest(self, trial) -> TrialConfig:
-        """A config for ``trial`` (raises Unfit for one the machine cannot run)."""
+        """A config for an Optuna ``trial``; Unfit when the target cannot run it."""
+        if not self.backends:
+            raise Unfit("no backend can run on this machine")
         backend = trial.suggest_categorical("backend", self.backends)
-        p = f"{backend}."
-        cpus = self.cpus
-        batch = 2 ** trial.suggest_int(p + "batch_exp", 0, self.batch_exponents)
-        changes: dict = {"backend": backend, "batch_size": batch}
-        if backend == "pipeline":
-            stages = trial.suggest_int(p + "stages", 2, max(2, min(cpus, self.layers, 8)))
-            changes["stages"] = stages
-            processes = stages
-        elif backend == "hf":
-            processes = 1
-        else:
-            low = 2 if backend == "ddp" else 1  # ddp with one rank is hf
-            processes = trial.suggest_int(p + "workers", low, max(low, cpus))
-            changes["workers"] = processes
-        threads = trial.suggest_int(p + "threads_per_worker", 1, max(1, cpus // processes))
-        changes["threads_per_worker"] = threads
-        if processes * threads > cpus:
-            raise Unfit(
-                f"{processes} processes x {threads} threads = {processes * threads} is more than "
-                f"the {cpus} usable CPUs"
-            )
-        if backend == "pipeline" and changes["stages"] > self.layers:
-            raise Unfit(f"{changes['stages']} stages for {self.layers} layers")
-        if backend == "llamacpp":
-            quant = trial.suggest_categorical(p + "quant", ["model", *QUANTS])
-            changes["quant"] = None if quant == "model" else quant
-        if backend in TORCH_BACKENDS:
-            changes["dtype"] = trial.suggest_categorical(p + "dtype", self.dtypes)
-        if backend == "pipeline":
-            changes.update(self._partition(trial, p, changes["stages"]))
-        if backend in ("llamacpp", "ddp") and processes > 1:
-            # compact keeps SMT siblings together; on a machine without SMT it equals spread.
-            choices = ["none", "compact", "spread"] if self.smt else ["none", "spread"]
-            changes["pinning"] = trial.suggest_categorical(p + "pinning", choices)
-        return self.base.replace(**changes)
+        chosen: dict = {}
+        for knob in self.spaces[backend].knobs:
+            if not knob.applies(chosen):
+                continue
+            allowed = knob.allowed(chosen)
+            if not allowed:
+                raise Unfit(f"{backend}: no value of {knob.name} fits ({knob.note})")
+            name = f"{backend}.{knob.name}"
+            if knob.ordered:
+                chosen[knob.name] = allowed[trial.suggest_int(name, 0, len(allowed) - 1)]
+            else:
+                chosen[knob.name] = trial.suggest_categorical(name, list(allowed))
+        config = self.build(backend, chosen)
+        reason = self.refusal(config)
+        if reason:
+            raise Unfit(reason)
+        return config
 
-    def _partition(self, trial, p: str, stages: int) -> dict:
-        """Strategy, or the uniform split shifted by an offset (custom boundaries)."""
-        from backends.partition import format_boundaries, uniform
+    def params(self, config: TrialConfig) -> dict:
+        """The Optuna parameters that `suggest` turns into ``config`` (for enqueueing it)."""
+        backend = config.backend
+        values = backend_class(backend).knob_values(config, self.target)
+        params: dict = {"backend": backend}
+        chosen: dict = {}
+        for knob in self.spaces[backend].knobs:
+            if not knob.applies(chosen):
+                continue
+            allowed = knob.allowed(chosen)
+            value = values.get(knob.name, _MISSING)
+            if value not in allowed:
+                raise Unfit(f"{describe(config)}: {knob.name} {value!r} is outside the space")
+            chosen[knob.name] = value
+            params[f"{backend}.{knob.name}"] = allowed.index(value) if knob.ordered else value
+        return params
 
-        strategy = trial.suggest_categorical(p + "partition", ["uniform", "compute", "shifted"])
-        if strategy != "shifted":
-            return {"partition": strategy}
-        shift = trial.suggest_int(p + "boundary_shift", -3, 3)
-        ranges = uniform(self.layers, stages)
-        cuts = [r.stop for r in ranges[:-1]]
-        # Shift every cut, keeping each stage at least one layer.
-        moved = []
-        for index, cut in enumerate(cuts):
-            low = (moved[-1] if moved else 0) + 1
-            high = self.layers - (len(cuts) - index)
-            moved.append(min(max(cut + shift, low), high))
-        edges = [0, *moved, self.layers]
-        ranges = [range(a, b) for a, b in zip(edges, edges[1:], strict=False)]
-        return {"partition": "custom", "boundaries": format_boundaries(ranges)}
+    def refusal(self, config: TrialConfig) -> str | None:
+        """Why ``config`` must not run on the target, or None."""
+        space = self.spaces.get(config.backend)
+        if space is None:
+            return f"backend {config.backend} is not in this search"
+        if space.excluded:
+            return f"{config.backend}: {space.excluded}"
+        try:
+            backend_class(config.backend).validate(config, self.target.topology)
+        except ConfigError as error:
+            return str(error)
+        if self.planner is not None:
+            return self.planner.refusal(config)
+        return None
 
     # ------------------------------------------------------------ fixed layouts
 
     def baseline(self) -> Fixed:
-        """The naive baseline: llama.cpp, 1 worker, llama-cpp-python's default threads (half
-        the CPUs it counts), batch 1 — what a user gets without tuning."""
-        backend = "llamacpp" if "llamacpp" in self.backends else self.backends[0]
-        default_threads = max(1, min(self.cpus, (os.cpu_count() or 2) // 2))
-        params = {"backend": backend, f"{backend}.batch_exp": 0}
-        params[f"{backend}.threads_per_worker"] = default_threads
-        if backend == "llamacpp":
-            params.update({"llamacpp.workers": 1, "llamacpp.quant": "model"})
-        elif backend == "fake":
-            params["fake.workers"] = 1
-        else:
-            params.update(self._torch_defaults(backend))
-        return Fixed(
-            f"naive baseline: {backend} 1 x {default_threads} threads, batch 1", "baseline", params
-        )
-
-    def _torch_defaults(self, backend: str) -> dict:
-        params = {f"{backend}.dtype": "float32"}
-        if backend == "ddp":
-            params["ddp.workers"] = 2
-            params["ddp.pinning"] = "none"
-        if backend == "pipeline":
-            params.update({"pipeline.stages": 2, "pipeline.partition": "uniform"})
-        return params
+        """The naive baseline every speedup is relative to: the `naive` layout of the searched
+        backend with the lowest `baseline_rank` (llama.cpp where it is searched)."""
+        backend = min(self.spaces, key=lambda b: backend_class(b).baseline_rank)
+        config = self.base.replace(backend=backend, **backend_class(backend).naive(self.target))
+        return Fixed(f"naive baseline: {describe(config)}", "baseline", config)
 
     def recipes(self) -> list[Fixed]:
-        """Seed 001's PARALLEL_WORKERS x threads grid (all usable CPUs, batch 1) and seed 000's
-        transformers batch 4 and 8, for the backends in the sweep."""
+        """The seeds' hand-made layouts for the searched backends, fitted to the target."""
         found = []
-        if "llamacpp" in self.backends:
-            workers = 1
-            while workers <= self.cpus:
-                threads = self.cpus // workers
-                params = {
-                    "backend": "llamacpp",
-                    "llamacpp.workers": workers,
-                    "llamacpp.threads_per_worker": threads,
-                    "llamacpp.batch_exp": 0,
-                    "llamacpp.quant": "model",
-                }
-                if workers > 1:
-                    params["llamacpp.pinning"] = "none"
-                found.append(
-                    Fixed(f"seed 001: {workers} workers x {threads} threads", "recipe", params)
-                )
-                workers *= 2
-        if "hf" in self.backends:
-            for batch in (4, 8):
-                params = {
-                    "backend": "hf",
-                    "hf.batch_exp": int(math.log2(batch)),
-                    "hf.threads_per_worker": self.cpus,
-                    "hf.dtype": "float32",
-                }
-                found.append(Fixed(f"seed 000: transformers batch {batch}", "recipe", params))
+        for backend in self.backends:
+            for name, fields in backend_class(backend).recipes(self.target):
+                found.append(Fixed(name, "recipe", self.base.replace(backend=backend, **fields)))
         return found
+
+    # ------------------------------------------------------------ the plan
+
+    def examples(self, count: int, seed: int = 0, attempts: int = 5000) -> list[TrialConfig]:
+        """``count`` configs drawn by the sweep's own sampler (TPE, seeded), each one the
+        target can run (refused suggestions are drawn again)."""
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(
+            direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed)
+        )
+        found: list[TrialConfig] = []
+        for _ in range(attempts):
+            if len(found) >= count:
+                break
+            trial = study.ask()
+            try:
+                found.append(self.suggest(trial))
+            except Unfit:
+                pass
+            # Nothing was measured: tell Optuna the trial ended without a value, so the
+            # sampler keeps drawing as it does before a sweep's first result.
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return found
+
+    def plan(self) -> dict:
+        """Per backend: its knobs and their values, the notes that join them, the size of its
+        space, or why it is left out; and the total."""
+        backends = {}
+        for name, space in self.spaces.items():
+            if space.excluded:
+                backends[name] = {"excluded": space.excluded}
+                continue
+            backends[name] = {
+                "knobs": [knob.to_dict() for knob in space.knobs],
+                "notes": list(space.notes),
+                "size": space.size(),
+            }
+        return {
+            "backends": backends,
+            "size": sum(b.get("size", 0) for b in backends.values()),
+        }

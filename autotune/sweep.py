@@ -1,24 +1,26 @@
 """`autotune sweep`: an Optuna search over the layouts that fit this machine, within a budget.
 
-Order of work:
+Order of work (`Sweep.run`):
 
 1. the naive baseline (trial 0), then the seeds' recipes, then the sampler's suggestions —
-   each checked against the machine (`space.Unfit`), the memory planner and the time left
-   before it starts, and run in its own process with a deadline (`trial.run_in_child`);
+   each one goes through `Sweep._candidate` and `Sweep._why_not`, the one path that turns a
+   suggestion into a run or into a recorded reason not to run it (the space refuses it, it
+   was measured already, it would not finish in the time left); runs happen in their own
+   process with a deadline (`trial.run_in_child`, or an injected runner);
 2. the best three are re-measured side by side with the baseline, alternately (A B A B), and
    the winner is the one with the best paired speedup, reported with a confidence interval;
 3. ``best.env`` (the winner as env vars) and ``summary.json`` are written.
 
-Every trial, finished, failed or pruned, is a line in ``trials.jsonl`` (flushed as it ends) and
-a trial in the Optuna study (``study.db``, or any ``--storage`` URL, so several machines can
-share one study). Ctrl-C stops at once, keeps every finished trial, and still writes best.env
-from what was measured.
+Every trial, finished, failed or pruned, is a `TrialRecord`: a line in ``trials.jsonl`` (synced
+as it ends) and the same record in the Optuna study (``study.db``, or any ``--storage`` URL, so
+several machines can share one study). Ctrl-C stops at once, keeps every finished trial, and
+still writes best.env from what was measured. The clock and the trial runner are injected, so
+tests run a whole sweep on a fake clock in no time (`backends.fake.SimulatedTrials`).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import statistics
@@ -29,17 +31,31 @@ from pathlib import Path
 
 from autotune.config import TrialConfig
 from autotune.errors import ConfigError
+from autotune.knobs import Target
 from autotune.memory_plan import MemoryPlanner
 from autotune.space import SearchSpace, Unfit
+from autotune.stats import speedup_interval
+from autotune.study import Role, StudyDir, TrialRecord, TrialState
 from autotune.trial import TrialOutcome, run_in_child
+from backends import backend_class
 
-__all__ = ["SweepOptions", "SweepSummary", "describe_speedup", "run_sweep", "speedup_interval"]
+__all__ = [
+    "ConfirmFailed",
+    "ConfirmSkipped",
+    "ConfirmStarted",
+    "Interrupted",
+    "Sweep",
+    "SweepOptions",
+    "SweepSummary",
+    "TrialEnded",
+    "TrialStarted",
+    "run_sweep",
+]
 
-# First guesses of a trial's cost in seconds, replaced by each backend's measured mean.
-_FIRST_GUESS_S = {"llamacpp": 20.0, "hf": 40.0, "ddp": 45.0, "pipeline": 50.0, "fake": 5.0}
 _CONFIRM_SHARE = 0.25  # of the budget kept for the paired re-measurement
 _MAX_IDLE_ASKS = 60  # suggestions in a row that could not run: the space is exhausted
 _TOP = 3
+_MARGIN_S = 5.0  # kept back from every deadline for writing the outputs
 
 
 @dataclass
@@ -64,258 +80,430 @@ class SweepOptions:
     seed: int | None = None
 
 
+# ---------------------------------------------------------------- progress events
+
+
+@dataclass(frozen=True)
+class TrialStarted:
+    number: int
+    config: TrialConfig
+    role: Role
+    name: str
+    deadline_s: float
+
+
+@dataclass(frozen=True)
+class TrialEnded:
+    record: TrialRecord
+
+
+@dataclass(frozen=True)
+class ConfirmStarted:
+    number: int
+    config: TrialConfig
+    pairs: int
+
+
+@dataclass(frozen=True)
+class ConfirmSkipped:
+    number: int  # too little time left for even one pair
+
+
+@dataclass(frozen=True)
+class ConfirmFailed:
+    number: int
+    failure_class: str | None
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    pass
+
+
 @dataclass
 class SweepSummary:
     """What the sweep found."""
 
     study: str
     directory: Path
-    trials: list[dict]
-    winner: dict | None
-    baseline: dict | None
+    trials: list[TrialRecord]
+    winner: TrialRecord | None
+    baseline: TrialRecord | None
     elapsed_s: float
     interrupted: bool = False
     uses_smt_siblings: bool = False
 
+    @property
+    def best_recipe(self) -> TrialRecord | None:
+        recipes = [r for r in self.trials if r.role is Role.RECIPE and r.complete]
+        return max(recipes, key=lambda r: r.value, default=None)
 
-def speedup_interval(candidate: list[float], baseline: list[float]) -> dict:
-    """Paired speedup: geometric mean of candidate/baseline per pair, 95% t-interval on logs."""
-    logs = [math.log(c / b) for c, b in zip(candidate, baseline, strict=True)]
-    mean = statistics.fmean(logs)
-    result = {"speedup": math.exp(mean), "pairs": len(logs), "ratios": [math.exp(x) for x in logs]}
-    if len(logs) >= 2:
-        half = _t95(len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
-        result.update(ci_low=math.exp(mean - half), ci_high=math.exp(mean + half))
-    else:
-        result.update(ci_low=None, ci_high=None)
-    return result
+    def count(self, state: TrialState) -> int:
+        return sum(r.state is state for r in self.trials)
 
 
-def describe_speedup(paired: dict) -> str:
-    """``x2.20 over 3 A B pairs, 95% CI 1.90-2.55`` for a `speedup_interval` result."""
-    text = f"x{paired['speedup']:.2f} over {paired['pairs']} A B pairs"
-    if paired.get("ci_low") is not None:
-        text += f", 95% CI {paired['ci_low']:.2f}-{paired['ci_high']:.2f}"
-    return text
+@dataclass
+class _Candidate:
+    trial: object  # optuna.trial.Trial
+    config: TrialConfig | None
+    role: Role
+    name: str
+    refused: str | None = None  # the space's reason not to run it
 
 
-def _t95(df: int) -> float:
-    """Two-sided 95% quantile of Student's t (table; normal beyond 30)."""
-    table = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
-    if df <= len(table):
-        return table[df - 1]
-    return 2.042 if df <= 30 else 1.96
+class Sweep:
+    """One sweep: `run` searches, confirms and writes the study's outputs.
 
+    ``clock`` is a monotonic clock in seconds; ``runner(spec, deadline_s)`` runs one trial spec
+    and returns a `TrialOutcome`. ``extra`` configs are measured right after the recipes
+    (tests inject failing trials this way).
+    """
 
-class _Log:
-    """trials.jsonl: one line per trial, flushed and synced as it ends."""
+    def __init__(
+        self,
+        options: SweepOptions,
+        *,
+        topology,
+        model,
+        shape,
+        clock: Callable[[], float] = time.monotonic,
+        runner: Callable[[dict, float], TrialOutcome] = run_in_child,
+        on_event: Callable[[object], None] | None = None,
+        extra: list[TrialConfig] = (),
+    ) -> None:
+        self.options = options
+        self.topology = topology
+        self.model = model
+        self.clock = clock
+        self.runner = runner
+        self.tell = on_event or (lambda event: None)
+        self.extra = list(extra)
+        self.dir = StudyDir(options.reports_dir / options.study)
+        # A batch larger than the prompts of a trial measures nothing a smaller one would not.
+        cap = 1
+        while cap * 2 <= min(64, options.limit):
+            cap *= 2
+        self.target = Target(topology, shape.layers, batch_cap=cap)
+        limit = options.memory_limit_bytes or int(topology.memory_available_bytes * 0.8)
+        self.planner = MemoryPlanner(shape, limit)
+        self.space = SearchSpace(self.target, options.backends, options.base, self.planner)
+        self.records: list[TrialRecord] = []
+        self.costs: dict[str, list[float]] = {}
+        self.seen: dict[str, int] = {}
+        self.started = clock()
 
-    def __init__(self, path: Path) -> None:
-        self.handle = path.open("a")
+    # ------------------------------------------------------------ deadlines
 
-    def write(self, record: dict) -> None:
-        self.handle.write(json.dumps(record) + "\n")
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
+    def elapsed_s(self) -> float:
+        return self.clock() - self.started
 
-    def close(self) -> None:
-        self.handle.close()
+    def time_left_s(self) -> float:
+        """Seconds left of the whole budget."""
+        return self.options.budget_s - self.elapsed_s()
 
+    def search_left_s(self) -> float:
+        """Seconds left for the search: the budget less the share kept for confirming."""
+        return self.time_left_s() - self.options.budget_s * _CONFIRM_SHARE
 
-def _storage_url(options: SweepOptions, directory: Path) -> str:
-    return options.storage or f"sqlite:///{directory / 'study.db'}"
+    def expected_s(self, backend: str) -> float:
+        """What a trial of ``backend`` is expected to take: the mean of its measured trials,
+        else the backend's first guess."""
+        seen = self.costs.get(backend)
+        return statistics.fmean(seen) if seen else backend_class(backend).first_guess_s
 
+    def trial_deadline_s(self, config: TrialConfig, role: Role) -> float:
+        """How long one trial may run: never into the confirmation share's last seconds, never
+        more than 4x its expected cost (the baseline, which every speedup needs, up to 10 min)."""
+        room = self.time_left_s() - _MARGIN_S
+        limit = max(5.0, min(room, 4 * self.expected_s(config.backend) + 30))
+        if role is Role.BASELINE:
+            limit = max(limit, min(room, 600.0))
+        if self.options.trial_timeout_s:
+            limit = min(limit, self.options.trial_timeout_s)
+        return limit
 
-def run_sweep(
-    options: SweepOptions,
-    *,
-    topology,
-    model,
-    shape,
-    on_event: Callable[[str, dict], None] | None = None,
-    extra: list[TrialConfig] = (),
-) -> SweepSummary:
-    """Search, confirm, export; ``extra`` configs are measured right after the recipes
-    (tests use it to inject failing trials)."""
-    import optuna
+    # ------------------------------------------------------------ the run
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    tell = on_event or (lambda kind, data: None)
-    started = time.monotonic()
-    deadline = started + options.budget_s
-    directory = options.reports_dir / options.study
-    directory.mkdir(parents=True, exist_ok=True)
-    storage = _storage_url(options, directory)
-    existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
-    if options.study in existing and not options.resume:
-        raise ConfigError(
-            f"--study {options.study}: a study of that name exists in {storage}; "
-            "add --resume to continue it, or name another"
-        )
-    study = optuna.create_study(
-        study_name=options.study,
-        storage=storage,
-        direction="maximize",
-        load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=options.seed),
-    )
-    (directory / "machine.json").write_text(
-        json.dumps(
-            {
-                "topology": topology.to_dict(),
-                "fingerprint": topology.fingerprint(),
-                "model": str(model.path),
-            },
-            indent=2,
-        )
-    )
-    # A batch larger than the prompts of a trial measures nothing a smaller one would not.
-    batch_cap = 2 ** max(0, min(6, int(math.log2(max(1, options.limit)))))
-    space = SearchSpace(topology, options.backends, shape.layers, options.base, batch_cap)
-    available = topology.memory_available_bytes
-    planner = MemoryPlanner(shape, options.memory_limit_bytes or int(available * 0.8))
-    log = _Log(directory / "trials.jsonl")
-    records: list[dict] = _previous_records(study)
-    costs: dict[str, list[float]] = {}
-    for record in records:
-        if record["state"] == "complete":
-            costs.setdefault(record["config"]["backend"], []).append(record["duration_s"])
-    seen = {
-        json.dumps(r["config"], sort_keys=True): r["number"]
-        for r in records
-        if r["state"] in ("complete", "fail")
-    }
-
-    # Fixed layouts first (only in a new study): the baseline, the recipes, any extras.
-    if not records:
-        fixed = [space.baseline(), *space.recipes()]
-        for item in fixed:
-            study.enqueue_trial(item.params, user_attrs={"role": item.role, "name": item.name})
-    queue_extra = list(extra)
-
-    search_end = deadline - options.budget_s * _CONFIRM_SHARE
-    idle = 0
-    interrupted = False
-    done = sum(1 for r in records if r["state"] in ("complete", "fail"))
-    try:
-        while True:
-            if options.trials is not None and done >= options.trials:
-                break
-            if time.monotonic() >= search_end or idle >= _MAX_IDLE_ASKS:
-                break
-            if queue_extra and not _waiting(study):
-                config, role, name = queue_extra.pop(0), "extra", "injected"
-                trial = study.ask()
-                _mark_injected(trial, config)
-            else:
-                trial = study.ask()
-                role = trial.user_attrs.get("role", "search")
-                name = trial.user_attrs.get("name", "")
+    def run(self) -> SweepSummary:
+        """Search, confirm, write summary.json and best.env; returns the summary."""
+        study = self._open_study()
+        self._write_machine()
+        self.records = _previous_records(study)
+        for record in self.records:
+            self._remember(record)
+        if not self.records:  # a new study: the fixed layouts first
+            self._enqueue_fixed(study)
+        interrupted = False
+        with self.dir.open_log() as log:
+            self.log = log
+            try:
+                self._search(study)
+            except KeyboardInterrupt:
+                interrupted = True
+                self.tell(Interrupted())
+            baseline = next(
+                (r for r in self.records if r.role is Role.BASELINE and r.complete), None
+            )
+            winner = None
+            if not interrupted:
                 try:
-                    config = space.suggest(trial)
-                except Unfit as why:
-                    _prune(study, trial, str(why), log, records, None)
-                    idle += 1
-                    continue
-            key = json.dumps(config.to_dict(), sort_keys=True)
-            if key in seen and role == "search":
-                _prune(study, trial, f"same config as trial {seen[key]}", log, records, config)
-                idle += 1
-                continue
-            refusal = planner.refusal(config)
-            if refusal:
-                _prune(study, trial, refusal, log, records, config)
-                idle += 1
-                continue
-            estimate = _estimate(costs, config.backend)
-            remaining = search_end - time.monotonic()
-            if role == "search" and estimate > remaining:
-                _prune(
-                    study,
-                    trial,
-                    f"would not finish in the {remaining:.0f} s left (expected {estimate:.0f} s)",
-                    log,
-                    records,
-                    config,
-                )
+                    winner = self._confirm(baseline)
+                except KeyboardInterrupt:
+                    interrupted = True
+            if winner is None:
+                done = [r for r in self.records if r.complete]
+                best = max(done, key=lambda r: r.value, default=None)
+                winner = best.with_(confirmed=False) if best else None
+        summary = SweepSummary(
+            study=self.options.study,
+            directory=self.dir.path,
+            trials=self.records,
+            winner=winner,
+            baseline=baseline,
+            elapsed_s=self.elapsed_s(),
+            interrupted=interrupted,
+        )
+        summary.uses_smt_siblings = _write_outputs(summary, self.dir, self.topology)
+        return summary
+
+    def _open_study(self):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = self.dir.storage_url(self.options.storage)
+        self.dir.create()
+        try:
+            existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+        except Exception as error:  # noqa: BLE001 - any storage failure is the URL's fault
+            raise ConfigError(f"--storage {storage}: cannot open it ({error})") from None
+        if self.options.study in existing and not self.options.resume:
+            raise ConfigError(
+                f"--study {self.options.study}: a study of that name exists in {storage}; "
+                "add --resume to continue it, or name another"
+            )
+        return optuna.create_study(
+            study_name=self.options.study,
+            storage=storage,
+            direction="maximize",
+            load_if_exists=True,
+            sampler=optuna.samplers.TPESampler(seed=self.options.seed),
+        )
+
+    def _write_machine(self) -> None:
+        self.dir.write_json(
+            self.dir.machine,
+            {
+                "topology": self.topology.to_dict(),
+                "fingerprint": self.topology.fingerprint(),
+                "model": str(self.model.path),
+                "model_embedded": bool(self.model.embedded),
+            },
+        )
+
+    def _enqueue_fixed(self, study) -> None:
+        """The baseline and the recipes, as Optuna trials with their parameters (so the sampler
+        learns from them); one outside the space is injected as it is."""
+        for fixed in [self.space.baseline(), *self.space.recipes()]:
+            attrs = {"role": fixed.role, "name": fixed.name}
+            try:
+                study.enqueue_trial(self.space.params(fixed.config), user_attrs=attrs)
+            except Unfit:
+                self.extra.insert(0, (fixed.config, Role(fixed.role), fixed.name))
+
+    def _search(self, study) -> None:
+        idle = 0
+        done = sum(r.state is not TrialState.PRUNED for r in self.records)
+        while True:
+            if self.options.trials is not None and done >= self.options.trials:
+                return
+            if self.search_left_s() <= 0 or idle >= _MAX_IDLE_ASKS:
+                return
+            candidate = self._candidate(study)
+            reason = self._why_not(candidate)
+            if reason:
+                self._prune(study, candidate, reason)
                 idle += 1
                 continue
             idle = 0
-            # A trial may use what is left of the whole budget but the share kept for the
-            # comparison; never more than 4x its expected cost.
-            limit = max(5.0, min(deadline - time.monotonic() - 5.0, 4 * estimate + 30))
-            if role == "baseline":
-                limit = max(limit, min(deadline - time.monotonic() - 5.0, 600))
-            if options.trial_timeout_s:
-                limit = min(limit, options.trial_timeout_s)
-            tell(
-                "start",
-                {
-                    "number": trial.number,
-                    "config": config,
-                    "role": role,
-                    "name": name,
-                    "deadline_s": limit,
-                },
-            )
-            spec = _spec(options, config)
-            outcome = run_in_child(spec, limit)
-            record = _finish(study, trial, config, role, name, outcome)
-            record["ended_s"] = round(time.monotonic() - started, 3)  # since the sweep began
-            log.write(record)
-            records.append(record)
-            seen[key] = trial.number
+            self._run(study, candidate)
             done += 1
-            if outcome.state == "complete":
-                costs.setdefault(config.backend, []).append(outcome.duration_s)
-                planner.observe(config, outcome.result["peak_memory_bytes"])
-            tell("end", record)
-    except KeyboardInterrupt:
-        interrupted = True
-        tell("interrupted", {})
 
-    baseline = next(
-        (r for r in records if r.get("role") == "baseline" and r["state"] == "complete"), None
-    )
-    winner = None
-    if not interrupted:
+    def _candidate(self, study) -> _Candidate:
+        """The next thing to try: an injected config while no fixed layout waits, else the
+        sampler's (or the queue's) next trial."""
+        if self.extra and not _waiting(study):
+            item = self.extra.pop(0)
+            config, role, name = item if isinstance(item, tuple) else (item, Role.EXTRA, "")
+            trial = study.ask()
+            return _Candidate(trial, config, role, name or "injected")
+        trial = study.ask()
+        role = Role(trial.user_attrs.get("role", Role.SEARCH.value))
+        name = trial.user_attrs.get("name", "")
         try:
-            winner = _confirm(options, records, baseline, deadline, tell)
-        except KeyboardInterrupt:
-            interrupted = True
-    if winner is None:
-        winner = _best_unconfirmed(records, baseline)
-    log.close()
-    summary = SweepSummary(
-        study=options.study,
-        directory=directory,
-        trials=records,
-        winner=winner,
-        baseline=baseline,
-        elapsed_s=time.monotonic() - started,
-        interrupted=interrupted,
-    )
-    summary.uses_smt_siblings = _write_outputs(summary, topology, model)
-    return summary
+            return _Candidate(trial, self.space.suggest(trial), role, name)
+        except Unfit as why:
+            return _Candidate(trial, None, role, name, refused=str(why))
+
+    def _why_not(self, candidate: _Candidate) -> str | None:
+        """Why the candidate must not run now, or None: the one place that decides."""
+        if candidate.refused:
+            return candidate.refused
+        config = candidate.config
+        key = _key(config)
+        if candidate.role is Role.SEARCH and key in self.seen:
+            return f"same config as trial {self.seen[key]}"
+        if candidate.role is Role.SEARCH:
+            expected = self.expected_s(config.backend)
+            left = self.search_left_s()
+            if expected > left:
+                return f"would not finish in the {left:.0f} s left (expected {expected:.0f} s)"
+        return None
+
+    def _run(self, study, candidate: _Candidate) -> None:
+        config, trial = candidate.config, candidate.trial
+        deadline = self.trial_deadline_s(config, candidate.role)
+        self.tell(TrialStarted(trial.number, config, candidate.role, candidate.name, deadline))
+        outcome = self.runner(self._spec(config), deadline)
+        record = TrialRecord(
+            number=trial.number,
+            state=TrialState.FAIL,
+            role=candidate.role,
+            name=candidate.name,
+            config=config.to_dict(),
+            duration_s=round(outcome.duration_s, 3),
+            ended_s=round(self.elapsed_s(), 3),
+            # Which sweep process ran it: several machines may share one study (--storage).
+            worker=f"{socket.gethostname()}:{os.getpid()}",
+        )
+        if outcome.state == "complete":
+            result = outcome.result
+            record = record.with_(
+                state=TrialState.COMPLETE,
+                value=result["tokens_per_s"],
+                result={k: result.get(k) for k in _RESULT_KEYS},
+                samples=result.get("samples"),
+            )
+            self.planner.observe(config, result["peak_memory_bytes"])
+        else:
+            record = record.with_(
+                failure_class=outcome.failure_class,
+                stderr_tail=outcome.stderr_tail,
+                extra=outcome.extra,
+            )
+        self._keep(study, trial, record)
+
+    def _prune(self, study, candidate: _Candidate, reason: str) -> None:
+        config = candidate.config
+        record = TrialRecord(
+            number=candidate.trial.number,
+            state=TrialState.PRUNED,
+            role=candidate.role,
+            name=candidate.name,
+            config=config.to_dict() if config else None,
+            reason=reason,
+        )
+        self._keep(study, candidate.trial, record)
+
+    def _keep(self, study, trial, record: TrialRecord) -> None:
+        """Record a trial everywhere: Optuna's storage, trials.jsonl, the sweep's memory."""
+        import optuna
+
+        trial.set_user_attr("record", record.to_dict())
+        if record.complete:
+            study.tell(trial, record.value)
+        else:
+            state = {
+                TrialState.FAIL: optuna.trial.TrialState.FAIL,
+                TrialState.PRUNED: optuna.trial.TrialState.PRUNED,
+            }[record.state]
+            study.tell(trial, state=state)
+        StudyDir.append(self.log, record)
+        self.records.append(record)
+        self._remember(record)
+        self.tell(TrialEnded(record))
+
+    def _remember(self, record: TrialRecord) -> None:
+        if record.state is TrialState.PRUNED or record.config is None:
+            return
+        self.seen[_key(record.config)] = record.number
+        if record.complete:
+            self.costs.setdefault(record.backend, []).append(record.duration_s)
+
+    def _spec(self, config: TrialConfig, **extra) -> dict:
+        return {
+            "config": config.to_dict(),
+            "workload": self.options.workload,
+            "limit": self.options.limit,
+            "repeats": self.options.repeats,
+            "warmup": self.options.warmup,
+            **extra,
+        }
+
+    # ------------------------------------------------------------ confirmation
+
+    def _confirm(self, baseline: TrialRecord | None) -> TrialRecord | None:
+        """Re-measure the best three beside the baseline (A B A B) and pick the winner on that."""
+        if baseline is None:
+            return None
+        done = sorted(
+            (r for r in self.records if r.complete and r.role is not Role.BASELINE),
+            key=lambda r: r.value,
+            reverse=True,
+        )
+        unique, keys = [], {_key(baseline.config)}
+        for record in done:
+            if _key(record.config) not in keys:
+                keys.add(_key(record.config))
+                unique.append(record)
+        base_config = TrialConfig.from_dict(baseline.config)
+        confirmed = []
+        for record in unique[:_TOP]:
+            left = self.time_left_s() - _MARGIN_S
+            pairs = self.options.pairs  # as many as fit in the time left, at least one
+            while pairs > 1 and _paired_cost(record, baseline, pairs) > left:
+                pairs -= 1
+            if _paired_cost(record, baseline, pairs) > left:
+                self.tell(ConfirmSkipped(record.number))
+                continue
+            config = TrialConfig.from_dict(record.config)
+            self.tell(ConfirmStarted(record.number, config, pairs))
+            spec = self._spec(config, paired=base_config.to_dict(), pairs=pairs)
+            outcome = self.runner(spec, max(5.0, left))
+            if outcome.state != "complete":
+                self.tell(ConfirmFailed(record.number, outcome.failure_class))
+                continue
+            rates = outcome.result
+            stats = speedup_interval(rates["candidate"], rates["baseline"])
+            confirmed.append(record.with_(paired={**stats, **rates}, confirmed=True))
+        return max(confirmed, key=lambda r: r.paired["speedup"], default=None)
+
+
+def run_sweep(options: SweepOptions, **kwargs) -> SweepSummary:
+    """`Sweep(options, **kwargs).run()`."""
+    return Sweep(options, **kwargs).run()
 
 
 # ---------------------------------------------------------------- helpers
 
+# What a trial record keeps of a RunResult (the raw samples are kept beside it).
+_RESULT_KEYS = (
+    "tokens_per_s",
+    "requests_per_s",
+    "latency_p50_s",
+    "latency_p95_s",
+    "ttft_p50_s",
+    "load_time_s",
+    "peak_memory_bytes",
+    "cpu_utilisation",
+    "tokens_per_s_summary",
+    "warnings",
+    "details",
+)
 
-def _estimate(costs: dict[str, list[float]], backend: str) -> float:
-    seen = costs.get(backend)
-    return statistics.fmean(seen) if seen else _FIRST_GUESS_S.get(backend, 30.0)
 
-
-def _spec(options: SweepOptions, config: TrialConfig, **extra) -> dict:
-    return {
-        "config": config.to_dict(),
-        "workload": options.workload,
-        "limit": options.limit,
-        "repeats": options.repeats,
-        "warmup": options.warmup,
-        **extra,
-    }
+def _key(config: TrialConfig | dict) -> str:
+    data = config if isinstance(config, dict) else config.to_dict()
+    return json.dumps(data, sort_keys=True)
 
 
 def _waiting(study) -> bool:
@@ -325,166 +513,23 @@ def _waiting(study) -> bool:
     return bool(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
 
 
-def _mark_injected(trial, config: TrialConfig) -> None:
-    """An injected config is recorded with its fields as the trial's attributes."""
-    trial.set_user_attr("role", "extra")
-    trial.set_user_attr("config", config.to_dict())
+def _previous_records(study) -> list[TrialRecord]:
+    """The records of a resumed study, exactly as its sweeps stored them."""
+    return [
+        TrialRecord.from_dict(trial.user_attrs["record"])
+        for trial in study.get_trials(deepcopy=False)
+        if "record" in trial.user_attrs
+    ]
 
 
-def _prune(study, trial, reason: str, log: _Log, records: list, config) -> None:
-    import optuna
-
-    trial.set_user_attr("pruned_reason", reason)
-    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-    record = {
-        "number": trial.number,
-        "state": "pruned",
-        "reason": reason,
-        "config": config.to_dict() if config else None,
-        "role": trial.user_attrs.get("role", "search"),
-        "duration_s": 0.0,
-    }
-    log.write(record)
-    records.append(record)
-
-
-def _finish(study, trial, config, role, name, outcome: TrialOutcome) -> dict:
-    import optuna
-
-    record = {
-        "number": trial.number,
-        "role": role,
-        "name": name,
-        "config": config.to_dict(),
-        "duration_s": round(outcome.duration_s, 3),
-    }
-    trial.set_user_attr("config", config.to_dict())
-    trial.set_user_attr("role", role)
-    # Which sweep process ran it: several machines may share one study (--storage).
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    if outcome.state == "complete":
-        result = outcome.result
-        keep = (
-            "tokens_per_s",
-            "requests_per_s",
-            "latency_p50_s",
-            "latency_p95_s",
-            "ttft_p50_s",
-            "load_time_s",
-            "peak_memory_bytes",
-            "cpu_utilisation",
-            "tokens_per_s_summary",
-            "warnings",
-            "details",
-        )
-        summary = {k: result.get(k) for k in keep}
-        trial.set_user_attr("result", summary)
-        study.tell(trial, result["tokens_per_s"])
-        record.update(
-            state="complete",
-            value=result["tokens_per_s"],
-            result=summary,
-            samples=result.get("samples"),
-        )
-    else:
-        trial.set_user_attr("failure_class", outcome.failure_class)
-        trial.set_user_attr("stderr_tail", outcome.stderr_tail)
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        record.update(
-            state="fail",
-            failure_class=outcome.failure_class,
-            stderr_tail=outcome.stderr_tail,
-            **outcome.extra,
-        )
-    return record
-
-
-def _previous_records(study) -> list[dict]:
-    """The records of a resumed study, rebuilt from the trials' attributes."""
-    import optuna
-
-    records = []
-    for trial in study.get_trials(deepcopy=False):
-        config = trial.user_attrs.get("config")
-        base = {
-            "number": trial.number,
-            "role": trial.user_attrs.get("role", "search"),
-            "config": config,
-            "duration_s": trial.duration.total_seconds() if trial.duration else 0.0,
-        }
-        if trial.state == optuna.trial.TrialState.COMPLETE and config:
-            records.append(
-                {
-                    **base,
-                    "state": "complete",
-                    "value": trial.value,
-                    "result": trial.user_attrs.get("result", {}),
-                }
-            )
-        elif trial.state == optuna.trial.TrialState.FAIL and config:
-            records.append(
-                {**base, "state": "fail", "failure_class": trial.user_attrs.get("failure_class")}
-            )
-        elif trial.state == optuna.trial.TrialState.PRUNED:
-            records.append(
-                {**base, "state": "pruned", "reason": trial.user_attrs.get("pruned_reason")}
-            )
-    return records
-
-
-def _confirm(options, records, baseline, deadline, tell) -> dict | None:
-    """Re-measure the best three beside the baseline (A B A B) and pick the winner on that."""
-    if baseline is None:
-        return None
-    done = sorted(
-        (r for r in records if r["state"] == "complete" and r is not baseline),
-        key=lambda r: r["value"],
-        reverse=True,
-    )
-    unique, keys = [], set()
-    for record in done:
-        key = json.dumps(record["config"], sort_keys=True)
-        if key not in keys and key != json.dumps(baseline["config"], sort_keys=True):
-            keys.add(key)
-            unique.append(record)
-    candidates = unique[:_TOP]
-    base_config = TrialConfig.from_dict(baseline["config"])
-    confirmed = []
-    for record in candidates:
-        left = deadline - time.monotonic() - 5.0
-        pairs = options.pairs  # as many as fit in the time left, at least one
-        while pairs > 1 and _paired_cost(record, baseline, pairs) > left:
-            pairs -= 1
-        if _paired_cost(record, baseline, pairs) > left:
-            tell("skip-confirm", {"number": record["number"]})
-            continue
-        config = TrialConfig.from_dict(record["config"])
-        tell("confirm", {"number": record["number"], "config": config, "pairs": pairs})
-        spec = _spec(options, config, paired=base_config.to_dict(), pairs=pairs)
-        outcome = run_in_child(spec, max(5.0, left))
-        if outcome.state != "complete":
-            tell(
-                "confirm-failed",
-                {"number": record["number"], "failure_class": outcome.failure_class},
-            )
-            continue
-        rates = outcome.result
-        stats = speedup_interval(rates["candidate"], rates["baseline"])
-        confirmed.append({**record, "paired": {**stats, **rates}})
-    if not confirmed:
-        return None
-    best = max(confirmed, key=lambda r: r["paired"]["speedup"])
-    return {**best, "confirmed": True}
-
-
-def _paired_cost(record, baseline, pairs: int) -> float:
+def _paired_cost(record: TrialRecord, baseline: TrialRecord, pairs: int) -> float:
     """Expected seconds of a paired re-measurement: both loads, warmups and 2 x pairs runs."""
 
-    def parts(r):
-        result = r.get("result") or {}
+    def parts(r: TrialRecord):
+        result = r.result or {}
         summary = result.get("tokens_per_s_summary") or {}
         load = result.get("load_time_s") or 10.0
-        run = r["duration_s"] - load if r["duration_s"] > load else r["duration_s"] / 2
+        run = r.duration_s - load if r.duration_s > load else r.duration_s / 2
         runs = max(1, summary.get("n") or 1) + 1  # timed passes + the warmup
         return load, run / runs
 
@@ -493,21 +538,12 @@ def _paired_cost(record, baseline, pairs: int) -> float:
     return load_a + load_b + (pairs + 1) * (run_a + run_b) + 10.0
 
 
-def _best_unconfirmed(records, baseline) -> dict | None:
-    done = [r for r in records if r["state"] == "complete"]
-    if not done:
-        return None
-    best = max(done, key=lambda r: r["value"])
-    return {**best, "confirmed": False}
-
-
-def _write_outputs(summary: SweepSummary, topology, model) -> bool:
+def _write_outputs(summary: SweepSummary, directory: StudyDir, topology) -> bool:
     """summary.json and best.env; returns whether the winner uses SMT siblings."""
     from autotune.export import render
 
-    directory = summary.directory
     winner_threads = (
-        TrialConfig.from_dict(summary.winner["config"]).total_threads if summary.winner else 0
+        TrialConfig.from_dict(summary.winner.config).total_threads if summary.winner else 0
     )
     data = {
         "study": summary.study,
@@ -522,19 +558,12 @@ def _write_outputs(summary: SweepSummary, topology, model) -> bool:
         "interrupted": summary.interrupted,
         "winner": summary.winner,
         "baseline": summary.baseline,
-        "counts": {
-            state: sum(1 for r in summary.trials if r["state"] == state)
-            for state in ("complete", "fail", "pruned")
-        },
+        "counts": {state.value: summary.count(state) for state in TrialState},
     }
-    partial = directory / "summary.json.partial"
-    partial.write_text(json.dumps(data, indent=2, default=str))
-    partial.replace(directory / "summary.json")
+    directory.write_json(directory.summary, data)
     if summary.winner is not None:
-        text = render(
-            data, topology_fingerprint=topology.fingerprint(), fmt="env", model_path=str(model.path)
-        )
-        partial = directory / "best.env.partial"
-        partial.write_text(text)
-        partial.replace(directory / "best.env")
+        text = render(directory.load_summary(), fingerprint=topology.fingerprint(), fmt="env")
+        from autotune.files import atomic_write
+
+        atomic_write(directory.best_env, text)
     return data["uses_smt_siblings"]

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 __all__ = [
@@ -22,9 +23,11 @@ __all__ = [
     "Topology",
     "detect",
     "format_cpulist",
+    "load_machine",
     "parse_cpulist",
     "read_cgroup_limits",
     "read_cpu_topology",
+    "topology_from_dict",
 ]
 
 # cgroup v1 writes "no limit" as a huge page-aligned number (2**63 rounded down to a page);
@@ -458,3 +461,36 @@ def detect(root: str | Path = "/", *, probe_gpus: bool | None = None) -> Topolog
         cpu_flags=tuple(sorted(key_flags)),
         gpus=_probe_gpus() if probe_gpus else (),
     )
+
+
+def topology_from_dict(data: dict) -> Topology:
+    """Inverse of `Topology.to_dict` (extra keys, such as the roofline's, are ignored)."""
+    known = {f.name for f in fields(Topology)}
+    given = {k: v for k, v in data.items() if k in known}
+    given["smt_siblings"] = tuple(tuple(g) for g in given["smt_siblings"])
+    given["affinity_cpus"] = tuple(given["affinity_cpus"])
+    given["cpu_flags"] = tuple(given["cpu_flags"])
+    given["numa_nodes"] = tuple(
+        NumaNode(**{**node, "cpus": tuple(node["cpus"])}) for node in given["numa_nodes"]
+    )
+    given["gpus"] = tuple(Gpu(**gpu) for gpu in given.get("gpus", ()))
+    return Topology(**given)
+
+
+def load_machine(path: str | Path) -> Topology:
+    """Another machine, from the JSON its ``autotune detect --json`` printed; a file that is
+    not such JSON is a ConfigError naming it."""
+    from autotune.errors import ConfigError
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as error:
+        raise ConfigError(f"--machine {path}: cannot read ({error.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"--machine {path}: not JSON (use `autotune detect --json`)") from None
+    try:
+        return topology_from_dict(data)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigError(
+            f"--machine {path}: not the output of `autotune detect --json` ({error!r})"
+        ) from None

@@ -138,7 +138,7 @@ def _measure(spec: dict) -> dict:
     from autotune.measure import benchmark
     from autotune.models import ModelSpec
     from autotune.topology import detect
-    from experiments.workload import load_workload
+    from autotune.workload import load_workload
 
     config = TrialConfig.from_dict(spec["config"])
     workload = load_workload(spec.get("workload")).head(spec["limit"])
@@ -183,6 +183,7 @@ def _paired(spec, candidate, workload, model, topology) -> dict:
 def main(argv: list[str]) -> int:
     """``python -m autotune.trial SPEC RESULT``: measure, write the result, exit 0."""
     from autotune.errors import ConfigError
+    from autotune.files import atomic_write
 
     spec_path, result_path = Path(argv[0]), Path(argv[1])
     try:
@@ -190,9 +191,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as error:
         print(f"invalid config: {error}", file=sys.stderr)
         return 2
-    partial = result_path.with_suffix(".partial")
-    partial.write_text(json.dumps(result))
-    partial.replace(result_path)
+    atomic_write(result_path, json.dumps(result))
     return 0
 
 

@@ -1,7 +1,9 @@
 """The backend registry: the one place that names every backend.
 
-Backends are imported only when created, so ``autotune --help`` imports neither torch nor
-llama_cpp.
+Backends are imported only when asked for, so ``autotune --help`` imports neither torch nor
+llama_cpp (a backend's module imports those inside its methods). Everything else asks the
+backend's class: what it tunes (`Backend.space`), which config fields it reads, how much
+memory a layout needs, how a layout reads in a few words.
 """
 
 from __future__ import annotations
@@ -9,13 +11,23 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from autotune.errors import ConfigError
+
 if TYPE_CHECKING:
     from autotune.config import TrialConfig
     from autotune.models import ModelSpec
     from autotune.topology import Topology
     from backends.base import Backend
 
-__all__ = ["BACKENDS", "backend_class", "create_backend"]
+__all__ = [
+    "BACKENDS",
+    "backend_class",
+    "check_config",
+    "create_backend",
+    "describe",
+    "fields_read",
+    "summaries",
+]
 
 # name -> (module, class, one line for --help)
 BACKENDS: dict[str, tuple[str, str, str]] = {
@@ -43,10 +55,35 @@ BACKENDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+def summaries() -> dict[str, str]:
+    """name -> one line, for help texts."""
+    return {name: entry[2] for name, entry in BACKENDS.items()}
+
+
 def backend_class(name: str) -> type[Backend]:
-    """The class registered under ``name`` (imports its module)."""
+    """The class registered under ``name`` (imports its module); ConfigError if unknown."""
+    if name not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
     module_name, class_name, _ = BACKENDS[name]
     return getattr(importlib.import_module(module_name), class_name)
+
+
+def fields_read(name: str) -> frozenset[str]:
+    """The TrialConfig fields backend ``name`` reads."""
+    return backend_class(name).fields_read()
+
+
+def check_config(config: TrialConfig) -> None:
+    """ConfigError unless ``config``'s backend exists and every field it does not read is at
+    its default (a quant for hf, stages for llama.cpp: a setting that would silently do
+    nothing)."""
+    backend_class(config.backend).check_fields(config)
+
+
+def describe(config: TrialConfig | dict) -> str:
+    """A layout in a few words (``llamacpp 2x1 b4 q4_0 pin:spread``), as its backend says it."""
+    data = config if isinstance(config, dict) else config.to_dict()
+    return backend_class(data["backend"]).describe(data)
 
 
 def create_backend(config: TrialConfig, model: ModelSpec, topology: Topology) -> Backend:

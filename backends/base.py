@@ -1,19 +1,62 @@
-"""The interface every backend implements, and the record of one generated request."""
+"""The interface every backend implements, and the record of one generated request.
+
+A backend is a class that says everything about itself: what it runs (`load`, `generate`,
+`close`) and, as class methods that need no model loaded, what it tunes on a machine
+(`space`), which config fields it reads, the devices its processes use, the memory a layout
+needs, the layout a user gets without tuning (`naive`) and the seeds' hand-made recipes. The
+search, the memory planner, the report, the console and the export all ask these.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from autotune.config import TrialConfig
+from autotune.config import TrialConfig, env_name, field_default
+from autotune.errors import ConfigError
+from autotune.knobs import BackendSpace, Knob, Target
 from autotune.models import ModelSpec
 from autotune.pinning import cpu_sets
 from autotune.topology import Topology
-from experiments.workload import GenerationSettings, Prompt
+from autotune.workload import GenerationSettings, Prompt
 
-__all__ = ["Backend", "Completion"]
+if TYPE_CHECKING:
+    from autotune.memory_plan import ModelShape
+
+__all__ = ["COMMON_FIELDS", "Backend", "Completion", "threads_knob"]
+
+# What every backend reads: the model, the generation settings, threads and batch.
+COMMON_FIELDS = frozenset(
+    {
+        "backend",
+        "model",
+        "threads_per_worker",
+        "batch_size",
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "seed",
+        "chat_template",
+    }
+)
+
+# How `Backend.describe` shows a field that is not at its default.
+_LABELS = {"pinning": "pin:{}", "fault": "fault:{}", "kv_cache": "kv:{}"}
+
+
+def threads_knob(cpus: int, processes: str | None) -> Knob:
+    """Threads per process, 1 .. the usable CPUs, so that processes x threads fit them;
+    ``processes`` names the knob chosen before that counts processes (None: one process)."""
+    if processes is None:
+        return Knob("threads_per_worker", tuple(range(1, cpus + 1)))
+    return Knob(
+        "threads_per_worker",
+        tuple(range(1, cpus + 1)),
+        allow=lambda chosen, threads: chosen[processes] * threads <= cpus,
+        note=f"{processes} x threads_per_worker <= {cpus} usable CPUs",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +89,87 @@ class Backend(ABC):
     """
 
     name: ClassVar[str]
+    # TrialConfig fields this backend reads beyond COMMON_FIELDS.
+    reads: ClassVar[frozenset[str]] = frozenset()
+    # Seconds a sweep expects one of its trials to take before any was measured.
+    first_guess_s: ClassVar[float] = 30.0
+    # Where several backends are searched, the naive baseline is the `naive` layout of the
+    # one with the lowest rank: the tool a user would reach for without tuning.
+    baseline_rank: ClassVar[int] = 10
+    # Resident memory of one process before the model (interpreter, libraries): a first
+    # guess, which the memory planner corrects with each trial's measured peak.
+    process_overhead_bytes: ClassVar[int] = 380 * 2**20
+
+    # ------------------------------------------------------------ declarations
+
+    @classmethod
+    def fields_read(cls) -> frozenset[str]:
+        """Every TrialConfig field this backend reads."""
+        return COMMON_FIELDS | cls.reads
+
+    @classmethod
+    def check_fields(cls, config: TrialConfig) -> None:
+        """ConfigError for a field this backend does not read that is not at its default."""
+        for name in sorted(set(TrialConfig.__dataclass_fields__) - cls.fields_read()):
+            value = getattr(config, name)
+            if value != field_default(name):
+                variable = env_name(name) or "PARALLEL_WORKERS"
+                raise ConfigError(
+                    f"{name} ({variable}) is not a setting of the {cls.name} backend, got "
+                    f"{value!r}; it reads {', '.join(sorted(cls.reads)) or 'no others'}"
+                )
+
+    @classmethod
+    def space(cls, target: Target) -> BackendSpace:
+        """The knobs this backend tunes on ``target``, or why it is left out there."""
+        return BackendSpace(cls.name, excluded="not searched (a backend for tests)")
+
+    @classmethod
+    def config_changes(cls, chosen: dict, target: Target) -> dict:
+        """TrialConfig fields for knob values ``chosen`` from `space` (by default the knob
+        names are the fields)."""
+        return dict(chosen)
+
+    @classmethod
+    def knob_values(cls, config: TrialConfig, target: Target) -> dict:
+        """The inverse of `config_changes`: the knob values that give ``config`` (a name
+        missing from the result means ``config`` is no point of the space)."""
+        return config.to_dict()
+
+    @classmethod
+    def naive(cls, target: Target) -> dict:
+        """The layout a user gets from this backend without tuning, as TrialConfig fields."""
+        return {"threads_per_worker": target.cpus, "batch_size": 1}
+
+    @classmethod
+    def recipes(cls, target: Target) -> list[tuple[str, dict]]:
+        """The seeds' hand-made layouts for this backend on ``target``: (name, fields)."""
+        return []
+
+    @classmethod
+    def devices(cls, config: TrialConfig, topology: Topology) -> list[str]:
+        """The device each of the layout's processes computes on (``cpu``, ``cuda:0``)."""
+        return ["cpu"] * config.processes
+
+    @classmethod
+    def predict_memory_bytes(cls, config: TrialConfig, shape: ModelShape) -> float:
+        """Peak bytes of the layout's processes (weights, KV cache, runtime), before any
+        correction by measurement."""
+        return config.processes * cls.process_overhead_bytes
+
+    @classmethod
+    def describe(cls, config: dict) -> str:
+        """A layout in a few words: ``llamacpp 2x1 b4 q4_0 pin:spread``. Shows the fields this
+        backend reads that are not at their defaults."""
+        processes = config.get("workers", 1) * config.get("stages", 1)
+        text = f"{cls.name} {processes}x{config['threads_per_worker']} b{config['batch_size']}"
+        for name in ("quant", "dtype", "boundaries", "pinning", "kv_cache", "fault"):
+            value = config.get(name, field_default(name))
+            if name in cls.reads and value != field_default(name):
+                text += " " + _LABELS.get(name, "{}").format(value)
+        return text
+
+    # ------------------------------------------------------------ instances
 
     def __init__(self, config: TrialConfig, model: ModelSpec, topology: Topology) -> None:
         self.config = config
@@ -56,10 +180,11 @@ class Backend(ABC):
     def validate(cls, config: TrialConfig, topology: Topology) -> None:
         """Raise ConfigError if this backend cannot run ``config`` on this machine.
 
-        Called before the backend is built. The default checks that a pinning policy has the
-        CPUs it needs.
+        Called before the backend is built. The default checks the fields it reads and that a
+        pinning policy has the CPUs it needs.
         """
-        cpu_sets(topology, config.workers, config.threads_per_worker, config.pinning)
+        cls.check_fields(config)
+        cpu_sets(topology, config.processes, config.threads_per_worker, config.pinning)
 
     @classmethod
     def validate_model(cls, config: TrialConfig, model: ModelSpec, topology: Topology) -> None:

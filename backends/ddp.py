@@ -9,12 +9,14 @@ is the layout — one full model per rank under torch.distributed — not the wr
 
 from __future__ import annotations
 
-from autotune.config import TrialConfig
+from autotune.config import PINNING, TrialConfig
 from autotune.errors import ConfigError
-from backends.base import Completion
+from autotune.knobs import BackendSpace, Knob, Target
+from backends.base import Completion, threads_knob
+from backends.hf import torch_dtypes, torch_memory_bytes
 from backends.torchrun import RankGroupBackend, collective_timeout_s
 
-__all__ = ["DDPBackend", "DDPRank", "check_gpus_per_rank"]
+__all__ = ["DDPBackend", "DDPRank", "check_gpus_per_rank", "rank_limit"]
 
 
 def check_gpus_per_rank(config: TrialConfig, ranks: int, topology) -> None:
@@ -26,16 +28,59 @@ def check_gpus_per_rank(config: TrialConfig, ranks: int, topology) -> None:
         )
 
 
+def rank_limit(target: Target) -> tuple[int, str]:
+    """The most ranks a torch layout may start on ``target``, and why: one per usable CPU, or
+    on a GPU host one per GPU (each rank needs its own)."""
+    if target.gpus:
+        return min(target.cpus, target.gpus), f"one GPU per rank ({target.gpus} GPUs)"
+    return target.cpus, f"{target.cpus} usable CPUs"
+
+
 class DDPBackend(RankGroupBackend):
     """Data-parallel ranks under torchrun, one hf engine each, gathered in input order."""
 
     name = "ddp"
+    reads = frozenset({"workers", "dtype", "pinning"})
+    first_guess_s = 45.0
+    baseline_rank = 2
+
+    @classmethod
+    def space(cls, target: Target) -> BackendSpace:
+        most, why = rank_limit(target)
+        if most < 2:  # ddp with one rank is hf
+            return BackendSpace(cls.name, excluded=f"needs 2 ranks; {why} allow {most}")
+        pinning = PINNING if target.topology.threads_per_core > 1 else ("none", "spread")
+        return BackendSpace(
+            cls.name,
+            (
+                Knob("workers", tuple(range(2, most + 1)), note=f"ranks: 2 .. {most} ({why})"),
+                threads_knob(target.cpus, "workers"),
+                Knob("batch_size", target.batch_sizes),
+                Knob("dtype", torch_dtypes(target), ordered=False),
+                Knob("pinning", pinning, ordered=False),
+            ),
+        )
+
+    @classmethod
+    def naive(cls, target: Target) -> dict:
+        return {"workers": 2, "threads_per_worker": max(1, target.cpus // 2), "batch_size": 1}
+
+    @classmethod
+    def devices(cls, config, topology) -> list[str]:
+        if topology.gpus:
+            return [f"cuda:{rank}" for rank in range(config.workers)]
+        return ["cpu"] * config.workers
+
+    @classmethod
+    def predict_memory_bytes(cls, config, shape) -> float:
+        # Every rank holds its own copy of the model; the launcher is one more process.
+        ranks = config.workers
+        data = torch_memory_bytes(config, shape, weight_copies=ranks, kv_copies=ranks)
+        return data + (ranks + 1) * cls.process_overhead_bytes
 
     @classmethod
     def validate(cls, config, topology) -> None:
         super().validate(config, topology)
-        if config.quant is not None:
-            raise ConfigError("quant is for the llamacpp backend; ddp takes dtype")
         check_gpus_per_rank(config, config.workers, topology)
 
     @classmethod

@@ -11,9 +11,10 @@ import time
 from collections.abc import Sequence
 
 from autotune.errors import ConfigError
+from autotune.knobs import BackendSpace, Knob, Target
 from autotune.models import hf_dir
-from backends.base import Backend, Completion
-from experiments.workload import GenerationSettings, Prompt
+from autotune.workload import GenerationSettings, Prompt
+from backends.base import Backend, Completion, threads_knob
 
 __all__ = [
     "HFBackend",
@@ -23,7 +24,28 @@ __all__ = [
     "load_tokenizer",
     "prompt_token_ids",
     "stop_token_ids",
+    "torch_dtypes",
+    "torch_memory_bytes",
 ]
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+def torch_dtypes(target: Target) -> tuple[str, ...]:
+    """float32, and bfloat16 where the machine computes it natively (a GPU, AVX512-BF16, AMX)."""
+    flags = set(target.topology.cpu_flags)
+    if target.gpus or flags & {"avx512_bf16", "amx_bf16"}:
+        return ("float32", "bfloat16")
+    return ("float32",)
+
+
+def torch_memory_bytes(config, shape, *, weight_copies: float, kv_copies: int) -> float:
+    """Weights and KV cache of a torch layout: ``weight_copies`` of the weights at the dtype,
+    ``kv_copies`` batches of KV cache (a factor 2 on the cache covers the activations)."""
+    width = _DTYPE_BYTES[config.dtype]
+    weights = shape.parameters * width * weight_copies
+    kv = shape.kv_bytes_per_token(width) * config.ctx_per_sequence * config.batch_size * 2
+    return weights + kv * kv_copies
 
 
 class TransformersEngine:
@@ -129,17 +151,49 @@ class HFBackend(Backend):
     """transformers batching in this process."""
 
     name = "hf"
+    reads = frozenset({"dtype"})
+    first_guess_s = 40.0
+    baseline_rank = 1
+
+    @classmethod
+    def space(cls, target: Target) -> BackendSpace:
+        return BackendSpace(
+            cls.name,
+            (
+                threads_knob(target.cpus, None),
+                Knob("batch_size", target.batch_sizes),
+                Knob("dtype", torch_dtypes(target), ordered=False),
+            ),
+        )
+
+    @classmethod
+    def recipes(cls, target: Target) -> list[tuple[str, dict]]:
+        """Seed 000: transformers on all CPUs, batch 4 and 8."""
+        return [
+            (
+                f"seed 000: transformers batch {batch}",
+                {"threads_per_worker": target.cpus, "batch_size": batch},
+            )
+            for batch in (4, 8)
+        ]
+
+    @classmethod
+    def devices(cls, config, topology) -> list[str]:
+        return ["cuda:0" if topology.gpus else "cpu"]
+
+    @classmethod
+    def predict_memory_bytes(cls, config, shape) -> float:
+        data = torch_memory_bytes(config, shape, weight_copies=1, kv_copies=1)
+        return data + cls.process_overhead_bytes
 
     @classmethod
     def validate(cls, config, topology) -> None:
-        super().validate(config, topology)
         if config.workers != 1:
             raise ConfigError(
                 f"the hf backend is one process (workers must be 1, got {config.workers}); "
                 "use the ddp backend for several"
             )
-        if config.quant is not None:
-            raise ConfigError("quant is for the llamacpp backend; hf takes dtype")
+        super().validate(config, topology)
 
     def __init__(self, config, model, topology) -> None:
         super().__init__(config, model, topology)

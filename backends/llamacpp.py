@@ -15,28 +15,83 @@ import time
 from collections.abc import Sequence
 from multiprocessing.connection import wait
 
-from autotune.errors import BackendError, ConfigError
+from autotune.config import PINNING, QUANTS
+from autotune.errors import BackendError
+from autotune.knobs import BackendSpace, Knob, Target
 from autotune.pinning import cpu_sets
-from backends.base import Backend, Completion
+from autotune.workload import GenerationSettings, Prompt
+from backends.base import Backend, Completion, threads_knob
 from backends.llamacpp_quant import gguf_variant
 from backends.llamacpp_worker import worker_main
-from experiments.workload import GenerationSettings, Prompt
 
 __all__ = ["LlamaCppBackend"]
 
 _CLOSE_GRACE_S = 5.0
+# Bits per weight of llama.cpp's types, for the size of a --quant variant before it exists.
+_QUANT_BITS = {"f16": 16.0, "q8_0": 8.5, "q5_k_m": 5.7, "q4_k_m": 4.9, "q4_1": 5.0, "q4_0": 4.5}
 
 
 class LlamaCppBackend(Backend):
     """Multi-process llama.cpp with multi-sequence batching inside each worker."""
 
     name = "llamacpp"
+    reads = frozenset({"workers", "quant", "n_batch", "ctx_per_sequence", "pinning"})
+    first_guess_s = 20.0
+    baseline_rank = 0  # llama-cpp-python is what people run a GGUF with
+    process_overhead_bytes = 80 * 2**20
 
     @classmethod
-    def validate(cls, config, topology) -> None:
-        super().validate(config, topology)
-        if config.dtype != "float32":
-            raise ConfigError("dtype is for the torch backends; llamacpp takes quant")
+    def space(cls, target: Target) -> BackendSpace:
+        cpus = target.cpus
+        # compact keeps SMT siblings together; without SMT it is the same as spread.
+        pinning = PINNING if target.topology.threads_per_core > 1 else ("none", "spread")
+        return BackendSpace(
+            cls.name,
+            (
+                Knob("workers", tuple(range(1, cpus + 1))),
+                threads_knob(cpus, "workers"),
+                Knob("batch_size", target.batch_sizes),
+                Knob("quant", (None, *QUANTS), ordered=False, note="None: the file's own type"),
+                Knob(
+                    "pinning",
+                    pinning,
+                    ordered=False,
+                    only_if=lambda chosen: chosen["workers"] > 1,
+                    note="with more than one worker",
+                ),
+            ),
+        )
+
+    @classmethod
+    def naive(cls, target: Target) -> dict:
+        # llama-cpp-python's default threads: half the CPUs it counts.
+        threads = max(1, min(target.cpus, target.topology.logical_cpus // 2))
+        return {"workers": 1, "threads_per_worker": threads, "batch_size": 1}
+
+    @classmethod
+    def recipes(cls, target: Target) -> list[tuple[str, dict]]:
+        """Seed 001: PARALLEL_WORKERS x threads over all usable CPUs (1 x N, 2 x N/2, ...)."""
+        found, workers = [], 1
+        while workers <= target.cpus:
+            threads = target.cpus // workers
+            found.append(
+                (
+                    f"seed 001: {workers} workers x {threads} threads",
+                    {"workers": workers, "threads_per_worker": threads, "batch_size": 1},
+                )
+            )
+            workers *= 2
+        return found
+
+    @classmethod
+    def predict_memory_bytes(cls, config, shape) -> float:
+        # The GGUF is mmapped: N workers share its pages, so it counts once.
+        weights = shape.file_bytes
+        if config.quant:
+            weights = shape.parameters * _QUANT_BITS[config.quant] / 8
+        kv = shape.kv_bytes_per_token(2) * config.ctx_per_sequence  # f16 cache
+        kv *= config.batch_size * config.workers
+        return weights + kv + config.workers * cls.process_overhead_bytes
 
     def __init__(self, config, model, topology) -> None:
         super().__init__(config, model, topology)

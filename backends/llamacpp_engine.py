@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import llama_cpp
 import numpy as np
 
+from backends.sampling import sample_token
+
 __all__ = ["EngineItem", "EngineResult", "LlamaEngine", "silence_llama_logs"]
 
 
@@ -195,21 +197,6 @@ class LlamaEngine:
 
     # ------------------------------------------------------------------ generation
 
-    def _sample(self, logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
-        if temperature == 0.0:
-            return int(np.argmax(logits))
-        scaled = logits.astype(np.float64) / temperature
-        probs = np.exp(scaled - scaled.max())
-        probs /= probs.sum()
-        if top_p < 1.0:
-            order = np.argsort(-probs, kind="stable")
-            keep = np.cumsum(probs[order]) - probs[order] < top_p
-            mask = np.zeros_like(probs, dtype=bool)
-            mask[order[keep]] = True
-            probs = np.where(mask, probs, 0.0)
-            probs /= probs.sum()
-        return int(rng.choice(len(probs), p=probs))
-
     def run(
         self,
         take: Callable[[bool], EngineItem | None],
@@ -300,7 +287,7 @@ class LlamaEngine:
                 seq = slots[slot]
                 pointer = llama_cpp.llama_get_logits_ith(self.ctx, row)
                 logits = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
-                token = self._sample(logits, temperature, top_p, seq.rng)
+                token = sample_token(logits, temperature, top_p, seq.rng)
                 if seq.first_token_s is None:
                     seq.first_token_s = now
                 finished = llama_cpp.llama_vocab_is_eog(self.vocab, token)

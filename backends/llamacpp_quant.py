@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from autotune.cache import cache_root, cached_build
 from autotune.errors import BackendError
-from autotune.models import ModelSpec, cache_root, cached_build, weights_summary
+from autotune.models import ModelSpec, weights_summary
 
 __all__ = ["FTYPES", "gguf_variant"]
 

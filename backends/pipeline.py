@@ -16,10 +16,11 @@ import psutil
 
 from autotune.config import TrialConfig
 from autotune.errors import ConfigError
+from autotune.knobs import BackendSpace, Knob, Target
 from autotune.models import hf_dir
-from autotune.pinning import cpu_sets
-from backends.base import Completion
-from backends.ddp import check_gpus_per_rank
+from backends.base import Completion, threads_knob
+from backends.ddp import check_gpus_per_rank, rank_limit
+from backends.hf import torch_dtypes, torch_memory_bytes
 from backends.partition import (
     StageCosts,
     balanced,
@@ -33,6 +34,8 @@ from backends.torchrun import RankGroupBackend, collective_timeout_s
 __all__ = ["PipelineBackend", "memory_costs", "resolve_partition"]
 
 _BYTES = {"float32": 4, "bfloat16": 2}
+_MAX_STAGES = 8  # beyond this a micro-batch spends more time travelling than computing
+_SHIFTS = tuple(range(-3, 4))
 
 
 def _model_config(model_dir: str) -> dict:
@@ -110,10 +113,112 @@ def resolve_partition(
     return ranges
 
 
+def _shifted(layers: int, stages: int, shift: int) -> list[range]:
+    """The uniform split with every cut moved by ``shift`` layers, each stage keeping one."""
+    cuts = [r.stop for r in uniform(layers, stages)[:-1]]
+    moved: list[int] = []
+    for index, cut in enumerate(cuts):
+        low = (moved[-1] if moved else 0) + 1
+        high = layers - (len(cuts) - index)
+        moved.append(min(max(cut + shift, low), high))
+    edges = [0, *moved, layers]
+    return [range(a, b) for a, b in zip(edges, edges[1:], strict=False)]
+
+
 class PipelineBackend(RankGroupBackend):
     """Stages under torchrun, hidden states passed rank to rank, micro-batches in flight."""
 
     name = "pipeline"
+    reads = frozenset(
+        {
+            "stages",
+            "partition",
+            "boundaries",
+            "stage_memory_gb",
+            "kv_cache",
+            "dtype",
+            "ctx_per_sequence",
+            "pinning",
+        }
+    )
+    first_guess_s = 50.0
+    baseline_rank = 3
+
+    @classmethod
+    def space(cls, target: Target) -> BackendSpace:
+        ranks, why = rank_limit(target)
+        most = min(ranks, target.layers, _MAX_STAGES)
+        if most < 2:
+            return BackendSpace(cls.name, excluded=f"needs 2 stages; {why} allow {ranks}")
+        return BackendSpace(
+            cls.name,
+            (
+                Knob(
+                    "stages",
+                    tuple(range(2, most + 1)),
+                    note=f"2 .. min({why}, {target.layers} layers, {_MAX_STAGES})",
+                ),
+                threads_knob(target.cpus, "stages"),
+                Knob("batch_size", target.batch_sizes, note="micro-batch"),
+                Knob("dtype", torch_dtypes(target), ordered=False),
+                Knob(
+                    "partition",
+                    ("uniform", "compute", "shifted"),
+                    ordered=False,
+                    note="shifted: the uniform split with every cut moved by boundary_shift",
+                ),
+                Knob(
+                    "boundary_shift",
+                    _SHIFTS,
+                    only_if=lambda chosen: chosen["partition"] == "shifted",
+                    note="layers, with partition shifted",
+                ),
+            ),
+        )
+
+    @classmethod
+    def config_changes(cls, chosen: dict, target: Target) -> dict:
+        changes = {k: v for k, v in chosen.items() if k != "boundary_shift"}
+        if chosen.get("partition") == "shifted":
+            ranges = _shifted(target.layers, chosen["stages"], chosen["boundary_shift"])
+            changes.update(partition="custom", boundaries=format_boundaries(ranges))
+        return changes
+
+    @classmethod
+    def knob_values(cls, config, target: Target) -> dict:
+        values = config.to_dict()
+        if config.partition == "custom":
+            del values["partition"]  # a point of the space only as a shifted uniform split
+            for shift in _SHIFTS:
+                ranges = _shifted(target.layers, config.stages, shift)
+                if format_boundaries(ranges) == config.boundaries:
+                    values.update(partition="shifted", boundary_shift=shift)
+                    break
+        return values
+
+    @classmethod
+    def naive(cls, target: Target) -> dict:
+        return {"stages": 2, "threads_per_worker": max(1, target.cpus // 2), "batch_size": 1}
+
+    @classmethod
+    def devices(cls, config, topology) -> list[str]:
+        if topology.gpus:
+            return [f"cuda:{stage}" for stage in range(config.stages)]
+        return ["cpu"] * config.stages
+
+    @classmethod
+    def predict_memory_bytes(cls, config, shape) -> float:
+        # The weights once over all stages (the tied head on the last one too, plus loading
+        # buffers: x1.3); a KV cache per micro-batch in flight (stages + 1).
+        data = torch_memory_bytes(config, shape, weight_copies=1.3, kv_copies=config.stages + 1)
+        return data + (config.stages + 1) * cls.process_overhead_bytes
+
+    @classmethod
+    def describe(cls, config: dict) -> str:
+        text = super().describe(config)
+        if not config.get("boundaries"):
+            text += f" {config.get('partition', 'uniform')}"
+        return text
 
     @classmethod
     def validate(cls, config, topology) -> None:
@@ -122,9 +227,7 @@ class PipelineBackend(RankGroupBackend):
                 "the pipeline's processes are its stages: set --stages, not --workers "
                 f"(got workers {config.workers})"
             )
-        cpu_sets(topology, config.stages, config.threads_per_worker, config.pinning)
-        if config.quant is not None:
-            raise ConfigError("quant is for the llamacpp backend; pipeline takes dtype")
+        super().validate(config, topology)
         check_gpus_per_rank(config, config.stages, topology)
 
     @classmethod

@@ -256,7 +256,7 @@ def run_rank(spec: dict, requests=None, on_result=None) -> None:
     except BaseException:  # noqa: BLE001 - any failure is reported, then the rank exits
         text = f"rank {rank} (pid {os.getpid()}):\n{traceback.format_exc()}"
         try:
-            (rundir / f"rank{rank}.error").write_text(text)
+            (rundir / f"{spec.get('error_prefix', '')}rank{rank}.error").write_text(text)
             if conn is not None:
                 conn.send(("error", text))
         finally:
@@ -270,10 +270,12 @@ def _by_hand(argv: list[str]) -> None:
     from autotune.config import add_config_arguments, config_from_args
     from autotune.errors import AutotuneError
     from autotune.models import ModelSpec, hf_dir
-    from experiments.workload import load_workload
+    from autotune.workload import load_workload
 
     parser = argparse.ArgumentParser(prog="torchrun ... -m backends.torch_rank")
-    add_config_arguments(parser)
+    from backends import summaries
+
+    add_config_arguments(parser, summaries())
     parser.add_argument("--workload", required=True, help="JSONL of prompts")
     parser.add_argument("--output", required=True, help="JSONL of completions (rank 0 writes)")
     args = parser.parse_args(argv)
@@ -284,7 +286,7 @@ def _by_hand(argv: list[str]) -> None:
             raise AutotuneError(f"--backend must be one of {', '.join(RANK_WORKERS)}")
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if config.processes != world:
-            flag = "--stages" if config.backend == "pipeline" else "--workers"
+            flag = "--stages" if config.stages > 1 else "--workers"
             raise AutotuneError(
                 f"{flag} {config.processes}, but torchrun started {world} ranks "
                 "(--nnodes x --nproc-per-node); they must agree"
@@ -297,15 +299,15 @@ def _by_hand(argv: list[str]) -> None:
     except AutotuneError as error:
         print(f"autotune: error: {error}", file=sys.stderr)
         sys.exit(2)
-    output = Path(args.output)
+    output = Path(args.output).absolute()
+    # A failing rank's traceback goes beside the output (OUT.rank1.error), not into the cwd.
+    spec = {**spec, "rundir": str(output.parent), "error_prefix": output.name + "."}
 
     def write(result) -> None:
+        from autotune.files import write_jsonl
+
         completions = result[0] if isinstance(result, tuple) else result  # (completions, stats)
-        partial = output.with_name(output.name + ".partial")
-        with partial.open("w") as handle:
-            for completion in completions:
-                handle.write(json.dumps(completion.to_dict()) + "\n")
-        os.replace(partial, output)  # all lines or none
+        write_jsonl(output, (completion.to_dict() for completion in completions))
 
     requests = [("generate", workload.prompts, config.generation)] if rank == 0 else None
     run_rank(spec, requests, on_result=write)

@@ -35,8 +35,8 @@ import psutil
 
 from autotune.config import TrialConfig
 from autotune.errors import BackendError, ConfigError
+from autotune.workload import GenerationSettings, Prompt
 from backends.base import Backend, Completion
-from experiments.workload import GenerationSettings, Prompt
 
 __all__ = ["RankGroup", "RankGroupBackend", "collective_timeout_s"]
 

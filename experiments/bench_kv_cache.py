@@ -21,8 +21,8 @@ import time
 from autotune.config import TrialConfig
 from autotune.models import ModelSpec
 from autotune.topology import detect
+from autotune.workload import load_workload
 from backends import create_backend
-from experiments.workload import load_workload
 
 
 def main() -> int:

@@ -26,7 +26,7 @@ from autotune.config import TrialConfig
 from autotune.measure import benchmark
 from autotune.models import ModelSpec, hf_dir
 from autotune.topology import detect
-from experiments.workload import load_workload
+from autotune.workload import load_workload
 
 
 def bare_llama_cpp(model: ModelSpec, prompts, max_new_tokens: int, threads: int) -> float:

@@ -22,7 +22,7 @@ from autotune.config import TrialConfig
 from autotune.measure import benchmark
 from autotune.models import ModelSpec
 from autotune.topology import detect
-from experiments.workload import load_workload
+from autotune.workload import load_workload
 
 
 def main() -> int:

@@ -13,7 +13,6 @@ trials, same prompts, same process layout rules).
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -45,32 +44,30 @@ def main() -> int:
         print("$ " + " ".join(command[2:]), flush=True)
         if subprocess.run(command).returncode != 0:
             return 1
-    directory = Path(args.reports) / study
-    summary = json.loads((directory / "summary.json").read_text())
-    trials = [json.loads(line) for line in (directory / "trials.jsonl").open()]
-    done = [t for t in trials if t["state"] == "complete"]
-    baseline = summary["baseline"]
-    recipes = [t for t in done if t.get("role") == "recipe"]
-    winner = summary["winner"]
+    from autotune.stats import describe_speedup
+    from autotune.study import Role, StudyDir
+    from backends import describe
+
+    directory = StudyDir(Path(args.reports) / study)
+    summary = directory.load_summary()
+    recipes = [t for t in directory.records() if t.complete and t.role is Role.RECIPE]
+    baseline, winner = summary["baseline"], summary["winner"]
     if not (baseline and recipes and winner):
         print("the study has no baseline, recipe or winner to compare")
         return 1
-    recipe = max(recipes, key=lambda t: t["value"])
-    print(f"naive baseline   {baseline['value']:7.1f} tok/s")
-    print(f"best seed recipe {recipe['value']:7.1f} tok/s  ({recipe['name']})")
+    recipe = max(recipes, key=lambda t: t.value)
+    print(f"naive baseline   {baseline.value:7.1f} tok/s")
+    print(f"best seed recipe {recipe.value:7.1f} tok/s  ({recipe.name})")
     print(
-        f"winner           {winner['value']:7.1f} tok/s  (trial {winner['number']}: "
-        f"{winner['config']['backend']}, {json.dumps(_short(winner['config']))})"
+        f"winner           {winner.value:7.1f} tok/s  (trial {winner.number}: "
+        f"{describe(winner.config)})"
     )
-    vs_recipe = winner["value"] / recipe["value"]
-    paired = winner.get("paired")
-    if paired:
-        from autotune.sweep import describe_speedup
-
-        vs_base = paired["speedup"]
-        print(f"winner / baseline    {describe_speedup(paired)} (paired)")
+    vs_recipe = winner.value / recipe.value
+    if winner.paired:
+        vs_base = winner.paired["speedup"]
+        print(f"winner / baseline    {describe_speedup(winner.paired)} (paired)")
     else:
-        vs_base = winner["value"] / baseline["value"]
+        vs_base = winner.value / baseline.value
         print(f"winner / baseline    x{vs_base:.2f}  (search trials; not re-measured)")
     print(f"winner / best recipe x{vs_recipe:.2f}  (search trials)")
     print(
@@ -78,15 +75,6 @@ def main() -> int:
         f">= 1.3x best recipe {'met' if vs_recipe >= 1.3 else 'NOT met'}"
     )
     return 0
-
-
-def _short(config: dict) -> dict:
-    """The fields that matter for the winner's backend."""
-    keys = ["workers", "threads_per_worker", "batch_size", "pinning"]
-    keys.append("quant" if config["backend"] == "llamacpp" else "dtype")
-    if config["backend"] == "pipeline":
-        keys += ["stages", "partition", "boundaries"]
-    return {k: config[k] for k in keys if config.get(k) not in (None, "none")}
 
 
 if __name__ == "__main__":

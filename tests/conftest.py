@@ -64,7 +64,8 @@ def tiny_gguf(isolated_cache):
 
     Four layers, so the pipeline tests can split it into up to four stages.
     """
-    from autotune.models import ModelSpec, file_lock
+    from autotune.cache import file_lock
+    from autotune.models import ModelSpec
 
     # Loaded by path: putting tests/ on sys.path would let tests/backends/ shadow the
     # backends package.
@@ -88,3 +89,28 @@ def topology():
     from autotune.topology import detect
 
     return detect()
+
+
+@pytest.fixture
+def simulated_sweep(topology, tiny_gguf):
+    """Run a whole sweep on a fake clock with simulated fake-backend trials (no process, no
+    sleep): ``simulated_sweep(options, extra=[...])`` returns (summary, clock, runner)."""
+    from autotune.memory_plan import model_shape
+    from autotune.sweep import Sweep
+    from backends.fake import FakeClock, SimulatedTrials
+
+    def run(options, extra=(), machine=None):
+        clock = FakeClock()
+        runner = SimulatedTrials(clock, machine or topology)
+        summary = Sweep(
+            options,
+            topology=machine or topology,
+            model=tiny_gguf,
+            shape=model_shape(tiny_gguf),
+            clock=clock,
+            runner=runner,
+            extra=list(extra),
+        ).run()
+        return summary, clock, runner
+
+    return run

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from experiments.workload import TINY_WORKLOAD
+from autotune.workload import TINY_WORKLOAD
 
 
 def test_bench_fake_json_and_output(cli, tmp_path):

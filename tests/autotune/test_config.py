@@ -8,6 +8,7 @@ import pytest
 
 from autotune.config import TrialConfig, add_config_arguments, config_from_args
 from autotune.errors import ConfigError
+from backends import summaries
 
 
 def test_defaults_are_valid_and_total_threads():
@@ -19,10 +20,6 @@ def test_defaults_are_valid_and_total_threads():
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        (
-            {"backend": "vllm"},
-            "backend must be one of llamacpp, hf, ddp, pipeline, fake, got 'vllm'",
-        ),
         ({"workers": 0}, "workers must be a whole number >= 1, got 0"),
         ({"threads_per_worker": 1.5}, "threads_per_worker must be a whole number >= 1, got 1.5"),
         (
@@ -31,9 +28,7 @@ def test_defaults_are_valid_and_total_threads():
         ),
         ({"dtype": "float16"}, "dtype must be one of float32, bfloat16, got 'float16'"),
         ({"pinning": "numa"}, "pinning must be one of none, compact, spread, got 'numa'"),
-        ({"fault": "crash"}, "fault is for the fake backend only"),
-        ({"stages": 2}, "stages is for the pipeline backend"),
-        ({"kv_cache": False}, "kv_cache is for the pipeline backend"),
+        ({"workers": 2, "stages": 2}, "workers (2) and stages (2) cannot both be above 1"),
         ({"backend": "pipeline", "boundaries": "0-3,4-7"}, "--partition custom and --boundaries"),
         ({"backend": "pipeline", "partition": "custom"}, "--partition custom and --boundaries"),
         ({"backend": "pipeline", "stage_memory_gb": 2.0}, "the cap of --partition memory"),
@@ -50,6 +45,40 @@ def test_validation_names_field_allowed_and_given(changes, message):
     assert message in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"backend": "vllm"},
+            "backend must be one of llamacpp, hf, ddp, pipeline, fake, got 'vllm'",
+        ),
+        ({"fault": "crash"}, "fault (AUTOTUNE_FAULT) is not a setting of the llamacpp backend"),
+        ({"stages": 2}, "stages (PIPELINE_STAGES) is not a setting of the llamacpp backend"),
+        ({"kv_cache": False}, "kv_cache (AUTOTUNE_KV_CACHE) is not a setting of the llamacpp"),
+        ({"backend": "hf", "quant": "q4_0"}, "quant (MODEL_QUANT) is not a setting of the hf"),
+        ({"dtype": "bfloat16"}, "dtype (TORCH_DTYPE) is not a setting of the llamacpp backend"),
+        ({"backend": "hf", "workers": 2}, "PARALLEL_WORKERS) is not a setting of the hf backend"),
+    ],
+)
+def test_a_backend_refuses_the_fields_it_does_not_read(changes, message):
+    from backends import check_config
+
+    with pytest.raises(ConfigError) as error:
+        check_config(TrialConfig(**changes))
+    assert message in str(error.value)
+
+
+def test_every_backend_accepts_its_own_fields():
+    from backends import check_config
+
+    check_config(TrialConfig(backend="fake", workers=2, fault="crash"))
+    check_config(TrialConfig(backend="llamacpp", workers=3, quant="q4_0", pinning="spread"))
+    check_config(TrialConfig(backend="ddp", workers=2, dtype="bfloat16"))
+    check_config(
+        TrialConfig(backend="pipeline", stages=2, partition="custom", boundaries="0-3,4-7")
+    )
+
+
 def test_pipeline_processes_are_its_stages():
     config = TrialConfig(backend="pipeline", stages=3, threads_per_worker=2)
     assert config.processes == 3 and config.total_threads == 6
@@ -57,7 +86,7 @@ def test_pipeline_processes_are_its_stages():
 
 def test_pipeline_switches_on_the_command_line():
     parser = argparse.ArgumentParser()
-    add_config_arguments(parser)
+    add_config_arguments(parser, summaries())
     flags = "--backend pipeline --stages 2 --partition custom --boundaries 0-13,14-29"
     args = parser.parse_args([*flags.split(), "--no-kv-cache"])
     config = config_from_args(args)
@@ -78,7 +107,7 @@ def test_dict_round_trip_and_unknown_fields():
 
 def test_cli_flags_come_from_the_fields():
     parser = argparse.ArgumentParser()
-    add_config_arguments(parser)
+    add_config_arguments(parser, summaries())
     args = parser.parse_args(
         [
             "--backend",

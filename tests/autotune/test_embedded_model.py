@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from autotune.models import ModelSpec, cache_entry_problem, hf_dir
+from autotune.cache import cache_entry_problem
+from autotune.models import ModelSpec, hf_dir
 
 pytestmark = pytest.mark.slow
 

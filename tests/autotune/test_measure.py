@@ -10,8 +10,8 @@ import pytest
 
 from autotune.config import TrialConfig
 from autotune.measure import TreeSampler, benchmark, tree_memory
+from autotune.workload import TINY_WORKLOAD, load_workload
 from backends.fake import modelled_tokens_per_s
-from experiments.workload import TINY_WORKLOAD, load_workload
 
 
 def test_benchmark_keeps_raw_samples_and_follows_the_fake_speed(tiny_gguf, topology):

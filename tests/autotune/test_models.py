@@ -8,9 +8,10 @@ import threading
 import numpy as np
 import pytest
 
-from autotune import models
+from autotune import cache
+from autotune.cache import cache_entry_problem
 from autotune.errors import ConfigError
-from autotune.models import ModelSpec, cache_entry_problem, hf_dir, weights_summary
+from autotune.models import ModelSpec, hf_dir, weights_summary
 
 
 def test_embedded_default_is_the_packaged_gguf():
@@ -123,7 +124,7 @@ def test_cache_entry_with_damaged_bytes_is_rebuilt(tmp_path, fake_gguf):
 def test_partial_cache_entry_is_rebuilt(tmp_path, fake_gguf):
     convert = FakeConverter()
     entry = hf_dir(fake_gguf, root=tmp_path, convert=convert)
-    (entry / models.MANIFEST).unlink()  # as if a build died before finishing
+    (entry / cache.MANIFEST).unlink()  # as if a build died before finishing
     assert "partial" in cache_entry_problem(entry, fake_gguf.sha256())
     hf_dir(fake_gguf, root=tmp_path, convert=convert)
     assert convert.calls == 2
@@ -160,7 +161,7 @@ def test_concurrent_builders_convert_once(tmp_path, fake_gguf):
 
 def test_cache_root_honours_env(monkeypatch, tmp_path):
     monkeypatch.setenv("AUTOTUNE_CACHE", str(tmp_path / "c"))
-    assert models.cache_root() == tmp_path / "c"
+    assert cache.cache_root() == tmp_path / "c"
     monkeypatch.delenv("AUTOTUNE_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert models.cache_root() == tmp_path / "xdg" / "autotune"
+    assert cache.cache_root() == tmp_path / "xdg" / "autotune"

@@ -9,14 +9,11 @@ import re
 import pytest
 
 from autotune.config import TrialConfig
-from autotune.memory_plan import ModelShape
 from autotune.report import FIGURES, links
-from autotune.sweep import SweepOptions, run_sweep
+from autotune.sweep import SweepOptions
 
 PNG = b"\x89PNG\r\n\x1a\n"
-SHAPE = ModelShape(
-    file_bytes=100 * 2**20, parameters=135_000_000, layers=30, kv_heads=3, head_dim=64
-)
+NAMES = [figure.name for figure in FIGURES]
 ROOFLINE = {  # a stand-in for `autotune detect --roofline`, which takes seconds to measure
     "threads": 2,
     "memory_bandwidth_gb_s": 30.0,
@@ -26,8 +23,8 @@ ROOFLINE = {  # a stand-in for `autotune detect --roofline`, which takes seconds
 }
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory, topology, tiny_gguf):
+@pytest.fixture
+def study(tmp_path_factory, simulated_sweep):
     reports = tmp_path_factory.mktemp("reports")
     options = SweepOptions(
         study="r",
@@ -40,13 +37,7 @@ def study(tmp_path_factory, topology, tiny_gguf):
         seed=3,
         trial_timeout_s=4,
     )
-    run_sweep(
-        options,
-        topology=topology,
-        model=tiny_gguf,
-        shape=SHAPE,
-        extra=[TrialConfig(backend="fake", fault="crash")],
-    )
+    simulated_sweep(options, extra=[TrialConfig(backend="fake", fault="crash")])
     (reports / "r" / "roofline.json").write_text(json.dumps(ROOFLINE))
     return reports
 
@@ -55,12 +46,12 @@ def test_report_writes_every_figure_and_both_documents(cli, study):
     result = cli("report", "--reports", str(study), "--study", "r")
     assert result.returncode == 0, result.stderr
     directory = study / "r"
-    for name in FIGURES:
+    for name in NAMES:
         data = (directory / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 5000, name
     markdown = directory / "report.md"
     linked = links(markdown)
-    assert sorted(linked) == sorted(FIGURES)
+    assert sorted(linked) == sorted(NAMES)
     assert all((directory / link).is_file() for link in linked)
     text = markdown.read_text()
     assert "## Top configurations" in text and "| trial |" in text
@@ -79,7 +70,7 @@ def test_a_study_cut_off_midway_still_reports(cli, study, tmp_path):
     (cut / "trials.jsonl").write_text("\n".join(lines) + '\n{"number": 9, "sta')
     result = cli("report", "--reports", str(tmp_path), "--study", "cut", "--no-roofline")
     assert result.returncode == 0, result.stderr
-    assert all((cut / name).read_bytes().startswith(PNG) for name in FIGURES)
+    assert all((cut / name).read_bytes().startswith(PNG) for name in NAMES)
     assert "interrupted" in (cut / "report.md").read_text()
 
 

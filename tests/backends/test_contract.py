@@ -12,8 +12,8 @@ import pytest
 
 from autotune.config import TrialConfig
 from autotune.errors import ConfigError
+from autotune.workload import GenerationSettings, Prompt
 from backends import BACKENDS, create_backend
-from experiments.workload import GenerationSettings, Prompt
 
 PROMPTS = tuple(
     Prompt(id=f"p{i}", text=text)
@@ -43,7 +43,7 @@ BAD = {
     "llamacpp": ({"dtype": "bfloat16"}, "dtype"),
     "hf": ({"workers": 2}, "workers must be 1"),
     "ddp": ({"quant": "q4_0"}, "quant"),
-    "pipeline": ({"workers": 2}, "--stages"),
+    "pipeline": ({"workers": 2}, "workers \\(2\\) and stages \\(2\\)"),
 }
 
 

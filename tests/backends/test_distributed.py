@@ -19,9 +19,9 @@ import pytest
 
 from autotune.config import TrialConfig
 from autotune.errors import BackendError, ConfigError
+from autotune.workload import GenerationSettings, Prompt
 from backends import create_backend
 from backends.torch_rank import shard
-from experiments.workload import GenerationSettings, Prompt
 
 PROMPTS = tuple(
     Prompt(id=f"q{i}", text=f"Question {i}: what is {i} plus {2 * i}? Say it in words.")

@@ -11,8 +11,8 @@ import pytest
 
 from autotune.config import TrialConfig
 from autotune.models import ModelSpec
+from autotune.workload import TINY_WORKLOAD, GenerationSettings, load_workload
 from backends import create_backend
-from experiments.workload import TINY_WORKLOAD, GenerationSettings, load_workload
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,9 @@ import pytest
 from autotune.config import TrialConfig
 from autotune.errors import BackendError
 from autotune.models import ModelSpec, weights_summary
+from autotune.workload import DEFAULT_WORKLOAD, GenerationSettings, load_workload
 from backends import create_backend
 from backends.llamacpp_quant import gguf_variant
-from experiments.workload import DEFAULT_WORKLOAD, GenerationSettings, load_workload
 
 pytestmark = pytest.mark.llamacpp
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from autotune.errors import ConfigError
-from experiments.workload import (
+from autotune.workload import (
     DEFAULT_WORKLOAD,
     TINY_WORKLOAD,
     GenerationSettings,

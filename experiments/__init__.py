@@ -1,1 +1,0 @@
-"""Workloads (the prompts pushed through a model) and the benchmark scripts that use them."""
