@@ -247,7 +247,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         options, topology=topology, model=model, shape=model_shape(model), on_event=progress
     )
     console.show_sweep(summary)
-    return 130 if summary.interrupted else 0
+    if summary.interrupted:
+        return 130
+    if summary.winner is None:  # the study's files are written; nothing to export
+        print(
+            f"autotune sweep: failed: no trial finished with every request answered; "
+            f"see {summary.directory / 'trials.jsonl'}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def _backends(text: str) -> list[str]:
@@ -410,10 +419,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     result = benchmark(
         config, workload, ModelSpec.resolve(config.model), topology, repeats=args.repeats
     )
-    warnings = console.show_verify(recorded, result, topology.fingerprint())
+    warnings, inside = console.show_verify(recorded, result, topology.fingerprint())
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    return 0
+    return 0 if inside else 1  # a config that no longer performs as exported is a failure
 
 
 # --------------------------------------------------------------------------- parser

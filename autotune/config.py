@@ -33,7 +33,7 @@ DTYPES = ("float32", "bfloat16")
 PINNING = ("none", "compact", "spread")
 PARTITIONS = ("uniform", "memory", "compute", "custom")
 # Failures the fake backend produces on request, for tests of everything above the backends.
-FAULTS = ("none", "crash", "oom", "hang")
+FAULTS = ("none", "crash", "oom", "hang", "error")
 
 
 def _field(default: Any, flag: str | None, help: str, **extra: Any):
@@ -48,6 +48,11 @@ class TrialConfig:
     workers: int = _field(1, "--workers", "processes (llama.cpp workers, DDP ranks)")
     threads_per_worker: int = _field(1, "--threads", "threads in each worker process")
     batch_size: int = _field(1, "--batch-size", "sequences decoded together per worker")
+    prefill_threads: int | None = _field(
+        None,
+        "--prefill-threads",
+        "llama.cpp threads for prompt processing (n_threads_batch; default: --threads)",
+    )
     quant: str | None = _field(
         None,
         "--quant",
@@ -118,6 +123,12 @@ class TrialConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
+        if self.prefill_threads is not None and (
+            not isinstance(self.prefill_threads, int) or self.prefill_threads < 1
+        ):
+            raise ConfigError(
+                f"prefill_threads must be a whole number >= 1, got {self.prefill_threads!r}"
+            )
         if self.quant is not None:
             object.__setattr__(self, "quant", self.quant.lower())
         for name, allowed in (
@@ -223,6 +234,10 @@ class TrialConfig:
                 raise ConfigError(
                     f"PARALLEL_WORKERS={env['PARALLEL_WORKERS']!r}: not a valid int"
                 ) from None
+        for name in ("workers", "stages"):  # before any arithmetic on them
+            if given.get(name, 1) < 1:
+                variable = env_name(name) or "PARALLEL_WORKERS"
+                raise ConfigError(f"{variable}={given[name]!r}: must be >= 1")
         if "THREADS_PER_WORKER" not in env and env.get("INFERENCE_NUM_THREADS"):
             # Seed 001 sets only the total: threads per worker = total / workers.
             processes = given.get("workers", 1) * given.get("stages", 1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import statistics
 
 from autotune.config import TrialConfig
 from autotune.errors import ConfigError
@@ -59,6 +60,13 @@ def figures(summary: dict, fingerprint: str | None) -> dict:
         "study": summary["study"],
         "trial": winner.number,
         "tokens_per_s": winner.value,
+        # What the winner measured in the paired runs against the baseline: the fairer figure
+        # to check it against later (the search trial is one run, picked as the best of many).
+        "paired_tokens_per_s": (
+            statistics.median(winner.paired["candidate"])
+            if winner.paired and winner.paired.get("candidate")
+            else None
+        ),
         "baseline_tokens_per_s": baseline.value if baseline else None,
         "confirmed": bool(winner.paired),
         "speedup": None,
@@ -68,6 +76,8 @@ def figures(summary: dict, fingerprint: str | None) -> dict:
         "machine_fingerprint": fingerprint,
         "versions": {k: v for k, v in versions().items() if v is not None},
     }
+    data["chosen_among"] = None
+    data["note"] = summary.get("note")
     if winner.paired:
         paired = winner.paired
         data.update(
@@ -75,8 +85,9 @@ def figures(summary: dict, fingerprint: str | None) -> dict:
             ci_low=paired.get("ci_low"),
             ci_high=paired.get("ci_high"),
             pairs=paired["pairs"],
+            chosen_among=paired.get("chosen_among"),
         )
-    elif baseline:
+    elif baseline and baseline.value:
         data["speedup"] = winner.value / baseline.value
     return data
 
@@ -86,9 +97,14 @@ def _header(found: dict) -> list[str]:
     if found["machine_fingerprint"]:
         lines.append(f"machine fingerprint: {found['machine_fingerprint']}")
     lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in found["versions"].items()))
-    lines.append(f"measured: {found['tokens_per_s']:.1f} tokens/s (trial {found['trial']})")
+    measured = f"measured: {found['tokens_per_s']:.1f} tokens/s (trial {found['trial']})"
+    if found["paired_tokens_per_s"] is not None:
+        measured += f"; paired runs: {found['paired_tokens_per_s']:.1f} tokens/s (median)"
+    lines.append(measured)
+    if found["note"]:
+        lines.append(found["note"])
     if found["confirmed"]:
-        paired = {k: found[k] for k in ("speedup", "pairs", "ci_low", "ci_high")}
+        paired = {k: found[k] for k in ("speedup", "pairs", "ci_low", "ci_high", "chosen_among")}
         lines.append(f"speedup over the naive baseline: {describe_speedup(paired)}")
     elif found["speedup"] is not None:
         lines.append(
@@ -106,6 +122,8 @@ def parse_header(comments: list[str]) -> dict:
             found["fingerprint"] = match.group(1)
         elif match := re.match(r"measured: ([\d.]+) tokens/s", line):
             found["tokens_per_s"] = float(match.group(1))
+            if paired := re.search(r"paired runs: ([\d.]+) tokens/s", line):
+                found["paired_tokens_per_s"] = float(paired.group(1))
         elif match := re.search(
             r"x([\d.]+) over (\d+) A B pairs(?:, 95% CI ([\d.]+)-([\d.]+))?", line
         ):

@@ -8,13 +8,17 @@ backend fails mid-chunk (a worker killed), it is restarted and the chunk's items
 queue; an item that fails on its own is written with ``success: false`` and the rest go on.
 At the end the partial file is renamed to OUTPUT: a file under the final name is complete.
 
-One output line per input line: every input field kept, plus ``answer``, ``inference_time``,
-``worker_rank``, ``success`` and ``error`` (seed 003's record). A "main" + "branches" line has
-one answer per branch, in order.
+One output line per input line, in input order: every input field kept, plus ``answer``,
+``inference_time``, ``worker_rank``, ``success`` and ``error`` (seed 003's record), and
+``request_hash``, a hash of the line's prompts and the config that answered them. A "main" +
+"branches" line has one answer per branch, in order. A re-run keeps an earlier answer only
+when its id is in the input and its request_hash matches: an edited prompt or another config
+is answered again, and lines no longer in the input are dropped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -23,6 +27,7 @@ from pathlib import Path
 
 from autotune.config import TrialConfig
 from autotune.errors import BackendError, ConfigError
+from autotune.files import atomic_write
 
 __all__ = ["RunStats", "config_from_env_file", "read_env_file", "run_job"]
 
@@ -32,9 +37,13 @@ _RESTARTS = 3  # backend restarts per chunk before its items are written as fail
 def read_env_file(path: Path) -> tuple[dict[str, str], list[str]]:
     """(variables, comment lines) of a KEY=VALUE file; a bad line names the file and line."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"--env {path}: cannot read ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"--env {path}: not a text file (byte {error.start} is not UTF-8)"
+        ) from None
     env, comments = {}, []
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
@@ -103,7 +112,13 @@ def _line_id(group) -> str:
     return group[0].id
 
 
-def _record(group, completions) -> dict:
+def request_hash(group, config: TrialConfig) -> str:
+    """What an answer depends on: the line's prompts and the whole config."""
+    key = json.dumps([[p.text for p in group], config.to_dict()], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _record(group, completions, config: TrialConfig) -> dict:
     record = {k: v for k, v in group[0].record.items() if k != "branch_index"}
     answers = [c.text for c in completions]
     errors = [c.error for c in completions if c.error]
@@ -113,6 +128,7 @@ def _record(group, completions) -> dict:
         inference_time=round(sum(c.latency_s for c in completions), 4),
         worker_rank=completions[0].worker_rank,
         success=not errors,
+        request_hash=request_hash(group, config),
     )
     if errors:
         record["error"] = errors[0]
@@ -132,18 +148,16 @@ def run_job(
     from backends import create_backend
 
     partial = output.with_name(output.name + ".partial")
-    # Keep the successful lines of earlier runs, once each; failed ones are run again.
+    groups = _lines(workload)
+    wanted = {_line_id(g): request_hash(g, config) for g in groups}
+    # Keep the successful lines of earlier runs that answer this input with this config, once
+    # each; failed ones, edited prompts and lines of another config are run again.
     kept: dict[str, str] = {}
     for path in (output, partial):
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if record.get("success"):
-                    kept.setdefault(str(record.get("id")), line)
-    groups = _lines(workload)
+        for record, line in _read_records(path):
+            line_id = str(record.get("id"))
+            if record.get("success") and record.get("request_hash") == wanted.get(line_id):
+                kept.setdefault(line_id, line)
     todo = [g for g in groups if _line_id(g) not in kept]
     stats = RunStats(skipped=len(groups) - len(todo))
     backend = create_backend(config, model, topology)  # a bad config fails before any output
@@ -183,7 +197,7 @@ def run_job(
                 by_id = {c.id: c for c in completions}
                 for group in chunk:
                     answers = [by_id[p.id] for p in group]
-                    record = _record(group, answers)
+                    record = _record(group, answers, config)
                     handle.write(json.dumps(record) + "\n")
                     for answer in answers:
                         stats.add(answer.worker_rank, answer.error is None, answer.latency_s)
@@ -195,8 +209,22 @@ def run_job(
                 start += chunk_size
         finally:
             backend.close()
-    partial.replace(output)  # complete: only now under the final name
+    # Complete: only now under the final name, in input order.
+    answered = {str(record.get("id")): line for record, line in _read_records(partial)}
+    atomic_write(output, "".join(answered[line_id] + "\n" for line_id in wanted))
+    partial.unlink()
     return stats
+
+
+def _read_records(path: Path):
+    """(record, line) of each whole JSON line of ``path`` (a torn last line is skipped)."""
+    if not path.exists():
+        return
+    for line in path.read_text().splitlines():
+        try:
+            yield json.loads(line), line
+        except json.JSONDecodeError:
+            continue
 
 
 def _failed(prompt, error: str):

@@ -156,4 +156,7 @@ def describe_speedup(paired: dict) -> str:
     text = f"x{paired['speedup']:.2f} over {paired['pairs']} A B pairs"
     if paired.get("ci_low") is not None:
         text += f", 95% CI {paired['ci_low']:.2f}-{paired['ci_high']:.2f}"
+    if (paired.get("chosen_among") or 1) > 1:
+        # Picking the best of several on these pairs favours it: the interval is optimistic.
+        text += f" (the best of {paired['chosen_among']} layouts on these same pairs)"
     return text

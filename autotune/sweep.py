@@ -132,6 +132,7 @@ class SweepSummary:
     elapsed_s: float
     interrupted: bool = False
     uses_smt_siblings: bool = False
+    note: str | None = None
 
     @property
     def best_recipe(self) -> TrialRecord | None:
@@ -188,6 +189,7 @@ class Sweep:
         self.planner = MemoryPlanner(shape, limit)
         self.space = SearchSpace(self.target, options.backends, options.base, self.planner)
         self.records: list[TrialRecord] = []
+        self.note: str | None = None  # what the summary must say about the winner
         self.costs: dict[str, list[float]] = {}
         self.seen: dict[str, int] = {}
         self.started = clock()
@@ -262,6 +264,7 @@ class Sweep:
             baseline=baseline,
             elapsed_s=self.elapsed_s(),
             interrupted=interrupted,
+            note=self.note,
         )
         summary.uses_smt_siblings = _write_outputs(summary, self.dir, self.topology)
         return summary
@@ -271,23 +274,54 @@ class Sweep:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = self.dir.storage_url(self.options.storage)
-        self.dir.create()
+        # A --storage URL is opened before anything is written; the default SQLite file needs
+        # the study's directory first.
+        if not self.options.storage:
+            self.dir.create()
         try:
             existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
         except Exception as error:  # noqa: BLE001 - any storage failure is the URL's fault
-            raise ConfigError(f"--storage {storage}: cannot open it ({error})") from None
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ConfigError(
+                f"--storage {storage}: cannot open it ({type(error).__name__}: {first[:160]})"
+            ) from None
+        self.dir.create()
         if self.options.study in existing and not self.options.resume:
             raise ConfigError(
                 f"--study {self.options.study}: a study of that name exists in {storage}; "
                 "add --resume to continue it, or name another"
             )
-        return optuna.create_study(
+        study = optuna.create_study(
             study_name=self.options.study,
             storage=storage,
             direction="maximize",
             load_if_exists=True,
             sampler=optuna.samplers.TPESampler(seed=self.options.seed),
         )
+        # Trials of one study are compared with each other: they must measure the same thing.
+        measurement = self.measurement()
+        recorded = study.user_attrs.get("measurement")
+        if recorded is None:
+            study.set_user_attr("measurement", measurement)
+        elif recorded != measurement:
+            raise ConfigError(_measurement_differs(self.options.study, recorded, measurement))
+        return study
+
+    def measurement(self) -> dict:
+        """What every trial of this study measures: the prompts (the workload file and its
+        hash, the first --limit of them), the passes, and the shared config (model, tokens)."""
+        from autotune.cache import file_sha256
+        from autotune.workload import DEFAULT_WORKLOAD
+
+        workload = Path(self.options.workload or DEFAULT_WORKLOAD)
+        return {
+            "workload": self.options.workload or "shipped default",
+            "workload_sha256": file_sha256(workload),
+            "limit": self.options.limit,
+            "repeats": self.options.repeats,
+            "warmup": self.options.warmup,
+            "base": self.options.base.to_dict(),
+        }
 
     def _write_machine(self) -> None:
         self.dir.write_json(
@@ -378,12 +412,17 @@ class Sweep:
         if outcome.state == "complete":
             result = outcome.result
             record = record.with_(
-                state=TrialState.COMPLETE,
-                value=result["tokens_per_s"],
                 result={k: result.get(k) for k in _RESULT_KEYS},
                 samples=result.get("samples"),
             )
             self.planner.observe(config, result["peak_memory_bytes"])
+            unanswered = _unanswered(result)
+            if unanswered:
+                # Its tokens/s leaves out the requests it failed, which the user's job
+                # contains: it must not win (it would fail those lines in `autotune run`).
+                record = record.with_(failure_class="requests", stderr_tail=unanswered)
+            else:
+                record = record.with_(state=TrialState.COMPLETE, value=result["tokens_per_s"])
         else:
             record = record.with_(
                 failure_class=outcome.failure_class,
@@ -412,11 +451,10 @@ class Sweep:
         if record.complete:
             study.tell(trial, record.value)
         else:
-            state = {
-                TrialState.FAIL: optuna.trial.TrialState.FAIL,
-                TrialState.PRUNED: optuna.trial.TrialState.PRUNED,
-            }[record.state]
-            study.tell(trial, state=state)
+            # A trial that never ran is FAIL to Optuna, not PRUNED: TPE counts pruned trials in
+            # its "bad" group, which would mark the region of a duplicate or of a config asked
+            # for too late as slow; failed trials it leaves out. The record says what happened.
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
         StudyDir.append(self.log, record)
         self.records.append(record)
         self._remember(record)
@@ -475,7 +513,19 @@ class Sweep:
             rates = outcome.result
             stats = speedup_interval(rates["candidate"], rates["baseline"])
             confirmed.append(record.with_(paired={**stats, **rates}, confirmed=True))
-        return max(confirmed, key=lambda r: r.paired["speedup"], default=None)
+        if not confirmed:
+            return None
+        best = max(confirmed, key=lambda r: r.paired["speedup"])
+        if best.paired["speedup"] <= 1.0:
+            # The baseline is a candidate too: no layout beat it when measured side by side,
+            # so exporting one would make the user's job slower.
+            self.note = (
+                f"no layout beat the naive baseline in paired runs (best: trial {best.number}, "
+                f"x{best.paired['speedup']:.2f}); the winner is the baseline"
+            )
+            return baseline.with_(confirmed=True)
+        # The interval comes from the same pairs that picked this layout among the others.
+        return best.with_(paired={**best.paired, "chosen_among": len(confirmed)})
 
 
 def run_sweep(options: SweepOptions, **kwargs) -> SweepSummary:
@@ -494,11 +544,48 @@ _RESULT_KEYS = (
     "ttft_p50_s",
     "load_time_s",
     "peak_memory_bytes",
+    "failed_requests",
     "cpu_utilisation",
     "tokens_per_s_summary",
     "warnings",
     "details",
 )
+
+
+_FLAGS = {
+    "workload": "--workload",
+    "workload_sha256": "--workload (its content)",
+    "limit": "--limit",
+    "repeats": "--repeats",
+    "warmup": "--warmup",
+}
+
+
+def _measurement_differs(study: str, recorded: dict, now: dict) -> str:
+    """One line naming what a resumed sweep would measure differently from its study."""
+    changes = []
+    for key, flag in _FLAGS.items():
+        if recorded.get(key) != now.get(key) and not (key == "workload_sha256" and changes):
+            changes.append(f"{flag} {now.get(key)} (the study has {recorded.get(key)})")
+    base_before, base_now = recorded.get("base") or {}, now["base"]
+    for name in sorted(set(base_before) | set(base_now)):
+        if base_before.get(name) != base_now.get(name):
+            changes.append(f"{name} {base_now.get(name)} (the study has {base_before.get(name)})")
+    return (
+        f"--resume {study}: its trials were measured differently; resume with the same "
+        f"settings or name a new study: {'; '.join(changes)}"
+    )
+
+
+def _unanswered(result: dict) -> str | None:
+    """Why a measured trial cannot count: requests it failed, or no token at all."""
+    failed = result.get("failed_requests") or 0
+    if failed:
+        first = next((w for w in result.get("warnings") or () if "requests failed" in w), "")
+        return f"{failed} requests failed" + (f" ({first})" if first else "")
+    if not result.get("tokens_per_s"):
+        return "generated no tokens"
+    return None
 
 
 def _key(config: TrialConfig | dict) -> str:
@@ -547,15 +634,18 @@ def _write_outputs(summary: SweepSummary, directory: StudyDir, topology) -> bool
     )
     data = {
         "study": summary.study,
-        # More threads than physical cores means SMT siblings are in use (seed 001's question).
-        "uses_smt_siblings": winner_threads > topology.physical_cores,
+        # More threads than the usable physical cores means SMT siblings are in use (seed
+        # 001's question); the host's core count would be wrong in a container.
+        "uses_smt_siblings": winner_threads > topology.usable_cores,
         "machine": {
             "physical_cores": topology.physical_cores,
+            "usable_cores": topology.usable_cores,
             "usable_cpus": topology.usable_cpus,
             "threads_per_core": topology.threads_per_core,
         },
         "elapsed_s": summary.elapsed_s,
         "interrupted": summary.interrupted,
+        "note": summary.note,
         "winner": summary.winner,
         "baseline": summary.baseline,
         "counts": {state.value: summary.count(state) for state in TrialState},

@@ -102,6 +102,14 @@ class Topology:
     gpus: tuple[Gpu, ...] = field(default=())
 
     @property
+    def usable_cores(self) -> int:
+        """Physical cores this process may use: cores with a CPU in the affinity mask, no more
+        than the usable CPUs. More threads than this share a core's SMT siblings."""
+        allowed = set(self.affinity_cpus)
+        cores = sum(1 for group in self.smt_siblings if allowed.intersection(group))
+        return min(cores, self.usable_cpus)
+
+    @property
     def smt_enabled(self) -> bool:
         """True when at least one core runs more than one hardware thread."""
         return self.threads_per_core > 1

@@ -168,8 +168,11 @@ def _paired(spec, candidate, workload, model, topology) -> dict:
             backend.load()
             width = max(1, (baseline if name == "baseline" else candidate).processes)
             backend.generate(workload.prompts[: width * 2], candidate.generation)  # warm up
-        for _ in range(spec["pairs"]):
-            for name, backend in backends.items():
+        order = list(backends.items())
+        for pair in range(spec["pairs"]):
+            # Alternate which goes first (A B, B A, ...): whatever drifts over the pairs (the
+            # machine warming up, a neighbour starting) then favours neither side.
+            for name, backend in order if pair % 2 == 0 else order[::-1]:
                 start = time.monotonic()
                 completions = backend.generate(workload.prompts, candidate.generation)
                 tokens = sum(len(c.token_ids) for c in completions)

@@ -6,7 +6,8 @@ less than processes, batching helps with diminishing returns, SMT adds a little.
 call sleeps for the modelled time, so measured tokens/s follow the model.
 
 ``fault`` makes it fail on purpose: ``crash`` exits with code 3, ``oom`` kills itself with
-SIGKILL as the kernel's OOM killer would, ``hang`` sleeps forever.
+SIGKILL as the kernel's OOM killer would, ``hang`` sleeps forever, ``error`` raises the
+BackendError a backend raises when it cannot generate.
 
 `SimulatedTrials` runs whole trials without a process or a sleep: it computes each trial's
 outcome from the same speed model and moves a `FakeClock` on by the time it would have
@@ -22,6 +23,7 @@ import signal
 import time
 from collections.abc import Sequence
 
+from autotune.errors import BackendError
 from autotune.knobs import BackendSpace, Knob, Target
 from autotune.workload import GenerationSettings, Prompt
 from backends.base import Backend, Completion, threads_knob
@@ -54,7 +56,7 @@ class FakeBackend(Backend):
     """A backend with no model: deterministic outputs, modelled timings, faults on request."""
 
     name = "fake"
-    reads = frozenset({"workers", "fault"})
+    reads = frozenset({"workers", "fault", "ctx_per_sequence"})
     first_guess_s = 5.0
     baseline_rank = 5
     process_overhead_bytes = 40 * 2**20
@@ -94,9 +96,28 @@ class FakeBackend(Backend):
         if fault == "hang":
             while True:
                 time.sleep(3600)
+        if fault == "error":
+            raise BackendError("fake backend: generate failed on purpose (--fault error)")
         completions = []
         total_tokens = 0
         for index, prompt in enumerate(prompts):
+            prompt_tokens = len(prompt.text.split())
+            if prompt_tokens + settings.max_new_tokens > self.config.ctx_per_sequence:
+                # As llama.cpp's engine does: a request that cannot fit its context fails.
+                completions.append(
+                    Completion(
+                        id=prompt.id,
+                        text="",
+                        token_ids=(),
+                        prompt_tokens=prompt_tokens,
+                        worker_rank=index % self.config.workers,
+                        latency_s=0.0,
+                        error=f"prompt ({prompt_tokens} tokens) + max_new_tokens "
+                        f"({settings.max_new_tokens}) exceeds the context of "
+                        f"{self.config.ctx_per_sequence} tokens",
+                    )
+                )
+                continue
             # Output length depends only on the prompt: the same for every layout.
             count = min(settings.max_new_tokens, 4 + len(prompt.text) % 29)
             tokens = _fake_tokens(prompt.text, count)
@@ -106,7 +127,7 @@ class FakeBackend(Backend):
                     id=prompt.id,
                     text=" ".join(f"t{token}" for token in tokens),
                     token_ids=tuple(tokens),
-                    prompt_tokens=len(prompt.text.split()),
+                    prompt_tokens=prompt_tokens,
                     worker_rank=index % self.config.workers,
                     latency_s=count / self.tokens_per_s * self.config.batch_size,
                 )
@@ -166,9 +187,10 @@ class SimulatedTrials:
         if config.fault == "hang":
             self.clock.advance(deadline_s)
             return TrialOutcome("fail", "timeout", duration_s=deadline_s)
-        if config.fault in ("crash", "oom"):
+        if config.fault in ("crash", "oom", "error"):  # error: a traceback, exit 1
+            failure = "crash" if config.fault == "error" else config.fault
             self.clock.advance(self.LOAD_S)
-            return TrialOutcome("fail", config.fault, stderr_tail=f"fake {config.fault}")
+            return TrialOutcome("fail", failure, stderr_tail=f"fake {config.fault}")
         tokens = spec["limit"] * min(config.max_new_tokens, self.prompt_tokens)
         if spec.get("paired"):
             baseline = TrialConfig.from_dict(spec["paired"])
@@ -190,6 +212,7 @@ class SimulatedTrials:
             "ttft_p50_s": None,
             "load_time_s": self.LOAD_S,
             "peak_memory_bytes": config.workers * FakeBackend.process_overhead_bytes,
+            "failed_requests": 0,
             "cpu_utilisation": 1.0,
             "tokens_per_s_summary": summary,
             "warnings": [],

@@ -24,7 +24,7 @@ from backends.base import Backend, Completion, threads_knob
 from backends.llamacpp_quant import gguf_variant
 from backends.llamacpp_worker import worker_main
 
-__all__ = ["LlamaCppBackend"]
+__all__ = ["LlamaCppBackend", "engine_settings"]
 
 _CLOSE_GRACE_S = 5.0
 # Bits per weight of llama.cpp's types, for the size of a --quant variant before it exists.
@@ -35,7 +35,9 @@ class LlamaCppBackend(Backend):
     """Multi-process llama.cpp with multi-sequence batching inside each worker."""
 
     name = "llamacpp"
-    reads = frozenset({"workers", "quant", "n_batch", "ctx_per_sequence", "pinning"})
+    reads = frozenset(
+        {"workers", "quant", "n_batch", "ctx_per_sequence", "pinning", "prefill_threads"}
+    )
     first_guess_s = 20.0
     baseline_rank = 0  # llama-cpp-python is what people run a GGUF with
     process_overhead_bytes = 80 * 2**20
@@ -64,9 +66,16 @@ class LlamaCppBackend(Backend):
 
     @classmethod
     def naive(cls, target: Target) -> dict:
-        # llama-cpp-python's default threads: half the CPUs it counts.
-        threads = max(1, min(target.cpus, target.topology.logical_cpus // 2))
-        return {"workers": 1, "threads_per_worker": threads, "batch_size": 1}
+        # llama-cpp-python's defaults: n_threads = half the CPUs it counts
+        # (multiprocessing.cpu_count(), every logical CPU), n_threads_batch = all of them.
+        logical = target.topology.logical_cpus
+        threads = max(1, min(target.cpus, logical // 2))
+        return {
+            "workers": 1,
+            "threads_per_worker": threads,
+            "prefill_threads": logical,
+            "batch_size": 1,
+        }
 
     @classmethod
     def recipes(cls, target: Target) -> list[tuple[str, dict]]:
@@ -106,13 +115,7 @@ class LlamaCppBackend(Backend):
         pins = cpu_sets(
             self.topology, self.config.workers, self.config.threads_per_worker, self.config.pinning
         )
-        engine_kwargs = {
-            "threads": self.config.threads_per_worker,
-            "batch_size": self.config.batch_size,
-            "ctx_per_sequence": self.config.ctx_per_sequence,
-            "n_batch": self.config.n_batch,
-            "workers": self.config.workers,
-        }
+        engine_kwargs = engine_settings(self.config)
         # spawn, not fork: a fresh interpreter per worker, no inherited threads or locks.
         context = multiprocessing.get_context("spawn")
         self._tasks = context.Queue()
@@ -254,6 +257,18 @@ class LlamaCppBackend(Backend):
             self._tasks.cancel_join_thread()  # never block exit on undelivered tasks
             self._tasks.close()
         self._processes, self._conns, self._tasks = [], [], None
+
+
+def engine_settings(config) -> dict:
+    """What each worker's `LlamaEngine` is built with."""
+    return {
+        "threads": config.threads_per_worker,
+        "prefill_threads": config.prefill_threads or config.threads_per_worker,
+        "batch_size": config.batch_size,
+        "ctx_per_sequence": config.ctx_per_sequence,
+        "n_batch": config.n_batch,
+        "workers": config.workers,
+    }
 
 
 def _exit_reason(process: multiprocessing.Process) -> str:

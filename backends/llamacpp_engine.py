@@ -96,6 +96,7 @@ class LlamaEngine:
         model_path: str,
         *,
         threads: int,
+        prefill_threads: int | None = None,
         batch_size: int,
         ctx_per_sequence: int,
         n_batch: int,
@@ -121,7 +122,7 @@ class LlamaEngine:
         params.n_ubatch = min(n_batch, self.batch_capacity)
         params.n_seq_max = batch_size
         params.n_threads = threads
-        params.n_threads_batch = threads
+        params.n_threads_batch = prefill_threads or threads
         params.kv_unified = False
         params.no_perf = True
         # Flash attention's online softmax rounds differently depending on how a prompt is

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -56,7 +57,7 @@ def collective_timeout_s() -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if value <= 0:
+    if not (math.isfinite(value) and value > 0):  # nan and inf pass a plain "> 0"
         raise ConfigError(
             f"AUTOTUNE_COLLECTIVE_TIMEOUT_S must be a number of seconds > 0, got {raw!r}"
         )

@@ -19,10 +19,12 @@ import argparse
 import sys
 
 from autotune.config import TrialConfig
+from autotune.knobs import Target
 from autotune.measure import benchmark
 from autotune.models import ModelSpec
 from autotune.topology import detect
 from autotune.workload import load_workload
+from backends.llamacpp import LlamaCppBackend
 
 
 def main() -> int:
@@ -39,7 +41,9 @@ def main() -> int:
     cpus = topology.usable_cpus
     batches = [int(b) for b in args.batches.split(",")]
     layouts = []
-    baseline = TrialConfig(backend="llamacpp", threads_per_worker=max(1, cpus // 2))
+    # The sweep's own naive baseline: llama-cpp-python's default threads.
+    naive = LlamaCppBackend.naive(Target(topology, layers=1))
+    baseline = TrialConfig(backend="llamacpp", **naive)
     layouts.append(("baseline: llamacpp 1 x default threads, batch 1", baseline))
     if "llamacpp" in args.backends:
         for workers, threads in ((1, cpus), (cpus, 1)):

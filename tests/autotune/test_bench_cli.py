@@ -95,17 +95,25 @@ def test_bench_strict_workload(cli, tmp_path):
     assert f"{bad}:2: malformed JSON" in result.stderr
 
 
-def test_a_crashing_backend_fails_the_run_with_its_exit_code(cli):
-    # a crash of the measured backend is a failure of the run, not of the user's input
+def test_a_failing_backend_is_one_line_exit_1_and_no_output(cli, tmp_path):
+    # autotune's own handling of a backend that fails while generating: one line naming it,
+    # exit 1 (a failure, not a usage error), no --output file.
+    out = tmp_path / "out.jsonl"
     result = cli(
         "bench",
         "--backend",
         "fake",
         "--fault",
-        "crash",
+        "error",
         "--workload",
         str(TINY_WORKLOAD),
         "--repeats",
         "1",
+        "--output",
+        str(out),
     )
-    assert result.returncode == 3
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "autotune bench: failed: fake backend: generate failed on purpose (--fault error)"
+    )
+    assert "Traceback" not in result.stderr and not out.exists()

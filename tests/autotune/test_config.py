@@ -133,3 +133,28 @@ def test_cli_flags_come_from_the_fields():
         temperature=0.5,
     )
     assert "one of f16, q8_0" in parser.format_help()
+
+
+def test_collective_timeout_must_be_a_finite_number_of_seconds(monkeypatch):
+    from backends.torchrun import collective_timeout_s
+
+    for bad in ("nan", "inf", "-1", "soon"):
+        monkeypatch.setenv("AUTOTUNE_COLLECTIVE_TIMEOUT_S", bad)
+        with pytest.raises(ConfigError, match="AUTOTUNE_COLLECTIVE_TIMEOUT_S"):
+            collective_timeout_s()
+    monkeypatch.setenv("AUTOTUNE_COLLECTIVE_TIMEOUT_S", "4.5")
+    assert collective_timeout_s() == 4.5
+
+
+def test_the_naive_baseline_prefills_with_every_cpu_as_llama_cpp_python_does(machine):
+    from autotune.knobs import Target
+    from autotune.topology import detect
+    from backends.llamacpp import LlamaCppBackend, engine_settings
+
+    topology = detect(machine("epyc_16c32t"), probe_gpus=False)
+    naive = LlamaCppBackend.naive(Target(topology, layers=30))
+    # llama-cpp-python: n_threads = cpu_count() // 2, n_threads_batch = cpu_count()
+    assert (naive["threads_per_worker"], naive["prefill_threads"]) == (16, 32)
+    settings = engine_settings(TrialConfig(**naive))
+    assert (settings["threads"], settings["prefill_threads"]) == (16, 32)
+    assert engine_settings(TrialConfig(threads_per_worker=3))["prefill_threads"] == 3

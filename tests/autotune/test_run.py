@@ -165,11 +165,17 @@ def test_a_killed_worker_loses_nothing(tmp_path, tiny_gguf, isolated_cache):
         ("AUTOTUNE_BACKEND=llamacpp\nMODEL_QUANT=q9_9\n", "quant must be one of"),
         ("AUTOTUNE_BACKEND=fake\nPARALLEL_WORKERS=512\n", "usable"),
         ("this is not a variable\n", "best.env:1"),
+        ("AUTOTUNE_BACKEND=fake\nPARALLEL_WORKERS=0\nINFERENCE_NUM_THREADS=2\n", "must be >= 1"),
+        (b"AUTOTUNE_BACKEND=fake\nBATCH_SIZE=\xff\xfe\n", "not a text file"),
+        ("AUTOTUNE_BACKEND=hf\nMODEL_QUANT=q4_0\n", "quant (MODEL_QUANT) is not a setting"),
     ],
 )
 def test_bad_env_is_one_line_exit_2_and_no_output(cli, tmp_path, env_lines, word):
     env = tmp_path / "best.env"
-    env.write_text(env_lines)
+    if isinstance(env_lines, bytes):
+        env.write_bytes(env_lines)
+    else:
+        env.write_text(env_lines)
     data = write_input(tmp_path / "in.jsonl", 3)
     out = tmp_path / "out.jsonl"
     result = cli("run", "--env", str(env), "--input", str(data), "--output", str(out))
@@ -197,7 +203,82 @@ def test_verify_compares_with_the_header(cli, tmp_path):
     )
     env = write_env(tmp_path / "best.env", config, header)
     result = cli("verify", "--env", str(env), "--limit", "4", "--repeats", "1")
-    assert result.returncode == 0, result.stderr
-    assert "Recorded at export" in result.stdout and "Measured now" in result.stdout
+    assert result.returncode == 1, "out of the recorded range is a failure"
+    assert "Recorded at export (search trial)" in result.stdout and "Measured now" in result.stdout
     assert "fingerprint" in result.stderr and "differs" in result.stderr
     assert "outside the recorded range" in result.stderr  # the fake machine is not 100k tok/s
+
+
+def test_verify_checks_against_the_paired_figure_and_passes_inside_it(cli, tmp_path):
+    config = TrialConfig(backend="fake", workers=1, batch_size=4, max_new_tokens=8)
+    measured = cli(
+        "bench",
+        "--backend",
+        "fake",
+        "--batch-size",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--limit",
+        "4",
+        "--repeats",
+        "3",
+        "--json",
+    )
+    rate = json.loads(measured.stdout)["tokens_per_s"]
+    header = (  # the search trial claimed 10x more; the paired runs what the machine does
+        f"# measured: {rate * 10:.1f} tokens/s (trial 3); paired runs: {rate:.1f} tokens/s "
+        "(median)\n# speedup over the naive baseline: x2.00 over 3 A B pairs, 95% CI 1.60-2.40\n"
+    )
+    env = write_env(tmp_path / "best.env", config, header)
+    result = cli("verify", "--env", str(env), "--limit", "4", "--repeats", "3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Recorded at export (paired runs)" in result.stdout
+
+
+def test_resume_answers_edited_prompts_again_drops_removed_lines_keeps_input_order(cli, tmp_path):
+    env = write_env(tmp_path / "best.env", TrialConfig(backend="fake", batch_size=2))
+    data = write_input(tmp_path / "in.jsonl", 9)
+    out = tmp_path / "out.jsonl"
+    assert cli("run", "--env", str(env), "--input", str(data), "--output", str(out)).returncode == 0
+    first = {r["id"]: r for r in outputs(out)}
+    lines = [json.loads(line) for line in data.read_text().splitlines()]
+    lines[1]["prompt"] = "Say something else entirely."  # same id p1, another prompt
+    del lines[4]  # p4 leaves the input
+    lines.reverse()  # and the order changes
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    again = cli("run", "--env", str(env), "--input", str(data), "--output", str(out))
+    assert again.returncode == 0, again.stderr
+    records = outputs(out)
+    ids = [r["id"] for r in records]
+    assert ids == [str(line.get("id", line.get("questionID"))) for line in lines], "input order"
+    assert "p4" not in ids
+    by_id = {r["id"]: r for r in records}
+    assert by_id["p1"]["answer"] != first["p1"]["answer"], "an edited prompt is answered again"
+    assert by_id["p1"]["prompt"] == "Say something else entirely."
+    assert by_id["q0"] == first["q0"], "an unchanged line is kept as it was"
+    assert "7 lines already answered" in again.stdout
+
+
+def test_another_config_answers_every_line_again(cli, tmp_path):
+    data = write_input(tmp_path / "in.jsonl", 4)
+    out = tmp_path / "out.jsonl"
+    for tokens in (8, 16):
+        env = write_env(tmp_path / "best.env", TrialConfig(backend="fake", max_new_tokens=tokens))
+        result = cli("run", "--env", str(env), "--input", str(data), "--output", str(out))
+        assert result.returncode == 0, result.stderr
+    assert "already answered" not in result.stdout
+
+
+@pytest.mark.parametrize("command", ["run", "bench"])
+def test_an_output_that_is_a_directory_is_refused_before_any_work(cli, tmp_path, command):
+    env = write_env(tmp_path / "best.env", TrialConfig(backend="fake"))
+    data = write_input(tmp_path / "in.jsonl", 2)
+    args = (
+        ["run", "--env", str(env), "--input", str(data)]
+        if command == "run"
+        else ["bench", "--backend", "fake", "--workload", str(data), "--repeats", "1"]
+    )
+    result = cli(*args, "--output", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "is a directory" in result.stderr
