@@ -11,7 +11,7 @@ read this one declaration; nothing outside a backend's module says what it tunes
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from autotune.topology import Topology
@@ -92,7 +92,11 @@ class BackendSpace:
     backend: str
     knobs: tuple[Knob, ...] = ()
     excluded: str | None = None
-    notes: tuple[str, ...] = field(default=())  # constraints that join knobs, in words
+
+    @property
+    def constraints(self) -> list[str]:
+        """What joins the knobs, in words: the notes of the knobs that depend on others."""
+        return [k.note for k in self.knobs if k.note and (k.allow or k.only_if)]
 
     def assignments(self):
         """Every combination of knob values the space allows (a generator of dicts)."""

@@ -163,7 +163,7 @@ class SearchSpace:
         return found
 
     def plan(self) -> dict:
-        """Per backend: its knobs and their values, the notes that join them, the size of its
+        """Per backend: its knobs and their values, the constraints that join them, the size of its
         space, or why it is left out; and the total."""
         backends = {}
         for name, space in self.spaces.items():
@@ -172,7 +172,7 @@ class SearchSpace:
                 continue
             backends[name] = {
                 "knobs": [knob.to_dict() for knob in space.knobs],
-                "notes": list(space.notes),
+                "constraints": space.constraints,
                 "size": space.size(),
             }
         return {

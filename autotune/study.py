@@ -20,7 +20,7 @@ from pathlib import Path
 from autotune.errors import ConfigError
 from autotune.files import append_line, atomic_write
 
-__all__ = ["Role", "StudyDir", "TrialRecord", "TrialState", "newest"]
+__all__ = ["Role", "StudyDir", "TrialRecord", "TrialState", "find", "newest"]
 
 
 class TrialState(str, Enum):

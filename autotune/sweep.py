@@ -178,7 +178,7 @@ class Sweep:
         self.clock = clock
         self.runner = runner
         self.tell = on_event or (lambda event: None)
-        self.extra = list(extra)
+        self.extra = [(config, Role.EXTRA, "injected") for config in extra]
         self.dir = StudyDir(options.reports_dir / options.study)
         # A batch larger than the prompts of a trial measures nothing a smaller one would not.
         cap = 1
@@ -366,10 +366,8 @@ class Sweep:
         """The next thing to try: an injected config while no fixed layout waits, else the
         sampler's (or the queue's) next trial."""
         if self.extra and not _waiting(study):
-            item = self.extra.pop(0)
-            config, role, name = item if isinstance(item, tuple) else (item, Role.EXTRA, "")
-            trial = study.ask()
-            return _Candidate(trial, config, role, name or "injected")
+            config, role, name = self.extra.pop(0)
+            return _Candidate(study.ask(), config, role, name)
         trial = study.ask()
         role = Role(trial.user_attrs.get("role", Role.SEARCH.value))
         name = trial.user_attrs.get("name", "")

@@ -66,12 +66,6 @@ class DDPBackend(RankGroupBackend):
         return {"workers": 2, "threads_per_worker": max(1, target.cpus // 2), "batch_size": 1}
 
     @classmethod
-    def devices(cls, config, topology) -> list[str]:
-        if topology.gpus:
-            return [f"cuda:{rank}" for rank in range(config.workers)]
-        return ["cpu"] * config.workers
-
-    @classmethod
     def predict_memory_bytes(cls, config, shape) -> float:
         # Every rank holds its own copy of the model; the launcher is one more process.
         ranks = config.workers

@@ -59,7 +59,7 @@ class LlamaCppBackend(Backend):
                     pinning,
                     ordered=False,
                     only_if=lambda chosen: chosen["workers"] > 1,
-                    note="with more than one worker",
+                    note="pinning only when workers > 1",
                 ),
             ),
         )

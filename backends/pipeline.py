@@ -171,7 +171,7 @@ class PipelineBackend(RankGroupBackend):
                     "boundary_shift",
                     _SHIFTS,
                     only_if=lambda chosen: chosen["partition"] == "shifted",
-                    note="layers, with partition shifted",
+                    note="boundary_shift (layers) only when partition is shifted",
                 ),
             ),
         )
@@ -199,12 +199,6 @@ class PipelineBackend(RankGroupBackend):
     @classmethod
     def naive(cls, target: Target) -> dict:
         return {"stages": 2, "threads_per_worker": max(1, target.cpus // 2), "batch_size": 1}
-
-    @classmethod
-    def devices(cls, config, topology) -> list[str]:
-        if topology.gpus:
-            return [f"cuda:{stage}" for stage in range(config.stages)]
-        return ["cpu"] * config.stages
 
     @classmethod
     def predict_memory_bytes(cls, config, shape) -> float:

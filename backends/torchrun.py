@@ -306,6 +306,13 @@ class RankGroupBackend(Backend):
     """
 
     @classmethod
+    def devices(cls, config, topology) -> list[str]:
+        # On a GPU host each rank has its own GPU (its LOCAL_RANK); else all compute on CPUs.
+        if topology.gpus:
+            return [f"cuda:{rank}" for rank in range(config.processes)]
+        return ["cpu"] * config.processes
+
+    @classmethod
     def rank_spec(cls, config: TrialConfig, model_dir: str, pins=None, **extra) -> dict:
         """What every rank needs, JSON-ready (also used by the by-hand torchrun mode)."""
         raise NotImplementedError
