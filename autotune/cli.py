@@ -149,6 +149,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from autotune.config import config_from_args
     from autotune.models import ModelSpec
     from autotune.topology import detect
+    from autotune.units import parse_duration
     from autotune.workload import load_workload
 
     config = config_from_args(args)
@@ -156,6 +157,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _warn_bad_lines(workload)
     if args.limit:
         workload = workload.head(args.limit)
+    if args.prompts:
+        workload = workload.cycled(args.prompts)
     model = ModelSpec.resolve(config.model)
     topology = detect()
     if args.output:  # fail on a bad --output before spending minutes measuring
@@ -174,7 +177,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         warmup=args.warmup,
         on_progress=progress,
+        settle_s=parse_duration(args.settle, "--settle") if args.settle else 0.0,
     )
+    if args.agreement:
+        from autotune.agreement import agreement, reference_config
+
+        reference = reference_config(config)
+        progress("reference run for agreement: batch 1, the model's own weights, greedy")
+        baseline = benchmark(reference, workload, model, topology, repeats=1, warmup=0)
+        result.agreement = agreement(result.completions, baseline.completions)
     if args.output:
         from autotune.files import write_jsonl
 
@@ -218,6 +229,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     base = TrialConfig(
         model=str(model.path.absolute()) if args.model else None,
         max_new_tokens=args.max_new_tokens,
+        ignore_eos=args.ignore_eos,
     )
     options = SweepOptions(
         study=study,
@@ -528,6 +540,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="W",
         help="untimed warmup passes (default: 1)",
     )
+    bench.add_argument(
+        "--prompts",
+        type=_positive("--prompts"),
+        metavar="N",
+        help="requests per timed pass: the workload (after --limit) cycled to N prompts, so a "
+        "large batch stays full; the steady tokens/s leaves each pass's ramp-up and tail out",
+    )
+    bench.add_argument(
+        "--settle",
+        metavar="DURATION",
+        help="after --repeats passes, go on until the last 3 agree within 5%% or this long "
+        "(e.g. 60s); a result that never does is flagged not stable",
+    )
+    bench.add_argument(
+        "--agreement",
+        action="store_true",
+        help="also run the reference (batch 1, the model's own weights, greedy) and report the "
+        "share of answers identical to it and the mean position of the first difference",
+    )
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
     bench.add_argument(
         "--output",
@@ -572,6 +603,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         metavar="N",
         help="tokens generated per prompt (default: 32)",
+    )
+    sweep.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="every prompt generates exactly --max-new-tokens, so every layout does the same "
+        "work (as llama-bench does)",
     )
     sweep.add_argument(
         "--repeats",

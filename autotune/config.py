@@ -104,6 +104,14 @@ class TrialConfig:
         off_flag="--no-chat-template",
         off_help="send prompts as raw text, without the model's chat template",
     )
+    ignore_eos: bool = _field(
+        False,
+        None,
+        "generate exactly max_new_tokens for every prompt",
+        on_flag="--ignore-eos",
+        on_help="generate exactly --max-new-tokens for every prompt (end-of-sequence does not "
+        "stop it), so every layout does the same work",
+    )
     fault: str = _field("none", "--fault", "fake backend only: fail on purpose", choices=FAULTS)
 
     def __post_init__(self) -> None:
@@ -168,6 +176,7 @@ class TrialConfig:
             top_p=self.top_p,
             seed=self.seed,
             chat_template=self.chat_template,
+            ignore_eos=self.ignore_eos,
         )
 
     @property
@@ -319,6 +328,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, backends: dict[str, st
     """Add one flag per TrialConfig field that has one, with its help and type; ``backends``
     (name -> one line) are listed in the help of ``--backend``."""
     for f in fields(TrialConfig):
+        if "on_flag" in f.metadata:  # a switch that is off by default
+            parser.add_argument(
+                f.metadata["on_flag"],
+                dest=f.name,
+                action="store_true",
+                default=None,
+                help=f.metadata["on_help"],
+            )
         if "off_flag" in f.metadata:  # a switch that is on by default
             parser.add_argument(
                 f.metadata["off_flag"],

@@ -117,19 +117,42 @@ def show_result(result) -> None:
         f"{result.tokens_per_s:.1f} (median of {summary['n']}; "
         f"{summary['min']:.1f}-{summary['max']:.1f}, CV {summary['cv']:.1%})",
     )
+    if result.steady_tokens_per_s is not None:
+        table.add_row(
+            "Tokens/s, steady state",
+            f"{result.steady_tokens_per_s:.1f} (ramp-up and tail left out)",
+        )
+    table.add_row(
+        "Spread of the last passes",
+        f"{result.window_spread:.1%} ({'stable' if result.stable else 'not shown stable'})",
+    )
     table.add_row("Requests/s", f"{result.requests_per_s:.2f}")
     if result.latency_p50_s is not None:
         table.add_row(
             "Latency p50 / p95", f"{result.latency_p50_s:.2f} s / {result.latency_p95_s:.2f} s"
         )
+    table.add_row("Prefill tokens/s", f"{result.prefill_tokens_per_s:.1f} (prompt tokens computed)")
     if result.ttft_p50_s is not None:
-        table.add_row("Time to first token p50", f"{result.ttft_p50_s:.3f} s")
+        table.add_row(
+            "Time to first token p50 / p95",
+            f"{result.ttft_p50_s:.3f} s / {result.ttft_p95_s:.3f} s",
+        )
+    if result.tpot_p50_s is not None:
+        table.add_row("Time per output token p50", f"{result.tpot_p50_s * 1000:.1f} ms")
     table.add_row("Load time", f"{result.load_time_s:.2f} s")
     table.add_row("Peak memory (PSS, all processes)", gib(result.peak_memory_bytes))
     table.add_row("CPU utilisation", f"{result.cpu_utilisation:.0%} of usable CPUs")
     table.add_row("Workload", f"{result.workload} ({result.prompts} prompts)")
     if result.failed_requests:
         table.add_row("Failed requests", str(result.failed_requests))
+    if result.agreement and result.agreement["compared"]:
+        found = result.agreement
+        first = found["mean_first_difference"]
+        table.add_row(
+            "Agreement with batch 1",
+            f"{found['identical']:.0%} of {found['compared']} answers identical"
+            + (f"; first difference at token {first:.1f} on average" if first is not None else ""),
+        )
     console.print(table)
 
 

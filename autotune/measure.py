@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import psutil
@@ -133,7 +133,14 @@ class RunResult:
     requests_per_s: float
     latency_p50_s: float | None
     latency_p95_s: float | None
+    # tokens/s with the ramp-up and tail of each pass left out (None: too few requests)
+    steady_tokens_per_s: float | None
+    window_spread: float  # relative spread of the last (up to 3) passes' tokens/s
+    stable: bool  # that spread is under STABLE_SPREAD (with at least 3 passes)
     ttft_p50_s: float | None
+    ttft_p95_s: float | None
+    tpot_p50_s: float | None  # time per output token after the first, median over requests
+    prefill_tokens_per_s: float  # prompt tokens really computed / wall time, median
     peak_memory_bytes: int
     peak_rss_bytes: int
     cpu_utilisation: float
@@ -143,6 +150,7 @@ class RunResult:
     warnings: list[str]
     provenance: dict
     details: dict = field(default_factory=dict)  # what the backend chose (e.g. the layer split)
+    agreement: dict | None = None  # with a reference run, where one was asked for
     completions: list[Completion] = field(default_factory=list, repr=False)
 
     def to_dict(self, completions: bool = False) -> dict:
@@ -154,6 +162,40 @@ class RunResult:
         return data
 
 
+# Timed passes agree when the relative spread of their steady tokens/s is under this.
+STABLE_SPREAD = 0.05
+
+
+def steady_tokens_per_s(completions: Sequence[Completion], concurrency: int) -> float | None:
+    """Generated tokens/s while every slot was busy: tokens of the requests that finished
+    after the first wave (the ramp-up) and up to the last full wave (the tail), over that
+    time. None when a pass has too few requests for both (fewer than 3 waves), or a backend
+    gave no finish times."""
+    done = sorted(
+        (c.finished_at, len(c.token_ids))
+        for c in completions
+        if c.error is None and c.finished_at is not None
+    )
+    if len(done) < 3 * concurrency or len(done) != len(completions):
+        return None
+    start, end = done[concurrency - 1][0], done[len(done) - concurrency - 1][0]
+    tokens = sum(count for at, count in done if start < at <= end)
+    return tokens / (end - start) if end > start else None
+
+
+def relative_spread(values: Sequence[float]) -> float:
+    """(max - min) / median: how far apart repeated measurements are."""
+    data = sorted(values)
+    return (data[-1] - data[0]) / data[len(data) // 2] if data and data[len(data) // 2] else 0.0
+
+
+def _prefill_tokens(completion: Completion) -> int:
+    """Prompt tokens a request really computed (all of them where the backend has no cache)."""
+    if completion.prefill_tokens is not None:
+        return completion.prefill_tokens
+    return completion.prompt_tokens
+
+
 def benchmark(
     config: TrialConfig,
     workload: Workload,
@@ -163,14 +205,18 @@ def benchmark(
     repeats: int = 3,
     warmup: int = 1,
     on_progress: Callable[[str], None] | None = None,
+    settle_s: float = 0.0,
 ) -> RunResult:
-    """Load ``config``'s backend once, warm it up, then run the workload ``repeats`` times."""
+    """Load ``config``'s backend once, warm it up, then run the workload ``repeats`` times;
+    with ``settle_s``, go on with more passes until the last three agree (relative spread of
+    their tokens/s under `STABLE_SPREAD`) or ``settle_s`` seconds of passes have run."""
     say = on_progress or (lambda message: None)
     settings = config.generation
     backend = create_backend(config, model, topology)
     samples: list[dict] = []
     latencies: list[float] = []
     ttfts: list[float] = []
+    tpots: list[float] = []
     completions: list[Completion] = []
     with TreeSampler() as memory:
         started = time.monotonic()
@@ -184,35 +230,60 @@ def benchmark(
             for index in range(warmup):
                 say(f"warmup {index + 1}/{warmup}")
                 backend.generate(workload.prompts[:width], settings)
-            for index in range(repeats):
-                say(f"repeat {index + 1}/{repeats}")
+            timed_from = time.monotonic()
+            index = 0
+            while index < repeats or (
+                settle_s
+                and time.monotonic() - timed_from < settle_s
+                and not _settled([_rate(s) for s in samples])
+            ):
+                index += 1
+                say(f"timed pass {index}" + (f"/{repeats}" if index <= repeats else ", settling"))
                 cpu_before = tree_cpu_seconds()
                 start = time.monotonic()
                 completions = backend.generate(workload.prompts, settings)
                 wall_s = time.monotonic() - start
                 cpu_s = tree_cpu_seconds() - cpu_before
                 memory.sample()
-                tokens = sum(len(c.token_ids) for c in completions)
+                answered = [c for c in completions if c.error is None]
+                tokens = sum(len(c.token_ids) for c in answered)
+                prefill = sum(_prefill_tokens(c) for c in answered)
                 samples.append(
                     {
                         "wall_s": wall_s,
                         "generated_tokens": tokens,
+                        "prefill_tokens": prefill,
                         "tokens_per_s": tokens / wall_s,
+                        "steady_tokens_per_s": steady_tokens_per_s(completions, width),
+                        "prefill_tokens_per_s": prefill / wall_s,
                         "requests_per_s": len(completions) / wall_s,
                         "cpu_utilisation": cpu_s / (wall_s * topology.usable_cpus),
                     }
                 )
-                latencies.extend(c.latency_s for c in completions if c.error is None)
-                ttfts.extend(c.ttft_s for c in completions if c.ttft_s is not None)
+                latencies.extend(c.latency_s for c in answered)
+                ttfts.extend(c.ttft_s for c in answered if c.ttft_s is not None)
+                tpots.extend(
+                    (c.latency_s - c.ttft_s) / (len(c.token_ids) - 1)
+                    for c in answered
+                    if c.ttft_s is not None and len(c.token_ids) > 1
+                )
             details = backend.details()
 
     throughput = summarize([s["tokens_per_s"] for s in samples])
     failed = [c for c in completions if c.error is not None]
     warnings = []
+    last = [_rate(s) for s in samples][-3:]
+    spread = relative_spread(last)
+    if settle_s and not _settled(last):
+        warnings.append(
+            f"not stable: the last {len(last)} timed passes spread by {spread:.0%} after "
+            f"{settle_s:.0f} s of settling (limit {STABLE_SPREAD:.0%})"
+        )
     if throughput.cv > HIGH_CV:
         warnings.append(
-            f"tokens/s varied by {throughput.cv:.0%} (CV) over {repeats} repeats: something else "
-            "may be using the CPUs; rerun with more --repeats on a quiet machine"
+            f"tokens/s varied by {throughput.cv:.0%} (CV) over {len(samples)} passes: something "
+            "else may be using the CPUs, or the passes are too short to reach a steady state; "
+            "rerun with more --prompts or --settle on a quiet machine"
         )
     if config.total_threads > topology.usable_cpus:
         warnings.append(
@@ -226,13 +297,19 @@ def benchmark(
         model=str(model.path),
         workload=workload.name,
         prompts=len(workload.prompts),
-        repeats=repeats,
+        repeats=len(samples),
         load_time_s=load_time_s,
         tokens_per_s=throughput.median,
         requests_per_s=summarize([s["requests_per_s"] for s in samples]).median,
         latency_p50_s=percentile(latencies, 50),
         latency_p95_s=percentile(latencies, 95),
+        steady_tokens_per_s=_median_or_none([s["steady_tokens_per_s"] for s in samples]),
+        window_spread=spread,
+        stable=_settled(last),
         ttft_p50_s=percentile(ttfts, 50),
+        ttft_p95_s=percentile(ttfts, 95),
+        tpot_p50_s=percentile(tpots, 50),
+        prefill_tokens_per_s=summarize([s["prefill_tokens_per_s"] for s in samples]).median,
         peak_memory_bytes=memory.peak_pss_bytes,
         peak_rss_bytes=memory.peak_rss_bytes,
         cpu_utilisation=summarize([s["cpu_utilisation"] for s in samples]).median,
@@ -244,3 +321,17 @@ def benchmark(
         details=details,
         completions=completions,
     )
+
+
+def _rate(sample: dict) -> float:
+    """A pass's tokens/s: its steady state where it has one."""
+    return sample["steady_tokens_per_s"] or sample["tokens_per_s"]
+
+
+def _settled(rates: Sequence[float]) -> bool:
+    return len(rates) >= 3 and relative_spread(rates[-3:]) <= STABLE_SPREAD
+
+
+def _median_or_none(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return summarize(present).median if present else None

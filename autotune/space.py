@@ -14,6 +14,7 @@ value list (``llamacpp.batch_size`` = 3 is batch 8).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from autotune.config import TrialConfig
@@ -22,7 +23,13 @@ from autotune.knobs import BackendSpace, Target
 from autotune.memory_plan import MemoryPlanner
 from backends import backend_class, describe
 
-__all__ = ["Fixed", "SearchSpace", "Unfit"]
+__all__ = ["Fixed", "SearchSpace", "Unfit", "config_key"]
+
+
+def config_key(config: TrialConfig | dict) -> str:
+    """One string per distinct config (to find what was measured already)."""
+    data = config if isinstance(config, dict) else config.to_dict()
+    return json.dumps(data, sort_keys=True)
 
 
 _MISSING = object()
@@ -104,6 +111,24 @@ class SearchSpace:
             chosen[knob.name] = value
             params[f"{backend}.{knob.name}"] = allowed.index(value) if knob.ordered else value
         return params
+
+    def random_config(self, rng, avoid: set[str], attempts: int = 200) -> TrialConfig | None:
+        """A config drawn uniformly knob by knob (``rng``: a random.Random) that the target
+        can run and whose key (`config_key`) is not in ``avoid``; None if none was found."""
+        for _ in range(attempts):
+            backend = rng.choice(self.backends)
+            chosen: dict = {}
+            for knob in self.spaces[backend].knobs:
+                if knob.applies(chosen):
+                    allowed = knob.allowed(chosen)
+                    if not allowed:
+                        break
+                    chosen[knob.name] = rng.choice(allowed)
+            else:
+                config = self.build(backend, chosen)
+                if config_key(config) not in avoid and self.refusal(config) is None:
+                    return config
+        return None
 
     def refusal(self, config: TrialConfig) -> str | None:
         """Why ``config`` must not run on the target, or None."""

@@ -20,8 +20,8 @@ tests run a whole sweep on a fake clock in no time (`backends.fake.SimulatedTria
 
 from __future__ import annotations
 
-import json
 import os
+import random
 import socket
 import statistics
 import time
@@ -33,7 +33,7 @@ from autotune.config import TrialConfig
 from autotune.errors import ConfigError
 from autotune.knobs import Target
 from autotune.memory_plan import MemoryPlanner
-from autotune.space import SearchSpace, Unfit
+from autotune.space import SearchSpace, Unfit, config_key
 from autotune.stats import speedup_interval
 from autotune.study import Role, StudyDir, TrialRecord, TrialState
 from autotune.trial import TrialOutcome, run_in_child
@@ -55,6 +55,7 @@ __all__ = [
 _CONFIRM_SHARE = 0.25  # of the budget kept for the paired re-measurement
 _MAX_IDLE_ASKS = 60  # suggestions in a row that could not run: the space is exhausted
 _TOP = 3
+_DUPLICATE = "same config as trial"
 _MARGIN_S = 5.0  # kept back from every deadline for writing the outputs
 
 
@@ -192,6 +193,7 @@ class Sweep:
         self.note: str | None = None  # what the summary must say about the winner
         self.costs: dict[str, list[float]] = {}
         self.seen: dict[str, int] = {}
+        self.rng = random.Random(options.seed)  # the exploration after a duplicate
         self.started = clock()
 
     # ------------------------------------------------------------ deadlines
@@ -357,6 +359,8 @@ class Sweep:
             if reason:
                 self._prune(study, candidate, reason)
                 idle += 1
+                if reason.startswith(_DUPLICATE):
+                    self._explore(study)
                 continue
             idle = 0
             self._run(study, candidate)
@@ -376,14 +380,22 @@ class Sweep:
         except Unfit as why:
             return _Candidate(trial, None, role, name, refused=str(why))
 
+    def _explore(self, study) -> None:
+        """After the sampler asked for a config measured already, queue a random one not yet
+        measured: the duplicate is hidden from TPE (it is not a slow region), so without new
+        information TPE would ask for the same point again and again."""
+        config = self.space.random_config(self.rng, avoid=set(self.seen))
+        if config is not None:
+            study.enqueue_trial(self.space.params(config), user_attrs={"role": "search"})
+
     def _why_not(self, candidate: _Candidate) -> str | None:
         """Why the candidate must not run now, or None: the one place that decides."""
         if candidate.refused:
             return candidate.refused
         config = candidate.config
-        key = _key(config)
+        key = config_key(config)
         if candidate.role is Role.SEARCH and key in self.seen:
-            return f"same config as trial {self.seen[key]}"
+            return f"{_DUPLICATE} {self.seen[key]}"
         if candidate.role is Role.SEARCH:
             expected = self.expected_s(config.backend)
             left = self.search_left_s()
@@ -461,7 +473,7 @@ class Sweep:
     def _remember(self, record: TrialRecord) -> None:
         if record.state is TrialState.PRUNED or record.config is None:
             return
-        self.seen[_key(record.config)] = record.number
+        self.seen[config_key(record.config)] = record.number
         if record.complete:
             self.costs.setdefault(record.backend, []).append(record.duration_s)
 
@@ -486,10 +498,10 @@ class Sweep:
             key=lambda r: r.value,
             reverse=True,
         )
-        unique, keys = [], {_key(baseline.config)}
+        unique, keys = [], {config_key(baseline.config)}
         for record in done:
-            if _key(record.config) not in keys:
-                keys.add(_key(record.config))
+            if config_key(record.config) not in keys:
+                keys.add(config_key(record.config))
                 unique.append(record)
         base_config = TrialConfig.from_dict(baseline.config)
         confirmed = []
@@ -540,6 +552,9 @@ _RESULT_KEYS = (
     "latency_p50_s",
     "latency_p95_s",
     "ttft_p50_s",
+    "ttft_p95_s",
+    "tpot_p50_s",
+    "prefill_tokens_per_s",
     "load_time_s",
     "peak_memory_bytes",
     "failed_requests",
@@ -584,11 +599,6 @@ def _unanswered(result: dict) -> str | None:
     if not result.get("tokens_per_s"):
         return "generated no tokens"
     return None
-
-
-def _key(config: TrialConfig | dict) -> str:
-    data = config if isinstance(config, dict) else config.to_dict()
-    return json.dumps(data, sort_keys=True)
 
 
 def _waiting(study) -> bool:

@@ -50,6 +50,9 @@ class GenerationSettings:
     top_p: float = 1.0
     seed: int = 0
     chat_template: bool = True
+    # Generate exactly max_new_tokens for every prompt (end-of-sequence does not stop it), so
+    # two layouts do the same work, as llama-bench and optimum-benchmark measure.
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -107,6 +110,16 @@ class Workload:
     def head(self, count: int) -> Workload:
         """The first ``count`` prompts (all of them if there are fewer)."""
         return replace(self, prompts=self.prompts[:count])
+
+    def cycled(self, count: int) -> Workload:
+        """Exactly ``count`` prompts: the workload over and over (``id~2`` for its second
+        round), so a measurement keeps a large batch full however few prompts the file has."""
+        rounds = []
+        for index in range(count):
+            prompt = self.prompts[index % len(self.prompts)]
+            turn = index // len(self.prompts)
+            rounds.append(replace(prompt, id=f"{prompt.id}~{turn}") if turn else prompt)
+        return replace(self, prompts=tuple(rounds))
 
 
 def _require_text(record: dict, key: str) -> str:

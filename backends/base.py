@@ -39,11 +39,17 @@ COMMON_FIELDS = frozenset(
         "top_p",
         "seed",
         "chat_template",
+        "ignore_eos",
     }
 )
 
 # How `Backend.describe` shows a field that is not at its default.
-_LABELS = {"pinning": "pin:{}", "fault": "fault:{}", "kv_cache": "kv:{}"}
+_LABELS = {
+    "pinning": "pin:{}",
+    "fault": "fault:{}",
+    "kv_cache": "kv:{}",
+    "prefill_threads": "prefill:{}",
+}
 
 
 def threads_knob(cpus: int, processes: str | None) -> Knob:
@@ -62,7 +68,8 @@ def threads_knob(cpus: int, processes: str | None) -> Knob:
 @dataclass(frozen=True, kw_only=True)
 class Completion:
     """One request's result. Times are seconds; ``ttft_s`` is None where a backend cannot see
-    the first token. ``token_ids`` are the generated tokens, end-of-sequence left out."""
+    the first token. ``token_ids`` are the generated tokens, end-of-sequence left out (unless
+    the settings ignore it)."""
 
     id: str
     text: str
@@ -72,6 +79,12 @@ class Completion:
     latency_s: float
     ttft_s: float | None = None
     error: str | None = None
+    # Prompt tokens this request really computed; fewer than prompt_tokens where a cache
+    # served part of the prompt (llama.cpp's slots keep the template's shared prefix).
+    prefill_tokens: int | None = None
+    # When it finished, on time.monotonic()'s clock (one clock for every process of a node),
+    # so a measurement can tell the steady state from the ramp-up and the tail.
+    finished_at: float | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
@@ -163,7 +176,15 @@ class Backend(ABC):
         backend reads that are not at their defaults."""
         processes = config.get("workers", 1) * config.get("stages", 1)
         text = f"{cls.name} {processes}x{config['threads_per_worker']} b{config['batch_size']}"
-        for name in ("quant", "dtype", "boundaries", "pinning", "kv_cache", "fault"):
+        for name in (
+            "quant",
+            "dtype",
+            "boundaries",
+            "pinning",
+            "prefill_threads",
+            "kv_cache",
+            "fault",
+        ):
             value = config.get(name, field_default(name))
             if name in cls.reads and value != field_default(name):
                 text += " " + _LABELS.get(name, "{}").format(value)

@@ -100,6 +100,7 @@ class FakeBackend(Backend):
             raise BackendError("fake backend: generate failed on purpose (--fault error)")
         completions = []
         total_tokens = 0
+        started = time.monotonic()
         for index, prompt in enumerate(prompts):
             prompt_tokens = len(prompt.text.split())
             if prompt_tokens + settings.max_new_tokens > self.config.ctx_per_sequence:
@@ -120,6 +121,8 @@ class FakeBackend(Backend):
                 continue
             # Output length depends only on the prompt: the same for every layout.
             count = min(settings.max_new_tokens, 4 + len(prompt.text) % 29)
+            if settings.ignore_eos:
+                count = settings.max_new_tokens
             tokens = _fake_tokens(prompt.text, count)
             total_tokens += count
             completions.append(
@@ -130,6 +133,10 @@ class FakeBackend(Backend):
                     prompt_tokens=prompt_tokens,
                     worker_rank=index % self.config.workers,
                     latency_s=count / self.tokens_per_s * self.config.batch_size,
+                    ttft_s=self.config.batch_size / self.tokens_per_s,
+                    prefill_tokens=prompt_tokens,
+                    # Requests finish one after another at the modelled rate.
+                    finished_at=started + total_tokens / self.tokens_per_s,
                 )
             )
         time.sleep(total_tokens / self.tokens_per_s)

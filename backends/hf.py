@@ -67,6 +67,7 @@ class TransformersEngine:
         self.model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype))
         self.model.to(self.device).eval()
         self.stop_ids = stop_token_ids(self.tokenizer, self.model.generation_config)
+        self.first_token_s: float | None = None  # of the last batch, time.monotonic()
 
     def prompt_ids(self, text: str, chat_template: bool) -> list[int]:
         """Token ids of one prompt as the model sees it."""
@@ -82,6 +83,8 @@ class TransformersEngine:
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch_ids])
         attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch_ids])
         kwargs = {"max_new_tokens": settings.max_new_tokens, "pad_token_id": pad}
+        if settings.ignore_eos:
+            kwargs["min_new_tokens"] = settings.max_new_tokens  # EOS is masked until then
         if settings.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
@@ -89,21 +92,45 @@ class TransformersEngine:
             kwargs.update(
                 do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=None
             )
+        first_token = _FirstToken(self.device)
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention.to(self.device),
+                streamer=first_token,
                 **kwargs,
             )
+        self.first_token_s = first_token.at
         results = []
         for row in output[:, width:].tolist():
             tokens = []
             for token in row:
-                if token in self.stop_ids:
+                if token in self.stop_ids and not settings.ignore_eos:
                     break
                 tokens.append(token)
             results.append((tokens, self.tokenizer.decode(tokens, skip_special_tokens=True)))
         return results
+
+
+class _FirstToken:
+    """A generate() streamer that notes when the first new token exists (time.monotonic()):
+    generate() calls ``put`` once with the prompt, then once per step. Works for any batch
+    size (transformers' text streamers take one row only)."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.calls, self.at = device, 0, None
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:  # the first call carries the prompt
+            if str(self.device).startswith("cuda"):
+                import torch
+
+                torch.cuda.synchronize()  # the token exists once the GPU has computed it
+            self.at = time.monotonic()
+
+    def end(self) -> None:
+        pass
 
 
 def load_tokenizer(directory: str):
@@ -227,6 +254,7 @@ def generate_in_batches(
         began = time.monotonic()
         outputs = engine.generate_batch([ids[i] for i in members], settings)
         latency = time.monotonic() - began  # a batch finishes together: one latency for all
+        ttft = None if engine.first_token_s is None else engine.first_token_s - began
         for index, (tokens, text) in zip(members, outputs, strict=True):
             results[index] = Completion(
                 id=prompts[index].id,
@@ -235,5 +263,8 @@ def generate_in_batches(
                 prompt_tokens=len(ids[index]),
                 worker_rank=rank,
                 latency_s=latency,
+                ttft_s=ttft,
+                prefill_tokens=len(ids[index]),  # generate() computes every prompt token
+                finished_at=began + latency,
             )
     return results  # type: ignore[return-value]

@@ -205,6 +205,7 @@ class LlamaCppBackend(Backend):
             "top_p": settings.top_p,
             "seed": settings.seed,
             "chat_template": settings.chat_template,
+            "ignore_eos": settings.ignore_eos,
         }
         for conn in self._conns:
             conn.send(("generate", round_settings))
@@ -226,6 +227,8 @@ class LlamaCppBackend(Backend):
                 latency_s=r.end_s - r.start_s,
                 ttft_s=None if r.first_token_s is None else r.first_token_s - r.start_s,
                 error=r.error,
+                prefill_tokens=r.prefill_tokens,
+                finished_at=r.end_s,
             )
         missing = [prompts[i].id for i, c in enumerate(results) if c is None]
         if missing:

@@ -47,13 +47,15 @@ class EngineResult:
     first_token_s: float | None
     end_s: float
     error: str | None = None
+    prefill_tokens: int = 0  # prompt tokens decoded for it (the rest came from the slot's KV)
 
 
 @dataclass
 class _Sequence:
     item: EngineItem
     prompt: list[int]
-    fed: int = 0  # prompt tokens already decoded
+    fed: int = 0  # prompt tokens already decoded (or reused from the slot's cache)
+    reused: int = 0  # prompt tokens whose KV the slot kept from its previous sequence
     generated: list[int] = field(default_factory=list)
     start_s: float = 0.0
     first_token_s: float | None = None
@@ -140,9 +142,12 @@ class LlamaEngine:
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self.batch = llama_cpp.llama_batch_init(self.batch_capacity, 0, 1)
         # Tokens whose KV each slot still holds from its previous sequence. A new prompt
-        # reuses the prefix it shares with them (the chat template's system prompt, at
-        # least) instead of decoding it again, as llama-cpp-python does between calls.
+        # reuses the prefix it shares with them, but never more than distinct prompts share
+        # (the chat template's system prompt): a prompt seen before in this slot is decoded
+        # again, as a production run over unique prompts would, so a measurement that
+        # repeats its prompts borrows no work.
         self.slot_cache: list[list[int]] = [[] for _ in range(batch_size)]
+        self._shared_prefix: dict[bool, int] = {}
         template = llama_cpp.llama_model_chat_template(self.model, None)
         self.chat_template = template.decode() if template else None
         self._formatter = None
@@ -166,6 +171,13 @@ class LlamaEngine:
                 else "",
             )
         return self._formatter(messages=[{"role": "user", "content": text}]).prompt
+
+    def shared_prefix(self, chat_template: bool) -> int:
+        """Tokens every formatted prompt starts with (the template's system prompt)."""
+        if chat_template not in self._shared_prefix:
+            a, b = (self.tokenize(self.format_prompt(t, chat_template)) for t in ("a", "b"))
+            self._shared_prefix[chat_template] = _common_prefix(a, b)
+        return self._shared_prefix[chat_template]
 
     def tokenize(self, text: str) -> list[int]:
         """Tokens of ``text``; special tokens written in it (<|im_start|>) are parsed."""
@@ -208,13 +220,15 @@ class LlamaEngine:
         top_p: float = 1.0,
         seed: int = 0,
         chat_template: bool = True,
+        ignore_eos: bool = False,
     ) -> None:
         """Generate until ``take`` has no more items and every slot is finished.
 
         ``take(block)`` returns the next item or None. ``block`` is True only when every slot
         is idle, so a busy engine never waits for work; None from a blocking take means the
         work is over, None from a non-blocking one only that nothing is queued right now.
-        ``emit`` receives each result as soon as its sequence ends.
+        ``emit`` receives each result as soon as its sequence ends. With ``ignore_eos`` every
+        sequence generates exactly ``max_new_tokens`` (an end-of-sequence token is kept).
         """
         slots: list[_Sequence | None] = [None] * self.batch_size
         batch = self.batch
@@ -254,9 +268,9 @@ class LlamaEngine:
                 # Keep the shared prefix's KV cells, drop the rest; at least the last prompt
                 # token is decoded again, since its logits are needed.
                 reuse = _common_prefix(self.slot_cache[slot], sequence.prompt)
-                reuse = min(reuse, len(sequence.prompt) - 1)
+                reuse = min(reuse, self.shared_prefix(chat_template), len(sequence.prompt) - 1)
                 llama_cpp.llama_memory_seq_rm(self.memory, slot, reuse, -1)
-                sequence.fed = reuse
+                sequence.fed = sequence.reused = reuse
                 slots[slot] = sequence
             if all(s is None for s in slots):
                 continue  # every admitted item was rejected: take again (blocking)
@@ -291,7 +305,7 @@ class LlamaEngine:
                 token = sample_token(logits, temperature, top_p, seq.rng)
                 if seq.first_token_s is None:
                     seq.first_token_s = now
-                finished = llama_cpp.llama_vocab_is_eog(self.vocab, token)
+                finished = not ignore_eos and llama_cpp.llama_vocab_is_eog(self.vocab, token)
                 if not finished:
                     seq.generated.append(token)
                 if finished or len(seq.generated) >= max_new_tokens:
@@ -304,6 +318,7 @@ class LlamaEngine:
                             start_s=seq.start_s,
                             first_token_s=seq.first_token_s,
                             end_s=now,
+                            prefill_tokens=len(seq.prompt) - seq.reused,
                         )
                     )
                     # Every token but a last one cut off by max_new_tokens was decoded.

@@ -308,7 +308,7 @@ class PipelineStage:
             for row, token in enumerate(tokens):
                 if state.finished[row]:
                     tokens[row] = pad  # as generate() does for rows already done
-                elif token in self.stop_ids:
+                elif token in self.stop_ids and not settings.ignore_eos:
                     state.finished[row] = True
                 else:
                     state.new[row].append(token)
@@ -352,4 +352,6 @@ class PipelineStage:
                 worker_rank=0,
                 latency_s=arrivals[-1] - start,
                 ttft_s=arrivals[0] - start,
+                prefill_tokens=len(ids[index]),
+                finished_at=arrivals[-1],
             )

@@ -117,3 +117,54 @@ def test_a_failing_backend_is_one_line_exit_1_and_no_output(cli, tmp_path):
         "autotune bench: failed: fake backend: generate failed on purpose (--fault error)"
     )
     assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_agreement_is_reproduced_from_two_output_files(cli, tmp_path, tiny_gguf):
+    from autotune.agreement import agreement
+
+    common = [
+        "bench",
+        "--backend",
+        "llamacpp",
+        "--model",
+        str(tiny_gguf.path),
+        "--workload",
+        str(TINY_WORKLOAD),
+        "--max-new-tokens",
+        "8",
+        "--repeats",
+        "1",
+    ]
+    batched, single = tmp_path / "b8.jsonl", tmp_path / "b1.jsonl"
+    result = cli(*common, "--batch-size", "8", "--agreement", "--json", "--output", str(batched))
+    assert result.returncode == 0, result.stderr
+    reported = json.loads(result.stdout)["agreement"]
+    assert cli(*common, "--batch-size", "1", "--output", str(single)).returncode == 0
+
+    def rows(path):
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    assert agreement(rows(batched), rows(single)) == reported
+    assert reported["compared"] == 6 and 0.0 <= reported["identical"] <= 1.0
+
+
+def test_agreement_counts_identical_sequences_and_first_differences():
+    from autotune.agreement import agreement
+
+    ours = [
+        {"id": "a", "token_ids": [1, 2, 3]},
+        {"id": "b", "token_ids": [1, 9, 9]},
+        {"id": "c", "token_ids": [5]},
+        {"id": "d", "token_ids": [], "error": "too long"},
+    ]
+    theirs = [
+        {"id": "a", "token_ids": [1, 2, 3]},
+        {"id": "b", "token_ids": [1, 2, 3]},
+        {"id": "c", "token_ids": [6, 7]},
+        {"id": "d", "token_ids": [4]},
+    ]
+    assert agreement(ours, theirs) == {
+        "compared": 3,
+        "identical": 1 / 3,
+        "mean_first_difference": 0.5,  # b differs at 1, c at 0
+    }

@@ -84,3 +84,80 @@ def test_pss_counts_shared_file_pages_once(tmp_path):
     # two processes map the same 64 MiB: RSS counts it twice, PSS once
     assert rss > 1.8 * size
     assert pss < 1.4 * size
+
+
+# ---------------------------------------------------------------- steady state (issue 12)
+
+
+def _done(at: float, tokens: int = 10, error: str | None = None):
+    from backends.base import Completion
+
+    return Completion(
+        id=f"r{at}",
+        text="",
+        token_ids=tuple(range(tokens)),
+        prompt_tokens=5,
+        worker_rank=0,
+        latency_s=1.0,
+        finished_at=at,
+        error=error,
+    )
+
+
+def test_steady_rate_leaves_out_the_first_and_the_last_wave():
+    from autotune.measure import steady_tokens_per_s
+
+    # concurrency 2: the first wave ends at t=1 (2nd finish), the last full wave at t=8
+    # (the 2nd-last finish excluded); between them 6 requests of 10 tokens over 7 s.
+    times = [0.5, 1.0, 2.0, 3.0, 5.0, 6.0, 7.0, 8.0, 9.5, 30.0]
+    completions = [_done(t) for t in times]
+    assert steady_tokens_per_s(completions, concurrency=2) == pytest.approx(60 / 7)
+    assert steady_tokens_per_s(completions[:5], concurrency=2) is None, "fewer than 3 waves"
+    failed = completions[:9] + [_done(30.0, error="too long")]
+    assert steady_tokens_per_s(failed, concurrency=2) is None
+
+
+def test_relative_spread():
+    from autotune.measure import relative_spread
+
+    assert relative_spread([100.0, 104.0, 98.0]) == pytest.approx(6 / 100)
+    assert relative_spread([5.0]) == 0.0
+
+
+def test_a_cycled_workload_repeats_prompts_under_new_ids():
+    from autotune.workload import TINY_WORKLOAD, load_workload
+
+    tiny = load_workload(TINY_WORKLOAD)
+    cycled = tiny.cycled(14)
+    assert len(cycled) == 14 and len({p.id for p in cycled.prompts}) == 14
+    assert [p.text for p in cycled.prompts[6:12]] == [p.text for p in tiny.prompts]
+    assert cycled.prompts[7].id == f"{tiny.prompts[1].id}~1"
+
+
+def test_bench_settles_until_the_passes_agree(cli):
+    import json
+
+    from autotune.workload import TINY_WORKLOAD
+
+    result = cli(
+        "bench",
+        "--backend",
+        "fake",
+        "--batch-size",
+        "2",
+        "--workload",
+        str(TINY_WORKLOAD),
+        "--prompts",
+        "24",
+        "--repeats",
+        "1",
+        "--settle",
+        "30s",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert 3 <= len(data["samples"]) and data["prompts"] == 24
+    assert data["stable"] is True and data["window_spread"] <= 0.05
+    assert all(s["steady_tokens_per_s"] for s in data["samples"])
+    assert len({s["prefill_tokens"] for s in data["samples"]}) == 1

@@ -520,3 +520,17 @@ def test_version_floors_cover_the_apis_used():
     # transformers 4.56 brought from_pretrained(dtype=) (huggingface/transformers#39782).
     assert floors["llama-cpp-python"] >= (0, 3, 17)
     assert floors["transformers"] >= (4, 56)
+
+
+def test_a_duplicate_ask_is_followed_by_an_unmeasured_config(tmp_path, simulated_sweep, topology):
+    # Hidden from TPE, a duplicate would be asked for again and again; the sweep explores
+    # instead, so a small space is measured whole before the search gives up on it.
+    from autotune.knobs import Target
+    from backends.fake import FakeBackend
+
+    summary, _, _ = simulated_sweep(options(tmp_path, budget_s=3000.0))
+    measured = {json.dumps(r.config, sort_keys=True) for r in summary.trials if r.complete}
+    space = FakeBackend.space(Target(topology, layers=1, batch_cap=4))  # limit 4: batch <= 4
+    assert len(measured) == space.size(), "every config of the space was measured"
+    duplicates = [r for r in summary.trials if (r.reason or "").startswith("same config")]
+    assert duplicates, "the sampler did ask for measured configs"

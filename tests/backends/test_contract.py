@@ -90,6 +90,17 @@ def test_max_new_tokens_respected(loaded):
         assert all(c.error is None and c.latency_s >= 0 for c in completions)
 
 
+def test_ignore_eos_generates_exactly_max_new_tokens(loaded):
+    completions = loaded.generate(PROMPTS, GenerationSettings(max_new_tokens=7, ignore_eos=True))
+    assert [len(c.token_ids) for c in completions] == [7] * len(PROMPTS)
+
+
+def test_every_backend_reports_first_token_time_and_computed_prompt_tokens(loaded):
+    for c in loaded.generate(PROMPTS, SETTINGS):
+        assert c.ttft_s is not None and 0 <= c.ttft_s <= c.latency_s, c
+        assert c.prefill_tokens is not None and 0 < c.prefill_tokens <= c.prompt_tokens, c
+
+
 def test_greedy_is_deterministic(loaded):
     first = [c.token_ids for c in loaded.generate(PROMPTS, SETTINGS)]
     second = [c.token_ids for c in loaded.generate(PROMPTS, SETTINGS)]
