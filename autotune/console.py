@@ -262,7 +262,11 @@ def show_sweep(summary) -> None:
     winner = summary.winner
     if winner:
         table.add_row("Winner", f"{layout_text(winner.config)} (trial {winner.number})")
-        table.add_row("Winner tokens/s", f"{winner.value:.1f} (its search trial)")
+        search = f"{winner.value:.1f} (its search trial)"
+        if winner.paired and winner.paired.get("candidate"):
+            median = sorted(winner.paired["candidate"])[len(winner.paired["candidate"]) // 2]
+            search += f"; {median:.1f} median of its paired runs"
+        table.add_row("Winner tokens/s", search)
         if winner.paired:
             table.add_row("Speedup vs baseline", describe_speedup(winner.paired))
         elif base:

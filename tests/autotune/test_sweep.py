@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -534,3 +535,17 @@ def test_a_duplicate_ask_is_followed_by_an_unmeasured_config(tmp_path, simulated
     assert len(measured) == space.size(), "every config of the space was measured"
     duplicates = [r for r in summary.trials if (r.reason or "").startswith("same config")]
     assert duplicates, "the sampler did ask for measured configs"
+
+
+def test_a_search_figure_outside_the_paired_runs_is_called_out(tmp_path, topology, tiny_gguf):
+    def slower_when_paired(spec, outcome):
+        if spec.get("paired") and outcome.result:
+            outcome.result["candidate"] = [r * 0.6 for r in outcome.result["candidate"]]
+
+    summary = sweep_with(
+        tmp_path, topology, tiny_gguf, options(tmp_path, budget_s=300.0), slower_when_paired
+    )
+    assert "outside its paired runs" in summary.note
+    expected = f"{statistics.median(summary.winner.paired['candidate']):.1f} tokens/s"
+    assert summary.note.endswith(expected)
+    assert "outside its paired runs" in (tmp_path / "s" / "best.env").read_text()
