@@ -194,6 +194,7 @@ class Sweep:
         self.costs: dict[str, list[float]] = {}
         self.seen: dict[str, int] = {}
         self.rng = random.Random(options.seed)  # the exploration after a duplicate
+        self.log = None  # trials.jsonl, open while the sweep runs
         self.started = clock()
 
     # ------------------------------------------------------------ deadlines
@@ -287,12 +288,12 @@ class Sweep:
             raise ConfigError(
                 f"--storage {storage}: cannot open it ({type(error).__name__}: {first[:160]})"
             ) from None
-        self.dir.create()
         if self.options.study in existing and not self.options.resume:
             raise ConfigError(
                 f"--study {self.options.study}: a study of that name exists in {storage}; "
                 "add --resume to continue it, or name another"
             )
+        self.dir.create()
         study = optuna.create_study(
             study_name=self.options.study,
             storage=storage,

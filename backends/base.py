@@ -43,12 +43,15 @@ COMMON_FIELDS = frozenset(
     }
 )
 
-# How `Backend.describe` shows a field that is not at its default.
+# The fields `Backend.describe` shows, in order, where not at their default: how each reads.
 _LABELS = {
+    "quant": "{}",
+    "dtype": "{}",
+    "boundaries": "{}",
     "pinning": "pin:{}",
-    "fault": "fault:{}",
-    "kv_cache": "kv:{}",
     "prefill_threads": "prefill:{}",
+    "kv_cache": "kv:{}",
+    "fault": "fault:{}",
 }
 
 
@@ -176,18 +179,10 @@ class Backend(ABC):
         backend reads that are not at their defaults."""
         processes = config.get("workers", 1) * config.get("stages", 1)
         text = f"{cls.name} {processes}x{config['threads_per_worker']} b{config['batch_size']}"
-        for name in (
-            "quant",
-            "dtype",
-            "boundaries",
-            "pinning",
-            "prefill_threads",
-            "kv_cache",
-            "fault",
-        ):
+        for name, label in _LABELS.items():
             value = config.get(name, field_default(name))
             if name in cls.reads and value != field_default(name):
-                text += " " + _LABELS.get(name, "{}").format(value)
+                text += " " + label.format(value)
         return text
 
     # ------------------------------------------------------------ instances
