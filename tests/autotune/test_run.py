@@ -226,9 +226,11 @@ def test_verify_checks_against_the_paired_figure_and_passes_inside_it(cli, tmp_p
         "--json",
     )
     rate = json.loads(measured.stdout)["tokens_per_s"]
-    header = (  # the search trial claimed 10x more; the paired runs what the machine does
+    # The paired figure is what the machine does; the search trial claimed 10x more. The
+    # accepted range (+-50%, from the interval) is wide: fake passes last milliseconds.
+    header = (
         f"# measured: {rate * 10:.1f} tokens/s (trial 3); paired runs: {rate:.1f} tokens/s "
-        "(median)\n# speedup over the naive baseline: x2.00 over 3 A B pairs, 95% CI 1.60-2.40\n"
+        "(median)\n# speedup over the naive baseline: x2.00 over 3 A B pairs, 95% CI 1.00-3.00\n"
     )
     env = write_env(tmp_path / "best.env", config, header)
     result = cli("verify", "--env", str(env), "--limit", "4", "--repeats", "3")
