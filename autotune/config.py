@@ -328,22 +328,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, backends: dict[str, st
     """Add one flag per TrialConfig field that has one, with its help and type; ``backends``
     (name -> one line) are listed in the help of ``--backend``."""
     for f in fields(TrialConfig):
-        if "on_flag" in f.metadata:  # a switch that is off by default
-            parser.add_argument(
-                f.metadata["on_flag"],
-                dest=f.name,
-                action="store_true",
-                default=None,
-                help=f.metadata["on_help"],
-            )
-        if "off_flag" in f.metadata:  # a switch that is on by default
-            parser.add_argument(
-                f.metadata["off_flag"],
-                dest=f.name,
-                action="store_false",
-                default=None,
-                help=f.metadata["off_help"],
-            )
+        # A switch: --ignore-eos turns on what is off by default, --no-kv-cache the reverse.
+        for key, action in (("on", "store_true"), ("off", "store_false")):
+            if f"{key}_flag" in f.metadata:
+                parser.add_argument(
+                    f.metadata[f"{key}_flag"],
+                    dest=f.name,
+                    action=action,
+                    default=None,
+                    help=f.metadata[f"{key}_help"],
+                )
         flag = f.metadata.get("flag")
         if flag is None:
             continue

@@ -33,6 +33,7 @@ def config_key(config: TrialConfig | dict) -> str:
 
 
 _MISSING = object()
+_ENUMERATE_UP_TO = 5000  # layouts; a larger space is explored by random draws only
 
 
 class Unfit(Exception):
@@ -64,6 +65,12 @@ class SearchSpace:
         self.planner = planner
         self.spaces: dict[str, BackendSpace] = {b: backend_class(b).space(target) for b in backends}
         self.backends = [b for b, space in self.spaces.items() if space.excluded is None]
+        self._exhausted = False  # every config measured (see random_config)
+
+    @property
+    def exhausted(self) -> bool:
+        """`random_config` found every config of the space measured."""
+        return self._exhausted
 
     # ------------------------------------------------------------ configs
 
@@ -112,9 +119,13 @@ class SearchSpace:
             params[f"{backend}.{knob.name}"] = allowed.index(value) if knob.ordered else value
         return params
 
-    def random_config(self, rng, avoid: set[str], attempts: int = 200) -> TrialConfig | None:
-        """A config drawn uniformly knob by knob (``rng``: a random.Random) that the target
-        can run and whose key (`config_key`) is not in ``avoid``; None if none was found."""
+    def random_config(self, rng, avoid: set[str], attempts: int = 20) -> TrialConfig | None:
+        """A config the target can run whose key (`config_key`) is not in ``avoid``, drawn
+        knob by knob (``rng``: a random.Random); None once every config was measured. A few
+        draws find one in a large space; a small one is enumerated (which also tells when it
+        is exhausted, remembered: ``avoid`` only grows)."""
+        if self._exhausted:
+            return None
         for _ in range(attempts):
             backend = rng.choice(self.backends)
             chosen: dict = {}
@@ -128,7 +139,17 @@ class SearchSpace:
                 config = self.build(backend, chosen)
                 if config_key(config) not in avoid and self.refusal(config) is None:
                     return config
-        return None
+        if sum(self.spaces[b].size() for b in self.backends) > _ENUMERATE_UP_TO:
+            return None  # unlucky draws in a large space: the sampler goes on
+        left = [
+            config
+            for backend in self.backends
+            for chosen in self.spaces[backend].assignments()
+            if config_key(config := self.build(backend, chosen)) not in avoid
+            and self.refusal(config) is None
+        ]
+        self._exhausted = not left
+        return rng.choice(left) if left else None
 
     def refusal(self, config: TrialConfig) -> str | None:
         """Why ``config`` must not run on the target, or None."""

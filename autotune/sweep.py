@@ -362,6 +362,8 @@ class Sweep:
                 idle += 1
                 if reason.startswith(_DUPLICATE):
                     self._explore(study)
+                    if self.space.exhausted:
+                        return  # every layout of the space is measured: on to confirming
                 continue
             idle = 0
             self._run(study, candidate)

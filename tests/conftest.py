@@ -94,21 +94,28 @@ def topology():
 @pytest.fixture
 def simulated_sweep(topology, tiny_gguf):
     """Run a whole sweep on a fake clock with simulated fake-backend trials (no process, no
-    sleep): ``simulated_sweep(options, extra=[...])`` returns (summary, clock, runner)."""
+    sleep): ``simulated_sweep(options, extra=[...])`` returns (summary, clock, runner).
+    ``change(spec, outcome)`` may edit each simulated outcome before the sweep sees it."""
     from autotune.memory_plan import model_shape
     from autotune.sweep import Sweep
     from backends.fake import FakeClock, SimulatedTrials
 
-    def run(options, extra=(), machine=None):
+    def run(options, extra=(), machine=None, change=None):
         clock = FakeClock()
         runner = SimulatedTrials(clock, machine or topology)
+
+        def changed(spec, deadline_s):
+            outcome = runner(spec, deadline_s)
+            change(spec, outcome)
+            return outcome
+
         summary = Sweep(
             options,
             topology=machine or topology,
             model=tiny_gguf,
             shape=model_shape(tiny_gguf),
             clock=clock,
-            runner=runner,
+            runner=changed if change else runner,
             extra=list(extra),
         ).run()
         return summary, clock, runner

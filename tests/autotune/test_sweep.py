@@ -334,58 +334,26 @@ def test_sizes():
 # ---------------------------------------------------------------- honest figures (issue 15)
 
 
-def runner_with(simulated, change):
-    """A runner that lets ``change(spec, outcome)`` edit each simulated outcome."""
-
-    def run(spec, deadline_s):
-        outcome = simulated(spec, deadline_s)
-        change(spec, outcome)
-        return outcome
-
-    return run
-
-
-def sweep_with(tmp_path, topology, tiny_gguf, opts, change):
-    from autotune.memory_plan import model_shape
-    from autotune.sweep import Sweep
-    from backends.fake import FakeClock, SimulatedTrials
-
-    clock = FakeClock()
-    runner = runner_with(SimulatedTrials(clock, topology), change)
-    return Sweep(
-        opts,
-        topology=topology,
-        model=tiny_gguf,
-        shape=model_shape(tiny_gguf),
-        clock=clock,
-        runner=runner,
-    ).run()
-
-
-def test_a_layout_that_fails_requests_is_a_failed_trial_and_cannot_win(
-    tmp_path, topology, tiny_gguf
-):
+def test_a_layout_that_fails_requests_is_a_failed_trial_and_cannot_win(tmp_path, simulated_sweep):
     def fail_big_batches(spec, outcome):
         if outcome.result and spec["config"]["batch_size"] >= 4 and not spec.get("paired"):
             outcome.result["failed_requests"] = 2
             outcome.result["warnings"] = ["2 requests failed; first: q1: exceeds the context"]
 
-    summary = sweep_with(
-        tmp_path, topology, tiny_gguf, options(tmp_path, budget_s=120.0), fail_big_batches
-    )
+    summary, _, _ = simulated_sweep(options(tmp_path, budget_s=120.0), change=fail_big_batches)
     failed = [r for r in summary.trials if r.failure_class == "requests"]
     assert failed and all(r.state is TrialState.FAIL and r.value is None for r in failed)
     assert "2 requests failed" in failed[0].stderr_tail
     assert summary.winner.config["batch_size"] < 4, "a layout that fails requests never wins"
 
 
-def test_no_layout_beating_the_baseline_exports_the_baseline(tmp_path, topology, tiny_gguf):
+def test_no_layout_beating_the_baseline_exports_the_baseline(tmp_path, simulated_sweep):
     def baseline_wins_in_pairs(spec, outcome):
         if spec.get("paired") and outcome.result:
             outcome.result["baseline"] = [r * 10 for r in outcome.result["baseline"]]
 
-    summary = sweep_with(
-        tmp_path, topology, tiny_gguf, options(tmp_path, budget_s=120.0), baseline_wins_in_pairs
+    summary, _, _ = simulated_sweep(
+        options(tmp_path, budget_s=120.0), change=baseline_wins_in_pairs
     )
     assert summary.winner.number == summary.baseline.number and summary.winner.confirmed
     assert "no layout beat the naive baseline" in summary.note
@@ -537,14 +505,12 @@ def test_a_duplicate_ask_is_followed_by_an_unmeasured_config(tmp_path, simulated
     assert duplicates, "the sampler did ask for measured configs"
 
 
-def test_a_search_figure_outside_the_paired_runs_is_called_out(tmp_path, topology, tiny_gguf):
+def test_a_search_figure_outside_the_paired_runs_is_called_out(tmp_path, simulated_sweep):
     def slower_when_paired(spec, outcome):
         if spec.get("paired") and outcome.result:
             outcome.result["candidate"] = [r * 0.6 for r in outcome.result["candidate"]]
 
-    summary = sweep_with(
-        tmp_path, topology, tiny_gguf, options(tmp_path, budget_s=300.0), slower_when_paired
-    )
+    summary, _, _ = simulated_sweep(options(tmp_path, budget_s=300.0), change=slower_when_paired)
     assert "outside its paired runs" in summary.note
     expected = f"{statistics.median(summary.winner.paired['candidate']):.1f} tokens/s"
     assert summary.note.endswith(expected)
