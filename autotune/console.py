@@ -264,7 +264,9 @@ def show_sweep(summary) -> None:
         table.add_row("Winner", f"{layout_text(winner.config)} (trial {winner.number})")
         search = f"{winner.value:.1f} (its search trial)"
         if winner.paired and winner.paired.get("candidate"):
-            median = sorted(winner.paired["candidate"])[len(winner.paired["candidate"]) // 2]
+            import statistics
+
+            median = statistics.median(winner.paired["candidate"])  # as the export header
             search += f"; {median:.1f} median of its paired runs"
         table.add_row("Winner tokens/s", search)
         if winner.paired:

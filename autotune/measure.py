@@ -23,7 +23,7 @@ import psutil
 from autotune.config import TrialConfig
 from autotune.models import ModelSpec
 from autotune.provenance import provenance
-from autotune.stats import HIGH_CV, percentile, summarize
+from autotune.stats import HIGH_CV, percentile, relative_spread, summarize
 from autotune.topology import Topology
 from autotune.workload import Workload
 from backends import create_backend
@@ -181,12 +181,6 @@ def steady_tokens_per_s(completions: Sequence[Completion], concurrency: int) -> 
     start, end = done[concurrency - 1][0], done[len(done) - concurrency - 1][0]
     tokens = sum(count for at, count in done if start < at <= end)
     return tokens / (end - start) if end > start else None
-
-
-def relative_spread(values: Sequence[float]) -> float:
-    """(max - min) / median: how far apart repeated measurements are."""
-    data = sorted(values)
-    return (data[-1] - data[0]) / data[len(data) // 2] if data and data[len(data) // 2] else 0.0
 
 
 def _prefill_tokens(completion: Completion) -> int:

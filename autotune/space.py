@@ -66,6 +66,13 @@ class SearchSpace:
         self.spaces: dict[str, BackendSpace] = {b: backend_class(b).space(target) for b in backends}
         self.backends = [b for b, space in self.spaces.items() if space.excluded is None]
         self._exhausted = False  # every config measured (see random_config)
+        self._size: int | None = None
+
+    def size(self) -> int:
+        """Layouts the searched backends' spaces hold (counted once)."""
+        if self._size is None:
+            self._size = sum(self.spaces[b].size() for b in self.backends)
+        return self._size
 
     @property
     def exhausted(self) -> bool:
@@ -139,7 +146,7 @@ class SearchSpace:
                 config = self.build(backend, chosen)
                 if config_key(config) not in avoid and self.refusal(config) is None:
                     return config
-        if sum(self.spaces[b].size() for b in self.backends) > _ENUMERATE_UP_TO:
+        if self.size() > _ENUMERATE_UP_TO:
             return None  # unlucky draws in a large space: the sampler goes on
         left = [
             config

@@ -14,6 +14,7 @@ __all__ = [
     "Summary",
     "describe_speedup",
     "percentile",
+    "relative_spread",
     "speedup_interval",
     "summarize",
     "t_quantile",
@@ -62,6 +63,15 @@ def summarize(values: Sequence[float]) -> Summary:
         min=float(data.min()),
         max=float(data.max()),
     )
+
+
+def relative_spread(values: Sequence[float]) -> float:
+    """(max - min) / median: how far apart repeated measurements are (0 for none)."""
+    if len(values) == 0:
+        return 0.0
+    data = np.asarray(values, dtype=np.float64)
+    median = float(np.median(data))
+    return float(data.max() - data.min()) / median if median else 0.0
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from autotune.config import TrialConfig
 from autotune.errors import ConfigError
+from autotune.files import atomic_write
 from autotune.knobs import Target
 from autotune.memory_plan import MemoryPlanner
 from autotune.space import SearchSpace, Unfit, config_key
@@ -671,9 +672,8 @@ def _write_outputs(summary: SweepSummary, directory: StudyDir, topology) -> bool
         "counts": {state.value: summary.count(state) for state in TrialState},
     }
     directory.write_json(directory.summary, data)
-    if summary.winner is not None:
-        text = render(directory.load_summary(), fingerprint=topology.fingerprint(), fmt="env")
-        from autotune.files import atomic_write
-
-        atomic_write(directory.best_env, text)
+    if summary.winner is not None:  # from the same data, not read back from disk
+        atomic_write(
+            directory.best_env, render(data, fingerprint=topology.fingerprint(), fmt="env")
+        )
     return data["uses_smt_siblings"]

@@ -118,7 +118,7 @@ def test_steady_rate_leaves_out_the_first_and_the_last_wave():
 
 
 def test_relative_spread():
-    from autotune.measure import relative_spread
+    from autotune.stats import relative_spread
 
     assert relative_spread([100.0, 104.0, 98.0]) == pytest.approx(6 / 100)
     assert relative_spread([5.0]) == 0.0
