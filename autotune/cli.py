@@ -145,11 +145,78 @@ def _positive(name: str, minimum: int = 1):
     return parse
 
 
+def _add_pacing_arguments(parser: argparse.ArgumentParser, repeats: int, settle: str | None):
+    """How long one measurement runs (`autotune.measure.Pacing`): the same flags, the same
+    meaning, for bench and for every trial of a sweep."""
+    parser.add_argument(
+        "--limit",
+        type=_positive("--limit"),
+        metavar="N",
+        help="use only the first N prompts of the workload (default: all of them)",
+    )
+    parser.add_argument(
+        "--prompts",
+        type=_positive("--prompts"),
+        metavar="N",
+        help="requests per timed pass, the workload cycled to N (default: sized by the layout: "
+        "a ramp-up wave, 3 windows of at least one wave each, and a tail)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=_positive("--repeats"),
+        default=repeats,
+        metavar="R",
+        help=f"timed passes at least (default: {repeats})",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=_positive("--warmup", 0),
+        default=1,
+        metavar="W",
+        help="untimed warmup passes of one wave (default: 1)",
+    )
+    parser.add_argument(
+        "--settle",
+        metavar="DURATION",
+        default=settle,
+        help="after --repeats passes, go on until the last 3 windows agree within 5%% or the "
+        f"timed passes have run this long (e.g. 60s; default: {settle or 'no more passes'}); "
+        "a result that never does is flagged not stable",
+    )
+
+
+def _pacing(args: argparse.Namespace):
+    """The `Pacing` the flags of `_add_pacing_arguments` ask for."""
+    from autotune.measure import Pacing
+    from autotune.units import parse_duration
+
+    return Pacing(
+        prompts=args.prompts,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        settle_s=parse_duration(args.settle, "--settle") if args.settle else 0.0,
+    )
+
+
+def _share(flag: str):
+    """An argparse type: a number from 0 to 1."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
+        if not 0.0 <= value <= 1.0:
+            raise argparse.ArgumentTypeError(f"{flag} must be between 0 and 1, got {text}")
+        return value
+
+    return parse
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from autotune.config import config_from_args
     from autotune.models import ModelSpec
     from autotune.topology import detect
-    from autotune.units import parse_duration
     from autotune.workload import load_workload
 
     config = config_from_args(args)
@@ -157,35 +224,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _warn_bad_lines(workload)
     if args.limit:
         workload = workload.head(args.limit)
-    if args.prompts:
-        workload = workload.cycled(args.prompts)
     model = ModelSpec.resolve(config.model)
     topology = detect()
     if args.output:  # fail on a bad --output before spending minutes measuring
         _check_output(args.output, "--output")
 
-    from autotune.measure import benchmark
+    from autotune.measure import Pacing, benchmark
 
     def progress(message: str) -> None:
         print(f"[{config.backend}] {message}", file=sys.stderr, flush=True)
 
-    result = benchmark(
-        config,
-        workload,
-        model,
-        topology,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        on_progress=progress,
-        settle_s=parse_duration(args.settle, "--settle") if args.settle else 0.0,
-    )
+    result = benchmark(config, workload, model, topology, _pacing(args), on_progress=progress)
     if args.agreement:
         from autotune.agreement import agreement, reference_config
 
-        reference = reference_config(config)
         progress("reference run for agreement: batch 1, the model's own weights, greedy")
-        baseline = benchmark(reference, workload, model, topology, repeats=1, warmup=0)
-        result.agreement = agreement(result.completions, baseline.completions)
+        # As `--batch-size 1 --warmup 0 --repeats 1` with the same flags measures it, so the
+        # two --output files reproduce the figure.
+        reference = benchmark(
+            reference_config(config),
+            workload,
+            model,
+            topology,
+            Pacing(prompts=args.prompts, warmup=0, repeats=1),
+        )
+        result.agreement = agreement(result.completions, reference.completions)
     if args.output:
         from autotune.files import write_jsonl
 
@@ -241,8 +304,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         backends=backends,
         workload=args.workload,
         limit=args.limit,
-        repeats=args.repeats,
-        warmup=args.warmup,
+        pacing=_pacing(args),
+        min_agreement=args.min_agreement,
         memory_limit_bytes=parse_size(args.memory_limit) if args.memory_limit else None,
         trial_timeout_s=(
             parse_duration(args.trial_timeout, "--trial-timeout") if args.trial_timeout else None
@@ -427,9 +490,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     path = Path(args.env)
     config = config_from_env_file(path, topology)
     recorded = parse_header(read_env_file(path)[1])
-    workload = load_workload(args.workload).head(args.limit)
+    workload = load_workload(args.workload)
+    if args.limit:
+        workload = workload.head(args.limit)
     result = benchmark(
-        config, workload, ModelSpec.resolve(config.model), topology, repeats=args.repeats
+        config, workload, ModelSpec.resolve(config.model), topology, _pacing(args)
     )
     warnings, inside = console.show_verify(recorded, result, topology.fingerprint())
     for warning in warnings:
@@ -523,36 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(bench, summaries())
     bench.add_argument("--workload", metavar="FILE", help="prompts JSONL (default: shipped)")
     bench.add_argument("--strict", action="store_true", help="a bad workload line is fatal")
-    bench.add_argument(
-        "--limit", type=_positive("--limit"), metavar="N", help="use only the first N prompts"
-    )
-    bench.add_argument(
-        "--repeats",
-        type=_positive("--repeats"),
-        default=3,
-        metavar="R",
-        help="timed passes over the workload (default: 3)",
-    )
-    bench.add_argument(
-        "--warmup",
-        type=_positive("--warmup", 0),
-        default=1,
-        metavar="W",
-        help="untimed warmup passes (default: 1)",
-    )
-    bench.add_argument(
-        "--prompts",
-        type=_positive("--prompts"),
-        metavar="N",
-        help="requests per timed pass: the workload (after --limit) cycled to N prompts, so a "
-        "large batch stays full; the steady tokens/s leaves each pass's ramp-up and tail out",
-    )
-    bench.add_argument(
-        "--settle",
-        metavar="DURATION",
-        help="after --repeats passes, go on until the last 3 agree within 5%% or this long "
-        "(e.g. 60s); a result that never does is flagged not stable",
-    )
+    _add_pacing_arguments(bench, repeats=3, settle=None)
     bench.add_argument(
         "--agreement",
         action="store_true",
@@ -591,13 +627,6 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--model", metavar="M", help="GGUF file or HF directory (default: embedded)")
     sweep.add_argument("--workload", metavar="FILE", help="prompts JSONL (default: shipped)")
     sweep.add_argument(
-        "--limit",
-        type=_positive("--limit"),
-        default=12,
-        metavar="N",
-        help="prompts per trial: the first N of the workload (default: 12)",
-    )
-    sweep.add_argument(
         "--max-new-tokens",
         type=_positive("--max-new-tokens"),
         default=32,
@@ -610,19 +639,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="every prompt generates exactly --max-new-tokens, so every layout does the same "
         "work (as llama-bench does)",
     )
+    _add_pacing_arguments(sweep, repeats=1, settle="20s")
     sweep.add_argument(
-        "--repeats",
-        type=_positive("--repeats"),
-        default=1,
-        metavar="R",
-        help="timed passes per trial (default: 1)",
-    )
-    sweep.add_argument(
-        "--warmup",
-        type=_positive("--warmup", 0),
-        default=1,
-        metavar="W",
-        help="untimed passes per trial (default: 1)",
+        "--min-agreement",
+        type=_share("--min-agreement"),
+        metavar="SHARE",
+        help="prune layouts whose answers agree with the batch-1 reference run less than this "
+        "(share of identical sequences, e.g. 0.9; default: none pruned, agreement reported)",
     )
     sweep.add_argument(
         "--memory-limit",
@@ -689,20 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("--env", required=True, metavar="FILE", help="env file from export")
     verify.add_argument("--workload", metavar="FILE", help="prompts JSONL (default: shipped)")
-    verify.add_argument(
-        "--limit",
-        type=_positive("--limit"),
-        default=12,
-        metavar="N",
-        help="prompts (default: 12, as the sweep's trials)",
-    )
-    verify.add_argument(
-        "--repeats",
-        type=_positive("--repeats"),
-        default=3,
-        metavar="R",
-        help="timed passes (default: 3)",
-    )
+    _add_pacing_arguments(verify, repeats=3, settle=None)
     verify.set_defaults(handler=cmd_verify)
 
     workload = sub.add_parser("workload", help="check a prompts JSONL and summarise it")

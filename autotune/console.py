@@ -107,24 +107,24 @@ def show_summary(title: str, summary: dict) -> None:
 
 def show_result(result) -> None:
     """Print one measured configuration."""
+    from autotune.agreement import describe_agreement
+
     layout = layout_text(result.config)
     if result.details.get("boundaries"):  # a split the backend chose while loading
         layout += f" (layers {result.details['boundaries']})"
     table = key_value_table(f"Result ({layout})")
     summary = result.tokens_per_s_summary
+    over = "windows" if result.steady else "whole passes"
     table.add_row(
         "Tokens/s",
-        f"{result.tokens_per_s:.1f} (median of {summary['n']}; "
-        f"{summary['min']:.1f}-{summary['max']:.1f}, CV {summary['cv']:.1%})",
+        f"{result.tokens_per_s:.1f} (median of the last {summary['n']} {over}, "
+        f"{summary['min']:.1f}-{summary['max']:.1f}; spread {result.window_spread:.1%}, "
+        f"{'stable' if result.stable else 'not shown stable'})",
     )
-    if result.steady_tokens_per_s is not None:
-        table.add_row(
-            "Tokens/s, steady state",
-            f"{result.steady_tokens_per_s:.1f} (ramp-up and tail left out)",
-        )
     table.add_row(
-        "Spread of the last passes",
-        f"{result.window_spread:.1%} ({'stable' if result.stable else 'not shown stable'})",
+        "Tokens/s, whole passes",
+        f"{result.pass_tokens_per_s:.1f} (ramp-up and tail included; {result.repeats} passes "
+        f"of {result.prompts} prompts)",
     )
     table.add_row("Requests/s", f"{result.requests_per_s:.2f}")
     if result.latency_p50_s is not None:
@@ -146,13 +146,7 @@ def show_result(result) -> None:
     if result.failed_requests:
         table.add_row("Failed requests", str(result.failed_requests))
     if result.agreement and result.agreement["compared"]:
-        found = result.agreement
-        first = found["mean_first_difference"]
-        table.add_row(
-            "Agreement with batch 1",
-            f"{found['identical']:.0%} of {found['compared']} answers identical"
-            + (f"; first difference at token {first:.1f} on average" if first is not None else ""),
-        )
+        table.add_row("Agreement with batch 1", describe_agreement(result.agreement))
     console.print(table)
 
 
@@ -208,15 +202,21 @@ class SweepProgress:
         elif isinstance(event, sweep.TrialEnded):
             record = event.record
             self.counts[record.state.value] += 1
+            if record.state.value == "pruned" and not record.result:
+                return  # never ran: counted; a line each would drown the trials that ran
             if record.state.value == "pruned":
-                return  # counted; a line each would drown the trials that ran
-            if record.complete:
+                line = f"{record.result['tokens_per_s']:.1f} tok/s, pruned: {record.reason}"
+            elif record.complete:
                 if record.role is Role.BASELINE:
                     self.baseline = record.value
                 if self.best is None or record.value > self.best[0]:
                     self.best = (record.value, layout_text(record.config))
                 ratio = f" (x{record.value / self.baseline:.2f} baseline)" if self.baseline else ""
                 line = f"{record.value:.1f} tok/s{ratio}"
+                if not (record.result or {}).get("stable", True):
+                    line += f" (not stable: spread {record.result['window_spread']:.0%})"
+                if record.agreement and record.agreement.get("identical") is not None:
+                    line += f", answers {record.agreement['identical']:.0%} identical"
             else:
                 line = f"FAILED: {record.failure_class}"
             best = f" | best {self.best[0]:.1f} tok/s: {self.best[1]}" if self.best else ""
@@ -238,6 +238,7 @@ class SweepProgress:
 
 def show_sweep(summary) -> None:
     """The sweep's outcome: winner, speedups, counts, files."""
+    from autotune.agreement import describe_agreement
     from autotune.stats import describe_speedup
     from autotune.study import TrialState
     from autotune.units import format_duration
@@ -269,6 +270,8 @@ def show_sweep(summary) -> None:
             median = statistics.median(winner.paired["candidate"])  # as the export header
             search += f"; {median:.1f} median of its paired runs"
         table.add_row("Winner tokens/s", search)
+        if winner.agreement and winner.agreement.get("compared"):
+            table.add_row("Winner's answers vs batch 1", describe_agreement(winner.agreement))
         if winner.paired:
             table.add_row("Speedup vs baseline", describe_speedup(winner.paired))
         elif base:
@@ -296,15 +299,17 @@ def show_report(study, report) -> None:
     """The report's top configurations and where its files are."""
     table = Table(title=f"Report {study.name}: top configurations", title_justify="left")
     base = study.baseline.value if study.baseline else None
-    for column in ("trial", "layout", "tokens/s", "x baseline", "peak GiB"):
+    for column in ("trial", "layout", "tokens/s", "x baseline", "identical", "peak GiB"):
         table.add_column(column)
     for trial in report.top:
         memory = (trial.result or {}).get("peak_memory_bytes")
+        identical = (trial.agreement or {}).get("identical")
         table.add_row(
             str(trial.number),
             layout_text(trial.config),
             f"{trial.value:.1f}",
             f"{trial.value / base:.2f}" if base else "-",
+            f"{identical:.0%}" if identical is not None else "-",
             f"{memory / 2**30:.2f}" if memory else "-",
         )
     console.print(table if report.top else "no trial finished")

@@ -18,6 +18,7 @@ import statistics
 
 from autotune.config import TrialConfig
 from autotune.errors import ConfigError
+from autotune.agreement import describe_agreement
 from autotune.stats import describe_speedup
 from autotune.study import TrialRecord
 from backends import fields_read
@@ -78,6 +79,9 @@ def figures(summary: dict, fingerprint: str | None) -> dict:
     }
     data["chosen_among"] = None
     data["note"] = summary.get("note")
+    data["agreement"] = winner.agreement  # its answers against the batch-1 reference run
+    data["stable"] = (winner.result or {}).get("stable")
+    data["window_spread"] = (winner.result or {}).get("window_spread")
     if winner.paired:
         paired = winner.paired
         data.update(
@@ -100,7 +104,14 @@ def _header(found: dict) -> list[str]:
     measured = f"measured: {found['tokens_per_s']:.1f} tokens/s (trial {found['trial']})"
     if found["paired_tokens_per_s"] is not None:
         measured += f"; paired runs: {found['paired_tokens_per_s']:.1f} tokens/s (median)"
+    if found.get("window_spread") is not None:
+        measured += (
+            f"; its windows spread {found['window_spread']:.1%}"
+            + ("" if found.get("stable") else " (not shown stable)")
+        )
     lines.append(measured)
+    if found.get("agreement") and found["agreement"].get("compared"):
+        lines.append(f"answers against batch 1 greedy: {describe_agreement(found['agreement'])}")
     if found["note"]:
         lines.append(found["note"])
     if found["confirmed"]:

@@ -1,7 +1,12 @@
-"""One way to measure every backend: load once, warm up, repeat, keep every raw sample.
+"""One way to measure every backend: load once, warm up, time passes, keep every raw sample.
 
-- Throughput: generated tokens / wall time of the generation phase; load time is its own
-  figure. Requests/s, per-request latency p50/p95 and time to first token beside it.
+- Throughput is the steady state of the user's job: each timed pass cycles the workload to
+  enough requests that the layout's every slot is refilled again and again (`Pacing`); the
+  finishes between the ramp-up (the first wave) and the tail (the last wave) are cut into
+  windows, and the figure is the median of the last `WINDOWS` windows, with their spread.
+  Passes go on (``settle_s``) until those windows agree. Load time is its own figure.
+- Beside it: prefill tokens/s (prompt tokens really computed), requests/s, latency, time to
+  first token and time per output token, per pass and overall.
 - Memory: peak PSS of this process and all its descendants, so N llama.cpp workers mmapping
   one GGUF count its pages once (RSS would count them N times).
 - CPU utilisation: CPU seconds of the whole tree / (wall time x usable CPUs).
@@ -13,6 +18,7 @@ loop: the parent must not take CPU from the workers it measures.
 from __future__ import annotations
 
 import os
+import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,13 +29,13 @@ import psutil
 from autotune.config import TrialConfig
 from autotune.models import ModelSpec
 from autotune.provenance import provenance
-from autotune.stats import HIGH_CV, percentile, relative_spread, summarize
+from autotune.stats import percentile, relative_spread, summarize
 from autotune.topology import Topology
 from autotune.workload import Workload
 from backends import create_backend
 from backends.base import Completion
 
-__all__ = ["RunResult", "TreeSampler", "benchmark"]
+__all__ = ["Pacing", "RunResult", "TreeSampler", "benchmark", "timed_pass", "windows"]
 
 
 def _smaps_rollup(pid: int) -> tuple[int, int] | None:
@@ -119,6 +125,110 @@ class TreeSampler:
         self.sample()
 
 
+@dataclass(frozen=True)
+class Pacing:
+    """How long a measurement runs, the same for `autotune bench`, every sweep trial and the
+    paired re-measurement.
+
+    ``prompts``: requests per timed pass (the workload cycled to that many), or None to size
+    each pass by the layout, `pass_prompts`: a ramp-up wave, `WINDOWS` windows and a tail, so
+    the largest batch is filled again and again. ``warmup``: untimed passes of one wave.
+    ``repeats``: timed passes at least. ``settle_s``: more passes, until the last `WINDOWS`
+    windows agree within `STABLE_SPREAD`, while the timed passes have run less than this.
+    """
+
+    prompts: int | None = None
+    warmup: int = 1
+    repeats: int = 1
+    settle_s: float = 0.0
+
+    def pass_prompts(self, width: int) -> int:
+        """Requests per timed pass for a layout running ``width`` requests at once."""
+        return self.prompts or pass_prompts(width)
+
+    def pass_of(self, workload: Workload, width: int) -> Workload:
+        """The requests of one timed pass: ``workload`` balanced (every `MIN_WINDOW`
+        consecutive prompts short and long alike, so windows compare like with like) and
+        cycled to `pass_prompts`. The same order for every layout, so every trial answers the
+        same first prompts (the agreement compares them)."""
+        return workload.balanced(MIN_WINDOW).cycled(self.pass_prompts(width))
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+# A window is a run of consecutive finishes (at least MIN_WINDOW, at least one wave) while
+# every slot is busy; a measurement's figure is the median of its last WINDOWS windows.
+WINDOWS = 3
+MIN_WINDOW = 4
+# The last WINDOWS windows agree when their relative spread is under this.
+STABLE_SPREAD = 0.05
+
+
+def window_size(width: int) -> int:
+    """Finishes per window for a layout running ``width`` requests at once: at least one
+    wave, so that waves finishing together (static batches, equal lengths) do not split."""
+    return max(width, MIN_WINDOW)
+
+
+def pass_prompts(width: int) -> int:
+    """Requests in a pass that holds `WINDOWS` windows between its ramp-up and its tail."""
+    return 2 * width + WINDOWS * window_size(width)
+
+
+def windows(completions: Sequence[Completion], width: int) -> list[float]:
+    """Generated tokens/s of a pass's windows, in order.
+
+    The steady state runs from the ``width``-th finish (the ramp-up: every slot started at
+    once) to the ``width``-th last (then the queue is empty and slots drain: the tail). It is
+    cut into as many equal windows of time as it holds `window_size` finishes. Each request's
+    tokens are spread evenly from its first token to its finish, so a window counts the
+    tokens generated in it, not those of the requests that happen to end in it (which, with
+    answers of different lengths, swings from window to window). Empty when the pass is too
+    short for one window, or a backend gave no finish times.
+    """
+    answered = [c for c in completions if c.error is None]
+    if any(c.finished_at is None for c in answered):
+        return []
+    ends = sorted(c.finished_at for c in answered)
+    count = (len(ends) - 2 * width) // window_size(width)
+    if count < 1:
+        return []
+    began, ended = ends[width - 1], ends[len(ends) - width - 1]
+    if ended <= began:
+        return []
+    spans = [(_first_token_at(c), c.finished_at, len(c.token_ids)) for c in answered]
+    step = (ended - began) / count
+    rates = []
+    for index in range(count):
+        low, high = began + index * step, began + (index + 1) * step
+        rates.append(sum(_tokens_between(span, low, high) for span in spans) / step)
+    return rates
+
+
+def _first_token_at(completion: Completion) -> float:
+    """When a request's first token came (its start where the backend cannot see that)."""
+    started = completion.finished_at - completion.latency_s
+    return started + (completion.ttft_s or 0.0)
+
+
+def _tokens_between(span: tuple[float, float, int], low: float, high: float) -> float:
+    """The share of a request's tokens generated between ``low`` and ``high``, its ``count``
+    tokens spread evenly over [first token, finish]."""
+    first, finished, count = span
+    if finished <= first:  # all at once
+        return float(count) if low < finished <= high else 0.0
+    overlap = min(high, finished) - max(low, first)
+    return count * max(0.0, overlap) / (finished - first)
+
+
+def steady_tokens_per_s(completions: Sequence[Completion], width: int) -> float | None:
+    """Generated tokens/s over all of a pass's windows together (None: no window)."""
+    rates = windows(completions, width)
+    return statistics.fmean(rates) if rates else None  # equal windows: the mean is the whole
+
+
 @dataclass(kw_only=True)
 class RunResult:
     """A measured configuration: summary figures, raw samples, provenance, completions."""
@@ -126,17 +236,21 @@ class RunResult:
     config: dict
     model: str
     workload: str
-    prompts: int
-    repeats: int
+    prompts: int  # requests per timed pass
+    repeats: int  # timed passes run
+    pacing: dict
     load_time_s: float
+    # Generated tokens/s in the steady state: the median of the last WINDOWS windows (of
+    # every pass's, in order), or of the passes' where they are too short for windows.
     tokens_per_s: float
+    windows: list[float]  # every window's tokens/s, in order (the passes' if none)
+    steady: bool  # tokens_per_s comes from windows (not whole passes with ramp-up and tail)
+    pass_tokens_per_s: float  # whole passes, ramp-up and tail included, median
+    window_spread: float  # relative spread of the last WINDOWS windows
+    stable: bool  # that spread is under STABLE_SPREAD, over WINDOWS windows
     requests_per_s: float
     latency_p50_s: float | None
     latency_p95_s: float | None
-    # tokens/s with the ramp-up and tail of each pass left out (None: too few requests)
-    steady_tokens_per_s: float | None
-    window_spread: float  # relative spread of the last (up to 3) passes' tokens/s
-    stable: bool  # that spread is under STABLE_SPREAD (with at least 3 passes)
     ttft_p50_s: float | None
     ttft_p95_s: float | None
     tpot_p50_s: float | None  # time per output token after the first, median over requests
@@ -145,7 +259,7 @@ class RunResult:
     peak_rss_bytes: int
     cpu_utilisation: float
     failed_requests: int
-    tokens_per_s_summary: dict
+    tokens_per_s_summary: dict  # of the windows the figure comes from
     samples: list[dict]
     warnings: list[str]
     provenance: dict
@@ -161,26 +275,10 @@ class RunResult:
             data["completions"] = [c.to_dict() for c in self.completions]
         return data
 
-
-# Timed passes agree when the relative spread of their steady tokens/s is under this.
-STABLE_SPREAD = 0.05
-
-
-def steady_tokens_per_s(completions: Sequence[Completion], concurrency: int) -> float | None:
-    """Generated tokens/s while every slot was busy: tokens of the requests that finished
-    after the first wave (the ramp-up) and up to the last full wave (the tail), over that
-    time. None when a pass has too few requests for both (fewer than 3 waves), or a backend
-    gave no finish times."""
-    done = sorted(
-        (c.finished_at, len(c.token_ids))
-        for c in completions
-        if c.error is None and c.finished_at is not None
-    )
-    if len(done) < 3 * concurrency or len(done) != len(completions):
-        return None
-    start, end = done[concurrency - 1][0], done[len(done) - concurrency - 1][0]
-    tokens = sum(count for at, count in done if start < at <= end)
-    return tokens / (end - start) if end > start else None
+    def answers(self) -> dict[str, list[int]]:
+        """The last pass's generated tokens by request id, for the agreement with a
+        reference run (`autotune.agreement`)."""
+        return {c.id: list(c.token_ids) for c in self.completions if c.error is None}
 
 
 def _prefill_tokens(completion: Completion) -> int:
@@ -190,22 +288,77 @@ def _prefill_tokens(completion: Completion) -> int:
     return completion.prompt_tokens
 
 
+def width_of(config: TrialConfig) -> int:
+    """Requests a layout runs at once: every process's batch."""
+    return max(1, config.processes * config.batch_size)
+
+
+def timed_pass(backend, workload: Workload, config: TrialConfig, usable_cpus: int):
+    """One timed pass of ``workload``: (its sample, its completions)."""
+    width = width_of(config)
+    cpu_before = tree_cpu_seconds()
+    start = time.monotonic()
+    completions = backend.generate(workload.prompts, config.generation)
+    wall_s = time.monotonic() - start
+    cpu_s = tree_cpu_seconds() - cpu_before
+    answered = [c for c in completions if c.error is None]
+    tokens = sum(len(c.token_ids) for c in answered)
+    prefill = sum(_prefill_tokens(c) for c in answered)
+    ttfts = [c.ttft_s for c in answered if c.ttft_s is not None]
+    sample = {
+        "wall_s": wall_s,
+        "generated_tokens": tokens,
+        "prefill_tokens": prefill,
+        "tokens_per_s": tokens / wall_s,
+        "windows": windows(completions, width),
+        "steady_tokens_per_s": steady_tokens_per_s(completions, width),
+        "prefill_tokens_per_s": prefill / wall_s,
+        "requests_per_s": len(completions) / wall_s,
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p95_s": percentile(ttfts, 95),
+        "cpu_utilisation": cpu_s / (wall_s * usable_cpus),
+    }
+    return sample, completions
+
+
+def pass_figure(sample: dict) -> float:
+    """A pass's tokens/s: the median of its windows, or the whole pass where it has none."""
+    return statistics.median(sample["windows"]) if sample["windows"] else sample["tokens_per_s"]
+
+
+def series(samples: Sequence[dict]) -> list[float]:
+    """The windows of every pass in order; the whole passes' rates where none has windows."""
+    found = [rate for s in samples for rate in s["windows"]]
+    return found or [s["tokens_per_s"] for s in samples]
+
+
+def settled(rates: Sequence[float]) -> bool:
+    """Whether the last `WINDOWS` rates agree within `STABLE_SPREAD`."""
+    return len(rates) >= WINDOWS and relative_spread(rates[-WINDOWS:]) <= STABLE_SPREAD
+
+
+def warm_up(backend, workload: Workload, config: TrialConfig, passes: int) -> None:
+    """Untimed passes of one wave each: every worker and slot sees a prompt, pages are touched
+    and thread pools started before timing."""
+    for _ in range(passes):
+        backend.generate(workload.prompts[: width_of(config)], config.generation)
+
+
 def benchmark(
     config: TrialConfig,
     workload: Workload,
     model: ModelSpec,
     topology: Topology,
+    pacing: Pacing | None = None,
     *,
-    repeats: int = 3,
-    warmup: int = 1,
     on_progress: Callable[[str], None] | None = None,
-    settle_s: float = 0.0,
 ) -> RunResult:
-    """Load ``config``'s backend once, warm it up, then run the workload ``repeats`` times;
-    with ``settle_s``, go on with more passes until the last three agree (relative spread of
-    their tokens/s under `STABLE_SPREAD`) or ``settle_s`` seconds of passes have run."""
+    """Load ``config``'s backend once, warm it up, then time passes over ``workload`` (cycled
+    to ``pacing``'s pass size) until the pacing says the measurement is done."""
+    pacing = pacing or Pacing()
     say = on_progress or (lambda message: None)
-    settings = config.generation
+    width = width_of(config)
+    prompts = pacing.pass_of(workload, width)
     backend = create_backend(config, model, topology)
     samples: list[dict] = []
     latencies: list[float] = []
@@ -218,42 +371,25 @@ def benchmark(
         with backend:
             load_time_s = time.monotonic() - started
             memory.sample()
-            # Warm up on as many prompts as the layout runs at once: every worker and slot
-            # sees a prompt, pages are touched and thread pools started before timing.
-            width = max(1, config.processes * config.batch_size)
-            for index in range(warmup):
-                say(f"warmup {index + 1}/{warmup}")
-                backend.generate(workload.prompts[:width], settings)
+            for index in range(pacing.warmup):
+                say(f"warmup {index + 1}/{pacing.warmup}")
+                warm_up(backend, prompts, config, 1)
             timed_from = time.monotonic()
-            index = 0
-            while index < repeats or (
-                settle_s
-                and time.monotonic() - timed_from < settle_s
-                and not _settled([_rate(s) for s in samples])
+            while len(samples) < pacing.repeats or (
+                pacing.settle_s
+                and time.monotonic() - timed_from < pacing.settle_s
+                and not settled(series(samples))
             ):
-                index += 1
-                say(f"timed pass {index}" + (f"/{repeats}" if index <= repeats else ", settling"))
-                cpu_before = tree_cpu_seconds()
-                start = time.monotonic()
-                completions = backend.generate(workload.prompts, settings)
-                wall_s = time.monotonic() - start
-                cpu_s = tree_cpu_seconds() - cpu_before
-                memory.sample()
-                answered = [c for c in completions if c.error is None]
-                tokens = sum(len(c.token_ids) for c in answered)
-                prefill = sum(_prefill_tokens(c) for c in answered)
-                samples.append(
-                    {
-                        "wall_s": wall_s,
-                        "generated_tokens": tokens,
-                        "prefill_tokens": prefill,
-                        "tokens_per_s": tokens / wall_s,
-                        "steady_tokens_per_s": steady_tokens_per_s(completions, width),
-                        "prefill_tokens_per_s": prefill / wall_s,
-                        "requests_per_s": len(completions) / wall_s,
-                        "cpu_utilisation": cpu_s / (wall_s * topology.usable_cpus),
-                    }
+                number = len(samples) + 1
+                say(
+                    f"timed pass {number}"
+                    + (f"/{pacing.repeats}" if number <= pacing.repeats else ", settling")
+                    + f" ({len(prompts)} prompts)"
                 )
+                sample, completions = timed_pass(backend, prompts, config, topology.usable_cpus)
+                memory.sample()
+                samples.append(sample)
+                answered = [c for c in completions if c.error is None]
                 latencies.extend(c.latency_s for c in answered)
                 ttfts.extend(c.ttft_s for c in answered if c.ttft_s is not None)
                 tpots.extend(
@@ -263,21 +399,23 @@ def benchmark(
                 )
             details = backend.details()
 
-    throughput = summarize([s["tokens_per_s"] for s in samples])
+    rates = series(samples)
+    steady = any(s["windows"] for s in samples)
+    last = rates[-WINDOWS:]
+    spread = relative_spread(last)
     failed = [c for c in completions if c.error is not None]
     warnings = []
-    last = [_rate(s) for s in samples][-3:]
-    spread = relative_spread(last)
-    if settle_s and not _settled(last):
+    if not steady:
         warnings.append(
-            f"not stable: the last {len(last)} timed passes spread by {spread:.0%} after "
-            f"{settle_s:.0f} s of settling (limit {STABLE_SPREAD:.0%})"
+            f"no steady state: a pass of {len(prompts)} prompts at {width} at once is too short "
+            f"for one window (it needs {pass_prompts(width)}); the figure includes each pass's "
+            "ramp-up and tail; leave out --prompts/--limit or raise them"
         )
-    if throughput.cv > HIGH_CV:
+    if not settled(rates):
         warnings.append(
-            f"tokens/s varied by {throughput.cv:.0%} (CV) over {len(samples)} passes: something "
-            "else may be using the CPUs, or the passes are too short to reach a steady state; "
-            "rerun with more --prompts or --settle on a quiet machine"
+            f"not shown stable: the last {len(last)} {'windows' if steady else 'passes'} spread "
+            f"by {spread:.0%} (limit {STABLE_SPREAD:.0%} over {WINDOWS})"
+            + (f" after {pacing.settle_s:.0f} s of settling" if pacing.settle_s else "")
         )
     if config.total_threads > topology.usable_cpus:
         warnings.append(
@@ -290,42 +428,31 @@ def benchmark(
         config=config.to_dict(),
         model=str(model.path),
         workload=workload.name,
-        prompts=len(workload.prompts),
+        prompts=len(prompts),
         repeats=len(samples),
+        pacing=pacing.to_dict(),
         load_time_s=load_time_s,
-        tokens_per_s=throughput.median,
-        requests_per_s=summarize([s["requests_per_s"] for s in samples]).median,
+        tokens_per_s=statistics.median(last),
+        windows=rates,
+        steady=steady,
+        pass_tokens_per_s=statistics.median(s["tokens_per_s"] for s in samples),
+        window_spread=spread,
+        stable=settled(rates),
+        requests_per_s=statistics.median(s["requests_per_s"] for s in samples),
         latency_p50_s=percentile(latencies, 50),
         latency_p95_s=percentile(latencies, 95),
-        steady_tokens_per_s=_median_or_none([s["steady_tokens_per_s"] for s in samples]),
-        window_spread=spread,
-        stable=_settled(last),
         ttft_p50_s=percentile(ttfts, 50),
         ttft_p95_s=percentile(ttfts, 95),
         tpot_p50_s=percentile(tpots, 50),
-        prefill_tokens_per_s=summarize([s["prefill_tokens_per_s"] for s in samples]).median,
+        prefill_tokens_per_s=statistics.median(s["prefill_tokens_per_s"] for s in samples),
         peak_memory_bytes=memory.peak_pss_bytes,
         peak_rss_bytes=memory.peak_rss_bytes,
-        cpu_utilisation=summarize([s["cpu_utilisation"] for s in samples]).median,
+        cpu_utilisation=statistics.median(s["cpu_utilisation"] for s in samples),
         failed_requests=len(failed),
-        tokens_per_s_summary=throughput.to_dict(),
+        tokens_per_s_summary=summarize(last).to_dict(),
         samples=samples,
         warnings=warnings,
         provenance={**provenance(topology), "pid": os.getpid()},
         details=details,
         completions=completions,
     )
-
-
-def _rate(sample: dict) -> float:
-    """A pass's tokens/s: its steady state where it has one."""
-    return sample["steady_tokens_per_s"] or sample["tokens_per_s"]
-
-
-def _settled(rates: Sequence[float]) -> bool:
-    return len(rates) >= 3 and relative_spread(rates[-3:]) <= STABLE_SPREAD
-
-
-def _median_or_none(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return summarize(present).median if present else None

@@ -202,6 +202,28 @@ def _fig_pareto(study: Study, ax) -> None:
     ax.legend(fontsize=8)
 
 
+def _fig_agreement(study: Study, ax) -> None:
+    # Every measured trial, pruned-for-agreement ones too: the trade-off is the point.
+    points = [
+        ((t.agreement or {}).get("identical"), (t.result or {}).get("tokens_per_s"), t.backend)
+        for t in study.trials
+        if t.result
+    ]
+    points = [(a, v, b) for a, v, b in points if a is not None and v]
+    if not points:
+        _empty(ax, "no trial with an agreement figure (no reference run finished)")
+        return
+    for backend in sorted({b for _, _, b in points}):
+        mine = [(a, v) for a, v, b in points if b == backend]
+        ax.scatter([a * 100 for a, _ in mine], [v for _, v in mine], label=backend, alpha=0.7)
+    minimum = (study.summary.get("min_agreement") or None)
+    if minimum is not None:
+        ax.axvline(minimum * 100, color="grey", linestyle="--", label="--min-agreement")
+    ax.set_xlabel("answers identical to the batch-1 greedy reference (%)")
+    ax.set_ylabel("tokens/s")
+    ax.legend(fontsize=8)
+
+
 def _fig_pipeline(study: Study, ax) -> None:
     rows = []
     for trial in study.done:
@@ -338,6 +360,11 @@ FIGURES = (
         _fig_pareto,
     ),
     Figure(
+        "agreement.png",
+        "Tokens/s against the share of answers identical to the batch-1 reference",
+        _fig_agreement,
+    ),
+    Figure(
         "pipeline_stages.png",
         "Pipeline: compute time per stage for each split tried",
         _fig_pipeline,
@@ -406,16 +433,31 @@ def top_rows(study: Study, count: int = 10) -> tuple[list[str], list[list[str]]]
     columns = ["backend"] if len({t.backend for t in best}) > 1 else []
     columns += [c for c in _COLUMNS if c in read and len({str(t.config.get(c)) for t in best}) > 1]
     base = study.baseline.value if study.baseline else None
-    header = ["trial", *columns, "tokens/s", "x baseline", "peak memory (GiB)"]
+    header = [
+        "trial",
+        *columns,
+        "tokens/s",
+        "x baseline",
+        "window spread",
+        "answers identical",
+        "peak memory (GiB)",
+    ]
     rows = []
     for trial in best:
-        memory = (trial.result or {}).get("peak_memory_bytes")
+        result = trial.result or {}
+        memory = result.get("peak_memory_bytes")
+        spread = result.get("window_spread")
+        identical = (trial.agreement or {}).get("identical")
         rows.append(
             [
                 str(trial.number),
                 *(str(trial.config.get(c)) for c in columns),
                 f"{trial.value:.1f}",
                 f"{trial.value / base:.2f}" if base else "-",
+                "-"
+                if spread is None
+                else f"{spread:.1%}" + ("" if result.get("stable") else " (not stable)"),
+                f"{identical:.0%}" if identical is not None else "-",
                 f"{memory / 2**30:.2f}" if memory else "-",
             ]
         )

@@ -38,6 +38,7 @@ class Role(str, Enum):
     RECIPE = "recipe"  # a seed's hand-made layout
     SEARCH = "search"  # suggested by the sampler
     EXTRA = "extra"  # injected by the caller (tests)
+    REFERENCE = "reference"  # batch 1, the model's own weights, greedy: answers to compare with
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,7 +47,8 @@ class TrialRecord:
 
     ``value`` is the trial's tokens/s (complete trials only); ``paired`` the re-measurement
     against the baseline (the winner only: speedup, pairs, ratios, ci_low, ci_high, and the
-    raw candidate / baseline tokens/s).
+    raw candidate / baseline tokens/s); ``agreement`` its answers against the reference run
+    (share identical, mean first difference, sequences compared).
     """
 
     number: int
@@ -66,6 +68,9 @@ class TrialRecord:
     extra: dict = field(default_factory=dict)  # returncode, deadline_s of a failed trial
     paired: dict | None = None
     confirmed: bool | None = None
+    # Its answers against its family's reference run (`autotune.agreement.agreement`).
+    agreement: dict | None = None
+    answers: dict | None = None  # the reference run's answers (reference trials only)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state", TrialState(self.state))

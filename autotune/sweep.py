@@ -29,10 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from autotune.agreement import agreement, answer_family, family_reference, is_reference
 from autotune.config import TrialConfig
 from autotune.errors import ConfigError
 from autotune.files import atomic_write
 from autotune.knobs import Target
+from autotune.measure import Pacing, width_of
 from autotune.memory_plan import MemoryPlanner
 from autotune.space import SearchSpace, Unfit, config_key
 from autotune.stats import speedup_interval
@@ -72,9 +74,9 @@ class SweepOptions:
     resume: bool = False
     backends: list[str] = field(default_factory=list)
     workload: str | None = None
-    limit: int = 12
-    repeats: int = 1
-    warmup: int = 1
+    limit: int | None = None  # only the first N prompts of the workload
+    pacing: Pacing = field(default_factory=lambda: Pacing(settle_s=20.0))
+    min_agreement: float | None = None  # layouts whose answers agree less are pruned
     memory_limit_bytes: int | None = None
     trial_timeout_s: float | None = None
     base: TrialConfig = field(default_factory=TrialConfig)
@@ -135,6 +137,7 @@ class SweepSummary:
     interrupted: bool = False
     uses_smt_siblings: bool = False
     note: str | None = None
+    min_agreement: float | None = None
 
     @property
     def best_recipe(self) -> TrialRecord | None:
@@ -182,17 +185,19 @@ class Sweep:
         self.tell = on_event or (lambda event: None)
         self.extra = [(config, Role.EXTRA, "injected") for config in extra]
         self.dir = StudyDir(options.reports_dir / options.study)
-        # A batch larger than the prompts of a trial measures nothing a smaller one would not.
-        cap = 1
-        while cap * 2 <= min(64, options.limit):
-            cap *= 2
-        self.target = Target(topology, shape.layers, batch_cap=cap)
+        # Trials cycle the workload to keep any batch full: the batch is bounded by the space
+        # and memory, not by the number of prompts.
+        self.target = Target(topology, shape.layers)
         limit = options.memory_limit_bytes or int(topology.memory_available_bytes * 0.8)
         self.planner = MemoryPlanner(shape, limit)
         self.space = SearchSpace(self.target, options.backends, options.base, self.planner)
         self.records: list[TrialRecord] = []
         self.note: str | None = None  # what the summary must say about the winner
-        self.costs: dict[str, list[float]] = {}
+        # Per backend, (load seconds, seconds per generated token) of its measured trials.
+        self.costs: dict[str, list[tuple[float, float]]] = {}
+        # Per answer family (`autotune.agreement.answer_family`): the reference run's answers,
+        # or None where the reference failed (agreement unknown for that family).
+        self.references: dict[str, dict | None] = {}
         self.seen: dict[str, int] = {}
         self.rng = random.Random(options.seed)  # the exploration after a duplicate
         self.log = None  # trials.jsonl, open while the sweep runs
@@ -211,17 +216,31 @@ class Sweep:
         """Seconds left for the search: the budget less the share kept for confirming."""
         return self.time_left_s() - self.options.budget_s * _CONFIRM_SHARE
 
-    def expected_s(self, backend: str) -> float:
-        """What a trial of ``backend`` is expected to take: the mean of its measured trials,
-        else the backend's first guess."""
-        seen = self.costs.get(backend)
-        return statistics.fmean(seen) if seen else backend_class(backend).first_guess_s
+    def planned_tokens(self, config: TrialConfig) -> int:
+        """Tokens a trial of ``config`` generates at least: its warmup waves and its timed
+        passes, each sized by the pacing for the layout's width."""
+        pacing, width = self.options.pacing, width_of(config)
+        requests = pacing.warmup * width + pacing.repeats * pacing.pass_prompts(width)
+        return requests * config.max_new_tokens
+
+    def expected_s(self, config: TrialConfig) -> float:
+        """What a trial of ``config`` is expected to take: its backend's load time and seconds
+        per generated token as measured so far (else the backend's first guess), times the
+        tokens the trial generates (more for a wider layout)."""
+        seen = self.costs.get(config.backend)
+        if seen:
+            load = statistics.fmean(load for load, _ in seen)
+            per_token = statistics.median(per for _, per in seen)
+        else:
+            guess = backend_class(config.backend)
+            load, per_token = guess.first_guess_load_s, 1.0 / guess.first_guess_tokens_per_s
+        return load + per_token * self.planned_tokens(config)
 
     def trial_deadline_s(self, config: TrialConfig, role: Role) -> float:
         """How long one trial may run: never into the confirmation share's last seconds, never
         more than 4x its expected cost (the baseline, which every speedup needs, up to 10 min)."""
         room = self.time_left_s() - _MARGIN_S
-        limit = max(5.0, min(room, 4 * self.expected_s(config.backend) + 30))
+        limit = max(5.0, min(room, 4 * self.expected_s(config) + 30))
         if role is Role.BASELINE:
             limit = max(limit, min(room, 600.0))
         if self.options.trial_timeout_s:
@@ -269,6 +288,7 @@ class Sweep:
             elapsed_s=self.elapsed_s(),
             interrupted=interrupted,
             note=self.note,
+            min_agreement=self.options.min_agreement,
         )
         summary.uses_smt_siblings = _write_outputs(summary, self.dir, self.topology)
         return summary
@@ -313,7 +333,8 @@ class Sweep:
 
     def measurement(self) -> dict:
         """What every trial of this study measures: the prompts (the workload file and its
-        hash, the first --limit of them), the passes, and the shared config (model, tokens)."""
+        hash, the first --limit of them), the pacing of the passes, and the shared config
+        (model, tokens)."""
         from autotune.cache import file_sha256
         from autotune.workload import DEFAULT_WORKLOAD
 
@@ -322,8 +343,7 @@ class Sweep:
             "workload": self.options.workload or "shipped default",
             "workload_sha256": file_sha256(workload),
             "limit": self.options.limit,
-            "repeats": self.options.repeats,
-            "warmup": self.options.warmup,
+            **self.options.pacing.to_dict(),
             "base": self.options.base.to_dict(),
         }
 
@@ -401,7 +421,7 @@ class Sweep:
         if candidate.role is Role.SEARCH and key in self.seen:
             return f"{_DUPLICATE} {self.seen[key]}"
         if candidate.role is Role.SEARCH:
-            expected = self.expected_s(config.backend)
+            expected = self.expected_s(config)
             left = self.search_left_s()
             if expected > left:
                 return f"would not finish in the {left:.0f} s left (expected {expected:.0f} s)"
@@ -409,6 +429,12 @@ class Sweep:
 
     def _run(self, study, candidate: _Candidate) -> None:
         config, trial = candidate.config, candidate.trial
+        family = answer_family(config)
+        if family not in self.references and not is_reference(config):
+            # Every trial's answers are compared with the reference run of its family (batch
+            # 1, the model's own weights, greedy): measure that first, once.
+            reference = family_reference(family, self.target, self.options.base)
+            self._run(study, _Candidate(study.ask(), reference, Role.REFERENCE, "reference"))
         deadline = self.trial_deadline_s(config, candidate.role)
         self.tell(TrialStarted(trial.number, config, candidate.role, candidate.name, deadline))
         outcome = self.runner(self._spec(config), deadline)
@@ -430,20 +456,41 @@ class Sweep:
                 samples=result.get("samples"),
             )
             self.planner.observe(config, result["peak_memory_bytes"])
+            answers = result.get("answers") or {}
+            if family not in self.references and is_reference(config):
+                self.references[family] = answers
+                record = record.with_(answers=answers)
+            if self.references.get(family) is not None:
+                record = record.with_(agreement=agreement(answers, self.references[family]))
             unanswered = _unanswered(result)
             if unanswered:
                 # Its tokens/s leaves out the requests it failed, which the user's job
                 # contains: it must not win (it would fail those lines in `autotune run`).
                 record = record.with_(failure_class="requests", stderr_tail=unanswered)
+            elif (low := self._disagrees(record)) is not None:
+                record = record.with_(state=TrialState.PRUNED, reason=low)
             else:
                 record = record.with_(state=TrialState.COMPLETE, value=result["tokens_per_s"])
         else:
+            if candidate.role is Role.REFERENCE:
+                self.references[family] = None  # agreement stays unknown for this family
             record = record.with_(
                 failure_class=outcome.failure_class,
                 stderr_tail=outcome.stderr_tail,
                 extra=outcome.extra,
             )
         self._keep(study, trial, record)
+
+    def _disagrees(self, record: TrialRecord) -> str | None:
+        """Why a measured trial is pruned for its answers (--min-agreement), or None."""
+        minimum, measured = self.options.min_agreement, record.agreement or {}
+        identical = measured.get("identical")
+        if minimum is None or identical is None or identical >= minimum:
+            return None
+        return (
+            f"answers agree {identical:.0%} with the reference run, under --min-agreement "
+            f"{minimum:g} ({measured['compared']} compared)"
+        )
 
     def _prune(self, study, candidate: _Candidate, reason: str) -> None:
         config = candidate.config
@@ -464,6 +511,9 @@ class Sweep:
         trial.set_user_attr("record", record.to_dict())
         if record.complete:
             study.tell(trial, record.value)
+        elif record.state is TrialState.PRUNED and record.result is not None:
+            # Measured, then pruned for its answers: a region the user does not want.
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         else:
             # A trial that never ran is FAIL to Optuna, not PRUNED: TPE counts pruned trials in
             # its "bad" group, which would mark the region of a duplicate or of a config asked
@@ -475,19 +525,21 @@ class Sweep:
         self.tell(TrialEnded(record))
 
     def _remember(self, record: TrialRecord) -> None:
-        if record.state is TrialState.PRUNED or record.config is None:
-            return
+        if record.config is None or (record.state is TrialState.PRUNED and not record.result):
+            return  # never ran
         self.seen[config_key(record.config)] = record.number
-        if record.complete:
-            self.costs.setdefault(record.backend, []).append(record.duration_s)
+        if record.answers is not None:
+            self.references[answer_family(TrialConfig.from_dict(record.config))] = record.answers
+        cost = _cost(record)
+        if cost is not None:
+            self.costs.setdefault(record.backend, []).append(cost)
 
     def _spec(self, config: TrialConfig, **extra) -> dict:
         return {
             "config": config.to_dict(),
             "workload": self.options.workload,
             "limit": self.options.limit,
-            "repeats": self.options.repeats,
-            "warmup": self.options.warmup,
+            "pacing": self.options.pacing.to_dict(),
             **extra,
         }
 
@@ -497,8 +549,14 @@ class Sweep:
         """Re-measure the best three beside the baseline (A B A B) and pick the winner on that."""
         if baseline is None:
             return None
+        # A reference run of a backend not searched (hf for --backends ddp) cannot win.
+        searched = set(self.space.backends) | {baseline.backend}
         done = sorted(
-            (r for r in self.records if r.complete and r.role is not Role.BASELINE),
+            (
+                r
+                for r in self.records
+                if r.complete and r.role is not Role.BASELINE and r.backend in searched
+            ),
             key=lambda r: r.value,
             reverse=True,
         )
@@ -561,6 +619,12 @@ def run_sweep(options: SweepOptions, **kwargs) -> SweepSummary:
 # What a trial record keeps of a RunResult (the raw samples are kept beside it).
 _RESULT_KEYS = (
     "tokens_per_s",
+    "windows",
+    "steady",
+    "pass_tokens_per_s",
+    "window_spread",
+    "stable",
+    "prompts",
     "requests_per_s",
     "latency_p50_s",
     "latency_p95_s",
@@ -582,8 +646,10 @@ _FLAGS = {
     "workload": "--workload",
     "workload_sha256": "--workload (its content)",
     "limit": "--limit",
+    "prompts": "--prompts",
     "repeats": "--repeats",
     "warmup": "--warmup",
+    "settle_s": "--settle (seconds)",
 }
 
 
@@ -630,20 +696,32 @@ def _previous_records(study) -> list[TrialRecord]:
     ]
 
 
+def _cost(record: TrialRecord) -> tuple[float, float] | None:
+    """(load seconds, seconds per generated token) of a measured trial, or None."""
+    result = record.result or {}
+    samples = record.samples or []
+    generated = sum(s.get("generated_tokens") or 0 for s in samples)
+    if not result.get("tokens_per_s") or not generated:
+        return None
+    load = result.get("load_time_s") or 0.0
+    return load, max(0.0, record.duration_s - load) / generated
+
+
 def _paired_cost(record: TrialRecord, baseline: TrialRecord, pairs: int) -> float:
-    """Expected seconds of a paired re-measurement: both loads, warmups and 2 x pairs runs."""
+    """Expected seconds of a paired re-measurement: both loads and warmups, 2 x pairs passes."""
 
-    def parts(r: TrialRecord):
+    def parts(r: TrialRecord):  # (load, warmup, one timed pass)
         result = r.result or {}
-        summary = result.get("tokens_per_s_summary") or {}
         load = result.get("load_time_s") or 10.0
-        run = r.duration_s - load if r.duration_s > load else r.duration_s / 2
-        runs = max(1, summary.get("n") or 1) + 1  # timed passes + the warmup
-        return load, run / runs
+        passes = [s["wall_s"] for s in r.samples or () if s.get("wall_s")]
+        one = statistics.median(passes) if passes else (r.duration_s - load) / 2
+        prompts = result.get("prompts") or 1
+        width = width_of(TrialConfig.from_dict(r.config))
+        return load, one * min(1.0, width / prompts), one
 
-    load_a, run_a = parts(record)
-    load_b, run_b = parts(baseline)
-    return load_a + load_b + (pairs + 1) * (run_a + run_b) + 10.0
+    load_a, warm_a, run_a = parts(record)
+    load_b, warm_b, run_b = parts(baseline)
+    return load_a + load_b + warm_a + warm_b + pairs * (run_a + run_b) + 10.0
 
 
 def _write_outputs(summary: SweepSummary, directory: StudyDir, topology) -> bool:
@@ -667,6 +745,7 @@ def _write_outputs(summary: SweepSummary, directory: StudyDir, topology) -> bool
         "elapsed_s": summary.elapsed_s,
         "interrupted": summary.interrupted,
         "note": summary.note,
+        "min_agreement": summary.min_agreement,
         "winner": summary.winner,
         "baseline": summary.baseline,
         "counts": {state.value: summary.count(state) for state in TrialState},

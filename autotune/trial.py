@@ -135,48 +135,46 @@ def run_in_child(spec: dict, deadline_s: float) -> TrialOutcome:
 
 def _measure(spec: dict) -> dict:
     from autotune.config import TrialConfig
-    from autotune.measure import benchmark
+    from autotune.measure import Pacing, benchmark
     from autotune.models import ModelSpec
     from autotune.topology import detect
     from autotune.workload import load_workload
 
     config = TrialConfig.from_dict(spec["config"])
-    workload = load_workload(spec.get("workload")).head(spec["limit"])
+    workload = load_workload(spec.get("workload"))
+    if spec.get("limit"):
+        workload = workload.head(spec["limit"])
+    pacing = Pacing(**spec["pacing"])
     model = ModelSpec.resolve(config.model)
     topology = detect()
     if spec.get("paired"):
-        return _paired(spec, config, workload, model, topology)
-    result = benchmark(
-        config, workload, model, topology, repeats=spec["repeats"], warmup=spec["warmup"]
-    )
-    return result.to_dict()
+        return _paired(spec, config, workload, pacing, model, topology)
+    result = benchmark(config, workload, model, topology, pacing)
+    return {**result.to_dict(), "answers": result.answers()}
 
 
-def _paired(spec, candidate, workload, model, topology) -> dict:
-    """Load the baseline and the candidate side by side, time them A B A B."""
+def _paired(spec, candidate, workload, pacing, model, topology) -> dict:
+    """Load the baseline and the candidate side by side and time them alternately (A B, B A,
+    ...), each pass measured as a trial measures its passes (`autotune.measure.pass_figure`)."""
     from autotune.config import TrialConfig
+    from autotune.measure import pass_figure, timed_pass, warm_up, width_of
     from backends import create_backend
 
-    baseline = TrialConfig.from_dict(spec["paired"])
-    backends = {
-        "baseline": create_backend(baseline, model, topology),
-        "candidate": create_backend(candidate, model, topology),
-    }
+    configs = {"baseline": TrialConfig.from_dict(spec["paired"]), "candidate": candidate}
+    backends = {name: create_backend(c, model, topology) for name, c in configs.items()}
+    passes = {name: pacing.pass_of(workload, width_of(c)) for name, c in configs.items()}
     rates: dict[str, list[float]] = {"baseline": [], "candidate": []}
     try:
         for name, backend in backends.items():
             backend.load()
-            width = max(1, (baseline if name == "baseline" else candidate).processes)
-            backend.generate(workload.prompts[: width * 2], candidate.generation)  # warm up
+            warm_up(backend, passes[name], configs[name], max(1, pacing.warmup))
         order = list(backends.items())
         for pair in range(spec["pairs"]):
             # Alternate which goes first (A B, B A, ...): whatever drifts over the pairs (the
             # machine warming up, a neighbour starting) then favours neither side.
             for name, backend in order if pair % 2 == 0 else order[::-1]:
-                start = time.monotonic()
-                completions = backend.generate(workload.prompts, candidate.generation)
-                tokens = sum(len(c.token_ids) for c in completions)
-                rates[name].append(tokens / (time.monotonic() - start))
+                sample, _ = timed_pass(backend, passes[name], configs[name], topology.usable_cpus)
+                rates[name].append(pass_figure(sample))
     finally:
         for backend in backends.values():
             backend.close()

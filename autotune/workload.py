@@ -111,6 +111,20 @@ class Workload:
         """The first ``count`` prompts (all of them if there are fewer)."""
         return replace(self, prompts=self.prompts[:count])
 
+    def balanced(self, block: int) -> Workload:
+        """The same prompts reordered so that runs of ``block`` consecutive ones hold about the
+        same amount of text: longest first, each prompt goes to the block (of ``block``
+        places) with the least text so far. A file often groups its prompts (long contexts
+        first, short questions last); a measurement's windows must not each see one kind."""
+        blocks: list[list[Prompt]] = [[] for _ in range(-(-len(self.prompts) // block))]
+        text = [0] * len(blocks)
+        for prompt in sorted(self.prompts, key=lambda p: -len(p.text)):
+            room = [i for i, members in enumerate(blocks) if len(members) < block]
+            lightest = min(room, key=lambda i: text[i])
+            blocks[lightest].append(prompt)
+            text[lightest] += len(prompt.text)
+        return replace(self, prompts=tuple(p for members in blocks for p in members))
+
     def cycled(self, count: int) -> Workload:
         """Exactly ``count`` prompts: the workload over and over (``id~2`` for its second
         round), so a measurement keeps a large batch full however few prompts the file has."""

@@ -107,8 +107,13 @@ class Backend(ABC):
     name: ClassVar[str]
     # TrialConfig fields this backend reads beyond COMMON_FIELDS.
     reads: ClassVar[frozenset[str]] = frozenset()
-    # Seconds a sweep expects one of its trials to take before any was measured.
-    first_guess_s: ClassVar[float] = 30.0
+    # What a sweep expects of a trial before any was measured: load seconds and generated
+    # tokens/s (its cost grows with the tokens the layout's passes generate).
+    first_guess_load_s: ClassVar[float] = 10.0
+    first_guess_tokens_per_s: ClassVar[float] = 25.0
+    # Layouts of one answer family compute with the same weights and library, so one batch-1
+    # greedy run is the reference for all their answers (`autotune.agreement`).
+    answer_family: ClassVar[str]
     # Where several backends are searched, the naive baseline is the `naive` layout of the
     # one with the lowest rank: the tool a user would reach for without tuning.
     baseline_rank: ClassVar[int] = 10

@@ -41,7 +41,9 @@ class DDPBackend(RankGroupBackend):
 
     name = "ddp"
     reads = frozenset({"workers", "dtype", "pinning"})
-    first_guess_s = 45.0
+    first_guess_load_s = 15.0
+    first_guess_tokens_per_s = 25.0
+    answer_family = "torch"
     baseline_rank = 2
 
     @classmethod

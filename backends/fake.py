@@ -1,9 +1,12 @@
 """The ``fake`` backend: no model, so everything above the backends is tested in seconds.
 
-Outputs are derived from the prompt (deterministic), timings from the config by a small speed
-model that behaves like a CPU box: more processes help until the cores run out, threads help
-less than processes, batching helps with diminishing returns, SMT adds a little. The generate
-call sleeps for the modelled time, so measured tokens/s follow the model.
+Outputs are derived from the prompt (deterministic; from `DRIFTING_BATCH` on, some answers
+change, as batched kernels round differently), timings from the config by a small speed model
+that behaves like a CPU box: more processes help until the cores run out, threads help less
+than processes, batching helps with diminishing returns, SMT adds a little. Requests flow
+through processes x batch slots as under continuous batching, each request's finish time and
+latency following from that; the generate call sleeps for the modelled time, so measured
+tokens/s follow the model.
 
 ``fault`` makes it fail on purpose: ``crash`` exits with code 3, ``oom`` kills itself with
 SIGKILL as the kernel's OOM killer would, ``hang`` sleeps forever, ``error`` raises the
@@ -47,9 +50,27 @@ def modelled_tokens_per_s(
     return BASE_TOKENS_PER_S * parallel * smt_bonus * (1 + math.log2(batch_size)) / oversubscribed
 
 
-def _fake_tokens(text: str, count: int) -> list[int]:
+# From this batch size on, the fake's answers to some prompts change, as real kernels chosen
+# by the batch's shape round differently: tests of the agreement and --min-agreement need it.
+DRIFTING_BATCH = 16
+
+
+def fake_answer(text: str, count: int, batch_size: int = 1) -> list[int]:
+    """The fake's generated tokens for a prompt: derived from its text alone, except that at
+    `DRIFTING_BATCH` and above the prompts whose hash is odd differ from the middle token on."""
     digest = hashlib.sha256(text.encode()).digest()
-    return [digest[i % len(digest)] * 7 + i for i in range(count)]
+    tokens = [digest[i % len(digest)] * 7 + i for i in range(count)]
+    if batch_size >= DRIFTING_BATCH and digest[0] % 2:
+        tokens[count // 2 :] = [t + 1 for t in tokens[count // 2 :]]
+    return tokens
+
+
+def fake_answer_length(text: str, settings: GenerationSettings) -> int:
+    """Tokens the fake generates for a prompt: depends only on the prompt (the same for every
+    layout), exactly max_new_tokens where the settings ignore end-of-sequence."""
+    if settings.ignore_eos:
+        return settings.max_new_tokens
+    return min(settings.max_new_tokens, 4 + len(text) % 29)
 
 
 class FakeBackend(Backend):
@@ -57,7 +78,9 @@ class FakeBackend(Backend):
 
     name = "fake"
     reads = frozenset({"workers", "fault", "ctx_per_sequence"})
-    first_guess_s = 5.0
+    first_guess_load_s = 1.0
+    first_guess_tokens_per_s = 1000.0
+    answer_family = "fake"
     baseline_rank = 5
     process_overhead_bytes = 40 * 2**20
 
@@ -99,8 +122,9 @@ class FakeBackend(Backend):
         if fault == "error":
             raise BackendError("fake backend: generate failed on purpose (--fault error)")
         completions = []
-        total_tokens = 0
         started = time.monotonic()
+        width = self.config.workers * self.config.batch_size
+        slots = [started] * width  # when each slot comes free
         for index, prompt in enumerate(prompts):
             prompt_tokens = len(prompt.text.split())
             if prompt_tokens + settings.max_new_tokens > self.config.ctx_per_sequence:
@@ -119,12 +143,13 @@ class FakeBackend(Backend):
                     )
                 )
                 continue
-            # Output length depends only on the prompt: the same for every layout.
-            count = min(settings.max_new_tokens, 4 + len(prompt.text) % 29)
-            if settings.ignore_eos:
-                count = settings.max_new_tokens
-            tokens = _fake_tokens(prompt.text, count)
-            total_tokens += count
+            count = fake_answer_length(prompt.text, settings)
+            tokens = fake_answer(prompt.text, count, self.config.batch_size)
+            # Continuous batching over `width` slots, each at 1/width of the modelled rate:
+            # a request takes the first slot to come free.
+            slot = min(range(width), key=slots.__getitem__)
+            begins = slots[slot]
+            finished = slots[slot] = begins + count * width / self.tokens_per_s
             completions.append(
                 Completion(
                     id=prompt.id,
@@ -132,14 +157,13 @@ class FakeBackend(Backend):
                     token_ids=tuple(tokens),
                     prompt_tokens=prompt_tokens,
                     worker_rank=index % self.config.workers,
-                    latency_s=count / self.tokens_per_s * self.config.batch_size,
-                    ttft_s=self.config.batch_size / self.tokens_per_s,
+                    latency_s=finished - begins,
+                    ttft_s=(finished - begins) / max(1, count),
                     prefill_tokens=prompt_tokens,
-                    # Requests finish one after another at the modelled rate.
-                    finished_at=started + total_tokens / self.tokens_per_s,
+                    finished_at=finished,
                 )
             )
-        time.sleep(total_tokens / self.tokens_per_s)
+        time.sleep(max(slots) - started)
         return completions
 
 
@@ -169,10 +193,9 @@ class SimulatedTrials:
 
     LOAD_S = 0.5
 
-    def __init__(self, clock: FakeClock, topology, prompt_tokens: int = 24) -> None:
+    def __init__(self, clock: FakeClock, topology) -> None:
         self.clock = clock
         self.topology = topology
-        self.prompt_tokens = prompt_tokens  # generated tokens per prompt
         self.calls: list[dict] = []
 
     def _rate(self, config) -> float:
@@ -186,8 +209,10 @@ class SimulatedTrials:
 
     def __call__(self, spec: dict, deadline_s: float):
         from autotune.config import TrialConfig
+        from autotune.measure import Pacing, width_of
         from autotune.stats import summarize
         from autotune.trial import TrialOutcome
+        from autotune.workload import load_workload
 
         self.calls.append(spec)
         config = TrialConfig.from_dict(spec["config"])
@@ -198,22 +223,42 @@ class SimulatedTrials:
             failure = "crash" if config.fault == "error" else config.fault
             self.clock.advance(self.LOAD_S)
             return TrialOutcome("fail", failure, stderr_tail=f"fake {config.fault}")
-        tokens = spec["limit"] * min(config.max_new_tokens, self.prompt_tokens)
+        pacing = Pacing(**spec["pacing"])
+        workload = load_workload(spec.get("workload"))
+        if spec.get("limit"):
+            workload = workload.head(spec["limit"])
+
+        def one_pass(layout):  # (its prompts, its generated tokens) as a trial sizes them
+            prompts = pacing.pass_of(workload, width_of(layout)).prompts
+            return prompts, sum(fake_answer_length(p.text, layout.generation) for p in prompts)
+
+        def warmup_tokens(layout, prompts) -> int:
+            wave = prompts[: width_of(layout)]
+            return pacing.warmup * sum(fake_answer_length(p.text, layout.generation) for p in wave)
+
+        prompts, tokens = one_pass(config)
+        rate = self._rate(config)
         if spec.get("paired"):
             baseline = TrialConfig.from_dict(spec["paired"])
-            rates = {"candidate": [self._rate(config)], "baseline": [self._rate(baseline)]}
-            rates = {k: v * spec["pairs"] for k, v in rates.items()}
-            duration = 2 * self.LOAD_S + sum(
-                tokens / rate for runs in rates.values() for rate in runs
+            base_prompts, base_tokens = one_pass(baseline)
+            rates = {"candidate": [rate] * spec["pairs"], "baseline": [self._rate(baseline)] * spec["pairs"]}
+            duration = (
+                2 * self.LOAD_S
+                + (warmup_tokens(config, prompts) + spec["pairs"] * tokens) / rate
+                + (warmup_tokens(baseline, base_prompts) + spec["pairs"] * base_tokens)
+                / self._rate(baseline)
             )
             return self._finish(duration, deadline_s, rates)
-        rate = self._rate(config)
-        passes = spec["warmup"] + spec["repeats"]
-        duration = self.LOAD_S + passes * tokens / rate
-        summary = summarize([rate] * spec["repeats"]).to_dict()
+        duration = self.LOAD_S + (warmup_tokens(config, prompts) + pacing.repeats * tokens) / rate
         result = {
             "tokens_per_s": rate,
-            "requests_per_s": rate / self.prompt_tokens,
+            "windows": [rate] * 3,
+            "steady": True,
+            "pass_tokens_per_s": rate,
+            "window_spread": 0.0,
+            "stable": True,
+            "prompts": len(prompts),
+            "requests_per_s": rate / max(1, tokens / len(prompts)),
             "latency_p50_s": None,
             "latency_p95_s": None,
             "ttft_p50_s": None,
@@ -221,10 +266,16 @@ class SimulatedTrials:
             "peak_memory_bytes": config.workers * FakeBackend.process_overhead_bytes,
             "failed_requests": 0,
             "cpu_utilisation": 1.0,
-            "tokens_per_s_summary": summary,
+            "tokens_per_s_summary": summarize([rate] * 3).to_dict(),
             "warnings": [],
             "details": {},
-            "samples": [{"tokens_per_s": rate}] * spec["repeats"],
+            "samples": [{"tokens_per_s": rate, "generated_tokens": tokens}] * pacing.repeats,
+            "answers": {
+                p.id: fake_answer(
+                    p.text, fake_answer_length(p.text, config.generation), config.batch_size
+                )
+                for p in prompts
+            },
         }
         return self._finish(duration, deadline_s, result)
 

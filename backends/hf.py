@@ -179,7 +179,9 @@ class HFBackend(Backend):
 
     name = "hf"
     reads = frozenset({"dtype"})
-    first_guess_s = 40.0
+    first_guess_load_s = 8.0
+    first_guess_tokens_per_s = 25.0
+    answer_family = "torch"
     baseline_rank = 1
 
     @classmethod

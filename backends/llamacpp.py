@@ -38,7 +38,9 @@ class LlamaCppBackend(Backend):
     reads = frozenset(
         {"workers", "quant", "n_batch", "ctx_per_sequence", "pinning", "prefill_threads"}
     )
-    first_guess_s = 20.0
+    first_guess_load_s = 2.0
+    first_guess_tokens_per_s = 40.0
+    answer_family = "llama.cpp"
     baseline_rank = 0  # llama-cpp-python is what people run a GGUF with
     process_overhead_bytes = 80 * 2**20
 

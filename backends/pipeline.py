@@ -141,7 +141,9 @@ class PipelineBackend(RankGroupBackend):
             "pinning",
         }
     )
-    first_guess_s = 50.0
+    first_guess_load_s = 15.0
+    first_guess_tokens_per_s = 20.0
+    answer_family = "torch"
     baseline_rank = 3
 
     @classmethod

@@ -23,7 +23,7 @@ import sys
 import time
 
 from autotune.config import TrialConfig
-from autotune.measure import benchmark
+from autotune.measure import Pacing, benchmark
 from autotune.models import ModelSpec, hf_dir
 from autotune.topology import detect
 from autotune.workload import load_workload
@@ -135,7 +135,9 @@ def main() -> int:
         config, bare = cases[name]
         ours, plain = [], []
         for pair in range(args.pairs):
-            ours.append(benchmark(config, workload, model, topology, repeats=1).tokens_per_s)
+            # Whole passes on both sides: the bare loop has no windows.
+            pacing = Pacing(prompts=len(workload), warmup=1, repeats=1)
+            ours.append(benchmark(config, workload, model, topology, pacing).pass_tokens_per_s)
             plain.append(bare())
             print(
                 f"  {name} pair {pair + 1}: "

@@ -20,7 +20,7 @@ import sys
 
 from autotune.config import TrialConfig
 from autotune.knobs import Target
-from autotune.measure import benchmark
+from autotune.measure import Pacing, benchmark
 from autotune.models import ModelSpec
 from autotune.topology import detect
 from autotune.workload import load_workload
@@ -101,7 +101,7 @@ def main() -> int:
     base_rate = None
     for label, config in layouts:
         config = config.replace(max_new_tokens=args.max_new_tokens)
-        result = benchmark(config, workload, model, topology, repeats=1, warmup=1)
+        result = benchmark(config, workload, model, topology, Pacing())
         if base_rate is None:
             base_rate = result.tokens_per_s
         print(

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from autotune.config import TrialConfig
-from autotune.measure import TreeSampler, benchmark, tree_memory
+from autotune.measure import Pacing, TreeSampler, benchmark, tree_memory
 from autotune.workload import TINY_WORKLOAD, load_workload
 from backends.fake import modelled_tokens_per_s
 
@@ -17,19 +17,23 @@ from backends.fake import modelled_tokens_per_s
 def test_benchmark_keeps_raw_samples_and_follows_the_fake_speed(tiny_gguf, topology):
     config = TrialConfig(backend="fake", workers=2, batch_size=4)
     workload = load_workload(TINY_WORKLOAD)
-    result = benchmark(config, workload, tiny_gguf, topology, repeats=3)
+    result = benchmark(config, workload, tiny_gguf, topology, Pacing(repeats=3))
     assert len(result.samples) == 3 and result.repeats == 3
+    # each pass: the 6 prompts cycled to a ramp-up wave (8), 3 windows of 8 and a tail (8)
+    assert result.prompts == 2 * 8 + 3 * 8 and result.steady
+    assert len(result.windows) == 9 and all(len(s["windows"]) == 3 for s in result.samples)
     expected = modelled_tokens_per_s(2, 1, 4, topology.usable_cpus, topology.physical_cores)
     # the fake sleeps for the modelled time; measuring adds a little on top, never removes
-    assert 0.7 * expected < result.tokens_per_s <= expected * 1.01
-    assert result.requests_per_s == pytest.approx(
-        result.tokens_per_s * len(workload) / result.samples[0]["generated_tokens"], rel=0.2
-    )
+    assert 0.7 * expected < result.tokens_per_s <= expected * 1.05
+    assert result.pass_tokens_per_s <= expected * 1.01
     assert result.latency_p50_s is not None and result.load_time_s >= 0
     assert result.peak_memory_bytes > 0
     data = result.to_dict()
     for key in (
         "tokens_per_s",
+        "windows",
+        "window_spread",
+        "stable",
         "requests_per_s",
         "latency_p50_s",
         "latency_p95_s",
@@ -39,13 +43,24 @@ def test_benchmark_keeps_raw_samples_and_follows_the_fake_speed(tiny_gguf, topol
         "provenance",
     ):
         assert key in data
+    for key in ("prefill_tokens", "tokens_per_s", "prefill_tokens_per_s", "ttft_p50_s"):
+        assert all(sample[key] is not None for sample in data["samples"]), key
     assert data["provenance"]["versions"]["autotune"] is not None
-    assert "completions" not in data and len(result.completions) == len(workload)
+    assert "completions" not in data and len(result.completions) == result.prompts
+
+
+def test_a_pass_too_short_for_a_window_says_so(tiny_gguf, topology):
+    config = TrialConfig(backend="fake", batch_size=4)
+    result = benchmark(
+        config, load_workload(TINY_WORKLOAD), tiny_gguf, topology, Pacing(prompts=6, repeats=2)
+    )
+    assert not result.steady and result.windows == [s["tokens_per_s"] for s in result.samples]
+    assert any("no steady state" in w and "needs 20" in w for w in result.warnings)
 
 
 def test_oversubscription_is_warned(tiny_gguf, topology):
     config = TrialConfig(backend="fake", workers=topology.usable_cpus + 1)
-    result = benchmark(config, load_workload(TINY_WORKLOAD), tiny_gguf, topology, repeats=1)
+    result = benchmark(config, load_workload(TINY_WORKLOAD), tiny_gguf, topology)
     assert any("exceeds" in w for w in result.warnings)
 
 
@@ -89,7 +104,7 @@ def test_pss_counts_shared_file_pages_once(tmp_path):
 # ---------------------------------------------------------------- steady state (issue 12)
 
 
-def _done(at: float, tokens: int = 10, error: str | None = None):
+def _done(at: float, tokens: int = 10, error: str | None = None, latency: float = 1.0):
     from backends.base import Completion
 
     return Completion(
@@ -98,23 +113,64 @@ def _done(at: float, tokens: int = 10, error: str | None = None):
         token_ids=tuple(range(tokens)),
         prompt_tokens=5,
         worker_rank=0,
-        latency_s=1.0,
+        latency_s=latency,
         finished_at=at,
         error=error,
     )
 
 
-def test_steady_rate_leaves_out_the_first_and_the_last_wave():
-    from autotune.measure import steady_tokens_per_s
+def test_windows_leave_out_the_first_and_the_last_wave():
+    from autotune.measure import steady_tokens_per_s, windows
 
-    # concurrency 2: the first wave ends at t=1 (2nd finish), the last full wave at t=8
-    # (the 2nd-last finish excluded); between them 6 requests of 10 tokens over 7 s.
+    # Width 2, so a window holds MIN_WINDOW = 4 finishes: 10 finishes make one window. The
+    # ramp-up ends at the 2nd finish (t=1), the tail starts at the 2nd-last (t=8); each request
+    # generated its 10 tokens evenly over the second before it finished, so [1, 8] holds the
+    # tokens of the requests ending at 2, 3, 5, 6, 7 and 8: 60 tokens in 7 s.
     times = [0.5, 1.0, 2.0, 3.0, 5.0, 6.0, 7.0, 8.0, 9.5, 30.0]
     completions = [_done(t) for t in times]
-    assert steady_tokens_per_s(completions, concurrency=2) == pytest.approx(60 / 7)
-    assert steady_tokens_per_s(completions[:5], concurrency=2) is None, "fewer than 3 waves"
-    failed = completions[:9] + [_done(30.0, error="too long")]
-    assert steady_tokens_per_s(failed, concurrency=2) is None
+    assert windows(completions, width=2) == pytest.approx([60 / 7])
+    assert steady_tokens_per_s(completions, width=2) == pytest.approx(60 / 7)
+    assert windows(completions[:7], width=2) == [], "no room for a window"
+    assert steady_tokens_per_s(completions[:7], width=2) is None
+    # Waves of 8 finishing together, a second apart: 3 windows of one second, 80 tokens each.
+    wave = [_done(t) for t in [1.0] * 8 + [2.0] * 8 + [3.0] * 8 + [4.0] * 8 + [5.0] * 8]
+    assert windows(wave, width=8) == pytest.approx([80.0, 80.0, 80.0])
+    # A window counts the tokens generated in it, not those of the requests ending in it: the
+    # long request (40 tokens over [1, 5]) gives 35 to the first window [1, 4.5] and 5 to the
+    # second [4.5, 8]; the one ending at 5 splits 5 / 5.
+    spread = [_done(1.0), _done(1.0), *[_done(t) for t in (2, 3, 4, 5, 6, 7, 8, 9, 9)]]
+    spread.append(_done(5.0, tokens=40, latency=4.0))
+    assert windows(spread, width=2) == pytest.approx([70 / 3.5, 40 / 3.5])
+    # Failed requests are left out; a backend without finish times has no windows.
+    failed = completions + [_done(4.0, error="too long")]
+    assert windows(failed, width=2) == pytest.approx([60 / 7])
+    from dataclasses import replace
+
+    assert windows([replace(c, finished_at=None) for c in completions], width=2) == []
+
+
+def test_a_balanced_workload_spreads_long_prompts_over_its_blocks():
+    from autotune.workload import load_workload
+
+    workload = load_workload()
+    balanced = workload.balanced(4)
+    assert sorted(p.id for p in balanced.prompts) == sorted(p.id for p in workload.prompts)
+
+    def spread(prompts, size):  # max / min text per run of `size` consecutive prompts
+        runs = [sum(len(p.text) for p in prompts[i : i + size]) for i in range(0, 64, size)]
+        return max(runs) / min(runs)
+
+    # the shipped file puts long prompts first: runs of 16 differ by more than 2x; balanced,
+    # by less than 1.3x
+    assert spread(workload.prompts, 16) > 2.0 and spread(balanced.prompts, 16) < 1.3
+
+
+def test_pass_sizes_hold_three_windows():
+    from autotune.measure import Pacing, pass_prompts
+
+    assert pass_prompts(1) == 2 + 3 * 4  # small layouts: windows of 4 finishes
+    assert pass_prompts(16) == 32 + 3 * 16
+    assert Pacing(prompts=50).pass_prompts(16) == 50
 
 
 def test_relative_spread():
@@ -157,7 +213,7 @@ def test_bench_settles_until_the_passes_agree(cli):
     )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert 3 <= len(data["samples"]) and data["prompts"] == 24
-    assert data["stable"] is True and data["window_spread"] <= 0.05
+    assert data["prompts"] == 24 and len(data["windows"]) >= 3  # 5 windows of 4 per pass
+    assert data["stable"] is True and data["window_spread"] <= 0.05 and data["steady"]
     assert all(s["steady_tokens_per_s"] for s in data["samples"])
     assert len({s["prefill_tokens"] for s in data["samples"]}) == 1

@@ -55,6 +55,7 @@ def test_report_writes_every_figure_and_both_documents(cli, study):
     assert all((directory / link).is_file() for link in linked)
     text = markdown.read_text()
     assert "## Top configurations" in text and "| trial |" in text
+    assert "| answers identical |" in text and "| window spread |" in text
     assert "crash" in text, "the failed trial is listed with its class"
     page = (directory / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(FIGURES)

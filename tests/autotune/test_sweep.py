@@ -21,6 +21,7 @@ from autotune.knobs import Target
 from autotune.memory_plan import MemoryPlanner, ModelShape
 from autotune.space import SearchSpace
 from autotune.study import Role, StudyDir, TrialState
+from autotune.measure import Pacing
 from autotune.sweep import SweepOptions, run_sweep
 from autotune.units import parse_duration, parse_size
 
@@ -190,6 +191,12 @@ def test_cli_sweep_then_export_in_every_format(cli, tmp_path, topology):
         == 0
     )
     assert "export AUTOTUNE_BACKEND=fake" in written.read_text()
+    # measured as issue 12 asks: windows, their spread, answers against the reference run
+    records = [r for r in lines(log) if r["state"] == "complete"]
+    assert all(r["result"]["windows"] and "window_spread" in r["result"] for r in records)
+    assert all(r["agreement"]["compared"] >= 4 for r in records)
+    assert next(r for r in records if r["role"] == "baseline")["answers"], "the reference"
+    assert "answers against batch 1 greedy:" in env.stdout
 
 
 @pytest.mark.parametrize(
@@ -350,7 +357,7 @@ def test_a_layout_that_fails_requests_is_a_failed_trial_and_cannot_win(tmp_path,
 def test_no_layout_beating_the_baseline_exports_the_baseline(tmp_path, simulated_sweep):
     def baseline_wins_in_pairs(spec, outcome):
         if spec.get("paired") and outcome.result:
-            outcome.result["baseline"] = [r * 10 for r in outcome.result["baseline"]]
+            outcome.result["baseline"] = [r * 100 for r in outcome.result["baseline"]]
 
     summary, _, _ = simulated_sweep(
         options(tmp_path, budget_s=120.0), change=baseline_wins_in_pairs
@@ -371,6 +378,7 @@ def test_the_interval_says_it_comes_from_the_pairs_that_chose_the_winner(tmp_pat
 def test_pairs_alternate_which_side_runs_first(monkeypatch, tiny_gguf, topology):
     import backends
     from autotune import trial
+    from autotune.measure import Pacing
     from autotune.workload import TINY_WORKLOAD, load_workload
 
     order = []
@@ -393,7 +401,8 @@ def test_pairs_alternate_which_side_runs_first(monkeypatch, tiny_gguf, topology)
     spec = {"paired": TrialConfig(backend="fake").to_dict(), "pairs": 4}
     workload = load_workload(TINY_WORKLOAD)
     monkeypatch.setattr(trial.time, "monotonic", iter(range(1, 1000)).__next__)
-    trial._paired(spec, TrialConfig(backend="fake", batch_size=4), workload, tiny_gguf, topology)
+    candidate = TrialConfig(backend="fake", batch_size=4)
+    trial._paired(spec, candidate, workload, Pacing(), tiny_gguf, topology)
     timed = order[2:]  # after one warmup each
     assert timed == ["baseline", "candidate", "candidate", "baseline"] * 2
 
@@ -431,7 +440,11 @@ def test_every_request_rejected_ends_with_a_summary_not_a_traceback(cli, tmp_pat
 
 @pytest.mark.parametrize(
     ("changes", "named"),
-    [({"limit": 5}, "--limit 5 (the study has 4)"), ({"repeats": 2}, "--repeats 2")],
+    [
+        ({"limit": 5}, "--limit 5 (the study has 4)"),
+        ({"pacing": Pacing(repeats=2, settle_s=20.0)}, "--repeats 2 (the study has 1)"),
+        ({"pacing": Pacing(prompts=30, settle_s=20.0)}, "--prompts 30 (the study has None)"),
+    ],
 )
 def test_resume_refuses_other_measurement_settings(tmp_path, simulated_sweep, changes, named):
     simulated_sweep(options(tmp_path, trials=2))
@@ -499,7 +512,8 @@ def test_a_duplicate_ask_is_followed_by_an_unmeasured_config(tmp_path, simulated
 
     summary, _, _ = simulated_sweep(options(tmp_path, budget_s=3000.0))
     measured = {json.dumps(r.config, sort_keys=True) for r in summary.trials if r.complete}
-    space = FakeBackend.space(Target(topology, layers=1, batch_cap=4))  # limit 4: batch <= 4
+    # trials cycle the prompts, so --limit 4 does not cap the batch: 1 .. 64
+    space = FakeBackend.space(Target(topology, layers=1))
     assert len(measured) == space.size(), "every config of the space was measured"
     duplicates = [r for r in summary.trials if (r.reason or "").startswith("same config")]
     assert duplicates, "the sampler did ask for measured configs"
@@ -515,3 +529,84 @@ def test_a_search_figure_outside_the_paired_runs_is_called_out(tmp_path, simulat
     expected = f"{statistics.median(summary.winner.paired['candidate']):.1f} tokens/s"
     assert summary.note.endswith(expected)
     assert "outside its paired runs" in (tmp_path / "s" / "best.env").read_text()
+
+
+# ---------------------------------------------------------------- issue 12: what a trial measures
+
+
+def test_trials_cycle_the_prompts_so_batches_go_past_them(tmp_path, simulated_sweep):
+    summary, _, runner = simulated_sweep(options(tmp_path, budget_s=3000.0))  # --limit 4
+    batches = {r.config["batch_size"] for r in summary.trials if r.complete}
+    assert max(batches) >= 16, batches
+    for spec in runner.calls:
+        assert spec["limit"] == 4 and spec["pacing"]["settle_s"] == 20.0
+    wide = next(r for r in summary.trials if r.complete and r.config["batch_size"] >= 16)
+    width = wide.config["workers"] * wide.config["batch_size"]
+    assert wide.result["prompts"] == 5 * width, "a ramp-up wave, 3 windows, a tail"
+
+
+def test_every_trial_records_its_agreement_with_the_reference(tmp_path, simulated_sweep):
+    from backends.fake import DRIFTING_BATCH
+
+    summary, _, _ = simulated_sweep(options(tmp_path, budget_s=3000.0))
+    assert summary.baseline.answers, "the naive baseline (batch 1, one process) is the reference"
+    for record in (r for r in summary.trials if r.complete):
+        identical = record.agreement["identical"]
+        if record.config["batch_size"] >= DRIFTING_BATCH:
+            assert identical < 1.0 and record.agreement["mean_first_difference"] is not None
+        else:
+            assert identical == 1.0, record.config
+
+
+def test_min_agreement_prunes_measured_layouts_that_disagree(tmp_path, simulated_sweep):
+    from backends.fake import DRIFTING_BATCH
+
+    summary, _, _ = simulated_sweep(options(tmp_path, budget_s=3000.0, min_agreement=0.9))
+    low = [r for r in summary.trials if r.result and r.config["batch_size"] >= DRIFTING_BATCH]
+    assert low and all(r.state is TrialState.PRUNED for r in low)
+    assert all("under --min-agreement 0.9" in r.reason and r.result["tokens_per_s"] for r in low)
+    assert summary.winner.config["batch_size"] < DRIFTING_BATCH
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 's' / 'study.db'}")
+    states = {t.user_attrs["record"]["number"]: t.state for t in study.trials}
+    assert all(states[r.number] == optuna.trial.TrialState.PRUNED for r in low)
+    saved = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert saved["min_agreement"] == 0.9
+
+
+def test_a_family_without_a_reference_gets_its_reference_run_first(tmp_path, simulated_sweep):
+    def baseline_fails(spec, outcome):
+        if not baseline_fails.done:  # the first trial: the naive baseline, also the reference
+            baseline_fails.done = True
+            outcome.state, outcome.failure_class, outcome.result = "fail", "crash", None
+
+    baseline_fails.done = False
+    summary, _, _ = simulated_sweep(
+        options(tmp_path, trials=4),
+        extra=[TrialConfig(backend="fake", batch_size=4)],
+        change=baseline_fails,
+    )
+    ran = [r for r in summary.trials if r.state is not TrialState.PRUNED]
+    assert [r.role for r in ran[:3]] == [Role.BASELINE, Role.REFERENCE, Role.EXTRA]
+    assert ran[0].state is TrialState.FAIL and ran[0].answers is None
+    assert ran[1].complete and ran[1].answers and ran[1].config == summary.trials[0].config
+    assert ran[2].agreement == {"compared": 14, "identical": 1.0, "mean_first_difference": None}
+
+
+def test_the_reference_of_a_family(topology):
+    from autotune.agreement import family_reference, is_reference
+    from backends import backend_class
+
+    target = Target(topology, layers=30)
+    torch = family_reference("torch", target, TrialConfig(max_new_tokens=16))
+    assert (torch.backend, torch.batch_size, torch.dtype, torch.processes) == (
+        "hf",
+        1,
+        "float32",
+        1,
+    )
+    assert torch.max_new_tokens == 16 and is_reference(torch)
+    naive = TrialConfig(backend="llamacpp", **backend_class("llamacpp").naive(target))
+    assert is_reference(naive), "llama.cpp's naive baseline is its family's reference"
+    assert not is_reference(naive.replace(quant="q4_0"))
+    assert not is_reference(naive.replace(workers=2))
+    assert not is_reference(torch.replace(dtype="bfloat16"))
