@@ -639,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="every prompt generates exactly --max-new-tokens, so every layout does the same "
         "work (as llama-bench does)",
     )
-    _add_pacing_arguments(sweep, repeats=1, settle="20s")
+    _add_pacing_arguments(sweep, repeats=1, settle="10s")
     sweep.add_argument(
         "--min-agreement",
         type=_share("--min-agreement"),

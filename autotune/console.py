@@ -117,7 +117,7 @@ def show_result(result) -> None:
     over = "windows" if result.steady else "whole passes"
     table.add_row(
         "Tokens/s",
-        f"{result.tokens_per_s:.1f} (median of the last {summary['n']} {over}, "
+        f"{result.tokens_per_s:.1f} (mean of the last {summary['n']} {over}, "
         f"{summary['min']:.1f}-{summary['max']:.1f}; spread {result.window_spread:.1%}, "
         f"{'stable' if result.stable else 'not shown stable'})",
     )

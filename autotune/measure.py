@@ -3,7 +3,7 @@
 - Throughput is the steady state of the user's job: each timed pass cycles the workload to
   enough requests that the layout's every slot is refilled again and again (`Pacing`); the
   finishes between the ramp-up (the first wave) and the tail (the last wave) are cut into
-  windows, and the figure is the median of the last `WINDOWS` windows, with their spread.
+  windows, and the figure is the mean of the last `WINDOWS` windows, with their spread.
   Passes go on (``settle_s``) until those windows agree. Load time is its own figure.
 - Beside it: prefill tokens/s (prompt tokens really computed), requests/s, latency, time to
   first token and time per output token, per pass and overall.
@@ -158,8 +158,8 @@ class Pacing:
         return asdict(self)
 
 
-# A window is a run of consecutive finishes (at least MIN_WINDOW, at least one wave) while
-# every slot is busy; a measurement's figure is the median of its last WINDOWS windows.
+# A window is as long as it takes to finish one wave (at least MIN_WINDOW requests) while
+# every slot is busy; a measurement's figure is the mean of its last WINDOWS windows.
 WINDOWS = 3
 MIN_WINDOW = 4
 # The last WINDOWS windows agree when their relative spread is under this.
@@ -240,8 +240,10 @@ class RunResult:
     repeats: int  # timed passes run
     pacing: dict
     load_time_s: float
-    # Generated tokens/s in the steady state: the median of the last WINDOWS windows (of
-    # every pass's, in order), or of the passes' where they are too short for windows.
+    # Generated tokens/s in the steady state: the mean of the last WINDOWS windows (of every
+    # pass's, in order; equal spans, so the mean is their tokens over their time), or of the
+    # passes' where they are too short for windows. Not the median: a window holding a long
+    # prompt's prefill is slow, and the user's job pays for those prompts too.
     tokens_per_s: float
     windows: list[float]  # every window's tokens/s, in order (the passes' if none)
     steady: bool  # tokens_per_s comes from windows (not whole passes with ramp-up and tail)
@@ -322,8 +324,8 @@ def timed_pass(backend, workload: Workload, config: TrialConfig, usable_cpus: in
 
 
 def pass_figure(sample: dict) -> float:
-    """A pass's tokens/s: the median of its windows, or the whole pass where it has none."""
-    return statistics.median(sample["windows"]) if sample["windows"] else sample["tokens_per_s"]
+    """A pass's tokens/s: the mean of its windows, or the whole pass where it has none."""
+    return statistics.fmean(sample["windows"]) if sample["windows"] else sample["tokens_per_s"]
 
 
 def series(samples: Sequence[dict]) -> list[float]:
@@ -432,7 +434,7 @@ def benchmark(
         repeats=len(samples),
         pacing=pacing.to_dict(),
         load_time_s=load_time_s,
-        tokens_per_s=statistics.median(last),
+        tokens_per_s=statistics.fmean(last),
         windows=rates,
         steady=steady,
         pass_tokens_per_s=statistics.median(s["tokens_per_s"] for s in samples),

@@ -60,6 +60,9 @@ _MAX_IDLE_ASKS = 60  # suggestions in a row that could not run: the space is exh
 _TOP = 3
 _DUPLICATE = "same config as trial"
 _MARGIN_S = 5.0  # kept back from every deadline for writing the outputs
+# A reference run answers the first prompts of every trial's pass (the same balanced order)
+# once, cold; the agreement of a trial is over these.
+REFERENCE_PROMPTS = 12
 
 
 @dataclass
@@ -75,7 +78,7 @@ class SweepOptions:
     backends: list[str] = field(default_factory=list)
     workload: str | None = None
     limit: int | None = None  # only the first N prompts of the workload
-    pacing: Pacing = field(default_factory=lambda: Pacing(settle_s=20.0))
+    pacing: Pacing = field(default_factory=lambda: Pacing(settle_s=10.0))
     min_agreement: float | None = None  # layouts whose answers agree less are pruned
     memory_limit_bytes: int | None = None
     trial_timeout_s: float | None = None
@@ -276,7 +279,7 @@ class Sweep:
                 except KeyboardInterrupt:
                     interrupted = True
             if winner is None:
-                done = [r for r in self.records if r.complete]
+                done = [r for r in self.records if r.complete and r.role is not Role.REFERENCE]
                 best = max(done, key=lambda r: r.value, default=None)
                 winner = best.with_(confirmed=False) if best else None
         summary = SweepSummary(
@@ -437,7 +440,12 @@ class Sweep:
             self._run(study, _Candidate(study.ask(), reference, Role.REFERENCE, "reference"))
         deadline = self.trial_deadline_s(config, candidate.role)
         self.tell(TrialStarted(trial.number, config, candidate.role, candidate.name, deadline))
-        outcome = self.runner(self._spec(config), deadline)
+        if candidate.role is Role.REFERENCE:
+            # Only its answers are wanted: one short cold pass, and it is no candidate.
+            spec = self._spec(config, pacing=Pacing(prompts=REFERENCE_PROMPTS, warmup=0).to_dict())
+        else:
+            spec = self._spec(config)
+        outcome = self.runner(spec, deadline)
         record = TrialRecord(
             number=trial.number,
             state=TrialState.FAIL,
@@ -509,7 +517,7 @@ class Sweep:
         import optuna
 
         trial.set_user_attr("record", record.to_dict())
-        if record.complete:
+        if record.complete and record.role is not Role.REFERENCE:
             study.tell(trial, record.value)
         elif record.state is TrialState.PRUNED and record.result is not None:
             # Measured, then pruned for its answers: a region the user does not want.
@@ -518,6 +526,7 @@ class Sweep:
             # A trial that never ran is FAIL to Optuna, not PRUNED: TPE counts pruned trials in
             # its "bad" group, which would mark the region of a duplicate or of a config asked
             # for too late as slow; failed trials it leaves out. The record says what happened.
+            # A reference run, measured on a short pass of its own, is left out the same way.
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
         StudyDir.append(self.log, record)
         self.records.append(record)
@@ -549,13 +558,14 @@ class Sweep:
         """Re-measure the best three beside the baseline (A B A B) and pick the winner on that."""
         if baseline is None:
             return None
-        # A reference run of a backend not searched (hf for --backends ddp) cannot win.
         searched = set(self.space.backends) | {baseline.backend}
         done = sorted(
             (
                 r
                 for r in self.records
-                if r.complete and r.role is not Role.BASELINE and r.backend in searched
+                if r.complete
+                and r.role not in (Role.BASELINE, Role.REFERENCE)
+                and r.backend in searched
             ),
             key=lambda r: r.value,
             reverse=True,

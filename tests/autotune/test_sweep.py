@@ -442,8 +442,8 @@ def test_every_request_rejected_ends_with_a_summary_not_a_traceback(cli, tmp_pat
     ("changes", "named"),
     [
         ({"limit": 5}, "--limit 5 (the study has 4)"),
-        ({"pacing": Pacing(repeats=2, settle_s=20.0)}, "--repeats 2 (the study has 1)"),
-        ({"pacing": Pacing(prompts=30, settle_s=20.0)}, "--prompts 30 (the study has None)"),
+        ({"pacing": Pacing(repeats=2, settle_s=10.0)}, "--repeats 2 (the study has 1)"),
+        ({"pacing": Pacing(prompts=30, settle_s=10.0)}, "--prompts 30 (the study has None)"),
     ],
 )
 def test_resume_refuses_other_measurement_settings(tmp_path, simulated_sweep, changes, named):
@@ -539,7 +539,7 @@ def test_trials_cycle_the_prompts_so_batches_go_past_them(tmp_path, simulated_sw
     batches = {r.config["batch_size"] for r in summary.trials if r.complete}
     assert max(batches) >= 16, batches
     for spec in runner.calls:
-        assert spec["limit"] == 4 and spec["pacing"]["settle_s"] == 20.0
+        assert spec["limit"] == 4 and spec["pacing"]["settle_s"] == 10.0
     wide = next(r for r in summary.trials if r.complete and r.config["batch_size"] >= 16)
     width = wide.config["workers"] * wide.config["batch_size"]
     assert wide.result["prompts"] == 5 * width, "a ramp-up wave, 3 windows, a tail"
@@ -589,7 +589,8 @@ def test_a_family_without_a_reference_gets_its_reference_run_first(tmp_path, sim
     assert [r.role for r in ran[:3]] == [Role.BASELINE, Role.REFERENCE, Role.EXTRA]
     assert ran[0].state is TrialState.FAIL and ran[0].answers is None
     assert ran[1].complete and ran[1].answers and ran[1].config == summary.trials[0].config
-    assert ran[2].agreement == {"compared": 14, "identical": 1.0, "mean_first_difference": None}
+    assert ran[2].agreement == {"compared": 12, "identical": 1.0, "mean_first_difference": None}
+    assert ran[1].result["prompts"] == 12, "a reference run answers one short pass"
 
 
 def test_the_reference_of_a_family(topology):
