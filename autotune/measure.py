@@ -32,7 +32,7 @@ from autotune.provenance import provenance
 from autotune.stats import percentile, relative_spread, summarize
 from autotune.topology import Topology
 from autotune.workload import Workload
-from backends import create_backend
+from backends import backend_class, create_backend
 from backends.base import Completion
 
 __all__ = ["Pacing", "RunResult", "TreeSampler", "benchmark", "timed_pass", "windows"]
@@ -142,16 +142,17 @@ class Pacing:
     repeats: int = 1
     settle_s: float = 0.0
 
-    def pass_prompts(self, width: int) -> int:
-        """Requests per timed pass for a layout running ``width`` requests at once."""
-        return self.prompts or pass_prompts(width)
+    def pass_prompts(self, width: int, ramp: bool = True) -> int:
+        """Requests per timed pass for a layout running ``width`` requests at once (``ramp``:
+        whether its slots are refilled as they free, see `refills`)."""
+        return self.prompts or pass_prompts(width, ramp)
 
-    def pass_of(self, workload: Workload, width: int) -> Workload:
+    def pass_of(self, workload: Workload, width: int, ramp: bool = True) -> Workload:
         """The requests of one timed pass: ``workload`` balanced (every `MIN_WINDOW`
         consecutive prompts short and long alike, so windows compare like with like) and
         cycled to `pass_prompts`. The same order for every layout, so every trial answers the
         same first prompts (the agreement compares them)."""
-        return workload.balanced(MIN_WINDOW).cycled(self.pass_prompts(width))
+        return workload.balanced(MIN_WINDOW).cycled(self.pass_prompts(width, ramp))
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
@@ -172,17 +173,20 @@ def window_size(width: int) -> int:
     return max(width, MIN_WINDOW)
 
 
-def pass_prompts(width: int) -> int:
-    """Requests in a pass that holds `WINDOWS` windows between its ramp-up and its tail."""
-    return 2 * width + WINDOWS * window_size(width)
+def pass_prompts(width: int, ramp: bool = True) -> int:
+    """Requests in a pass that holds `WINDOWS` windows, between a ramp-up wave and a tail
+    where the layout refills its slots (``ramp``)."""
+    return 2 * width * ramp + WINDOWS * window_size(width)
 
 
-def windows(completions: Sequence[Completion], width: int) -> list[float]:
+def windows(completions: Sequence[Completion], width: int, ramp: bool = True) -> list[float]:
     """Generated tokens/s of a pass's windows, in order.
 
-    The steady state runs from the ``width``-th finish (the ramp-up: every slot started at
-    once) to the ``width``-th last (then the queue is empty and slots drain: the tail). It is
-    cut into as many equal windows of time as it holds `window_size` finishes. Each request's
+    Where the layout refills its slots as they free (``ramp``), the steady state runs from the
+    ``width``-th finish (the ramp-up: every slot started at once) to the ``width``-th last
+    (then the queue is empty and slots drain: the tail); where it runs static batches, every
+    batch starts from empty, so the whole pass is its steady state. It is cut into as many
+    equal windows of time as it holds `window_size` finishes. Each request's
     tokens are spread evenly from its first token to its finish, so a window counts the
     tokens generated in it, not those of the requests that happen to end in it (which, with
     answers of different lengths, swings from window to window). Empty when the pass is too
@@ -192,10 +196,13 @@ def windows(completions: Sequence[Completion], width: int) -> list[float]:
     if any(c.finished_at is None for c in answered):
         return []
     ends = sorted(c.finished_at for c in answered)
-    count = (len(ends) - 2 * width) // window_size(width)
+    count = (len(ends) - 2 * width * ramp) // window_size(width)
     if count < 1:
         return []
-    began, ended = ends[width - 1], ends[len(ends) - width - 1]
+    if ramp:
+        began, ended = ends[width - 1], ends[len(ends) - width - 1]
+    else:
+        began, ended = min(c.finished_at - c.latency_s for c in answered), ends[-1]
     if ended <= began:
         return []
     spans = [(_first_token_at(c), c.finished_at, len(c.token_ids)) for c in answered]
@@ -223,9 +230,11 @@ def _tokens_between(span: tuple[float, float, int], low: float, high: float) -> 
     return count * max(0.0, overlap) / (finished - first)
 
 
-def steady_tokens_per_s(completions: Sequence[Completion], width: int) -> float | None:
+def steady_tokens_per_s(
+    completions: Sequence[Completion], width: int, ramp: bool = True
+) -> float | None:
     """Generated tokens/s over all of a pass's windows together (None: no window)."""
-    rates = windows(completions, width)
+    rates = windows(completions, width, ramp)
     return statistics.fmean(rates) if rates else None  # equal windows: the mean is the whole
 
 
@@ -295,9 +304,15 @@ def width_of(config: TrialConfig) -> int:
     return max(1, config.processes * config.batch_size)
 
 
+def refills(config: TrialConfig) -> bool:
+    """Whether the layout's backend refills a slot as soon as it frees (continuous batching:
+    a pass has a ramp-up and a tail) rather than running static batches."""
+    return backend_class(config.backend).continuous_batching
+
+
 def timed_pass(backend, workload: Workload, config: TrialConfig, usable_cpus: int):
     """One timed pass of ``workload``: (its sample, its completions)."""
-    width = width_of(config)
+    width, ramp = width_of(config), refills(config)
     cpu_before = tree_cpu_seconds()
     start = time.monotonic()
     completions = backend.generate(workload.prompts, config.generation)
@@ -312,8 +327,8 @@ def timed_pass(backend, workload: Workload, config: TrialConfig, usable_cpus: in
         "generated_tokens": tokens,
         "prefill_tokens": prefill,
         "tokens_per_s": tokens / wall_s,
-        "windows": windows(completions, width),
-        "steady_tokens_per_s": steady_tokens_per_s(completions, width),
+        "windows": windows(completions, width, ramp),
+        "steady_tokens_per_s": steady_tokens_per_s(completions, width, ramp),
         "prefill_tokens_per_s": prefill / wall_s,
         "requests_per_s": len(completions) / wall_s,
         "ttft_p50_s": percentile(ttfts, 50),
@@ -359,8 +374,8 @@ def benchmark(
     to ``pacing``'s pass size) until the pacing says the measurement is done."""
     pacing = pacing or Pacing()
     say = on_progress or (lambda message: None)
-    width = width_of(config)
-    prompts = pacing.pass_of(workload, width)
+    width, ramp = width_of(config), refills(config)
+    prompts = pacing.pass_of(workload, width, ramp)
     backend = create_backend(config, model, topology)
     samples: list[dict] = []
     latencies: list[float] = []
@@ -410,7 +425,7 @@ def benchmark(
     if not steady:
         warnings.append(
             f"no steady state: a pass of {len(prompts)} prompts at {width} at once is too short "
-            f"for one window (it needs {pass_prompts(width)}); the figure includes each pass's "
+            f"for one window (it needs {pass_prompts(width, ramp)}); the figure includes each pass's "
             "ramp-up and tail; leave out --prompts/--limit or raise them"
         )
     if not settled(rates):

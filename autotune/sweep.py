@@ -34,7 +34,7 @@ from autotune.config import TrialConfig
 from autotune.errors import ConfigError
 from autotune.files import atomic_write
 from autotune.knobs import Target
-from autotune.measure import Pacing, width_of
+from autotune.measure import Pacing, refills, width_of
 from autotune.memory_plan import MemoryPlanner
 from autotune.space import SearchSpace, Unfit, config_key
 from autotune.stats import speedup_interval
@@ -223,7 +223,8 @@ class Sweep:
         """Tokens a trial of ``config`` generates at least: its warmup waves and its timed
         passes, each sized by the pacing for the layout's width."""
         pacing, width = self.options.pacing, width_of(config)
-        requests = pacing.warmup * width + pacing.repeats * pacing.pass_prompts(width)
+        one_pass = pacing.pass_prompts(width, refills(config))
+        requests = pacing.warmup * width + pacing.repeats * one_pass
         return requests * config.max_new_tokens
 
     def expected_s(self, config: TrialConfig) -> float:
@@ -539,7 +540,7 @@ class Sweep:
         self.seen[config_key(record.config)] = record.number
         if record.answers is not None:
             self.references[answer_family(TrialConfig.from_dict(record.config))] = record.answers
-        cost = _cost(record)
+        cost = _cost(record, 0 if record.role is Role.REFERENCE else self.options.pacing.warmup)
         if cost is not None:
             self.costs.setdefault(record.backend, []).append(cost)
 
@@ -706,13 +707,17 @@ def _previous_records(study) -> list[TrialRecord]:
     ]
 
 
-def _cost(record: TrialRecord) -> tuple[float, float] | None:
-    """(load seconds, seconds per generated token) of a measured trial, or None."""
+def _cost(record: TrialRecord, warmup: int) -> tuple[float, float] | None:
+    """(load seconds, seconds per generated token) of a measured trial, or None; the tokens
+    are its timed passes' and its ``warmup`` waves' (as `Sweep.planned_tokens` counts them)."""
     result = record.result or {}
     samples = record.samples or []
     generated = sum(s.get("generated_tokens") or 0 for s in samples)
-    if not result.get("tokens_per_s") or not generated:
+    if not result.get("tokens_per_s") or not generated or not result.get("prompts"):
         return None
+    per_request = samples[0]["generated_tokens"] / result["prompts"]
+    width = width_of(TrialConfig.from_dict(record.config))
+    generated += warmup * width * per_request
     load = result.get("load_time_s") or 0.0
     return load, max(0.0, record.duration_s - load) / generated
 

@@ -157,12 +157,14 @@ def _paired(spec, candidate, workload, pacing, model, topology) -> dict:
     """Load the baseline and the candidate side by side and time them alternately (A B, B A,
     ...), each pass measured as a trial measures its passes (`autotune.measure.pass_figure`)."""
     from autotune.config import TrialConfig
-    from autotune.measure import pass_figure, timed_pass, warm_up, width_of
+    from autotune.measure import pass_figure, refills, timed_pass, warm_up, width_of
     from backends import create_backend
 
     configs = {"baseline": TrialConfig.from_dict(spec["paired"]), "candidate": candidate}
     backends = {name: create_backend(c, model, topology) for name, c in configs.items()}
-    passes = {name: pacing.pass_of(workload, width_of(c)) for name, c in configs.items()}
+    passes = {
+        name: pacing.pass_of(workload, width_of(c), refills(c)) for name, c in configs.items()
+    }
     rates: dict[str, list[float]] = {"baseline": [], "candidate": []}
     try:
         for name, backend in backends.items():

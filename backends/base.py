@@ -111,6 +111,9 @@ class Backend(ABC):
     # tokens/s (its cost grows with the tokens the layout's passes generate).
     first_guess_load_s: ClassVar[float] = 10.0
     first_guess_tokens_per_s: ClassVar[float] = 25.0
+    # Whether a slot that frees is refilled at once (continuous batching), so a measured pass
+    # has a ramp-up and a tail to leave out; False for static batches (`autotune.measure`).
+    continuous_batching: ClassVar[bool] = True
     # Layouts of one answer family compute with the same weights and library, so one batch-1
     # greedy run is the reference for all their answers (`autotune.agreement`).
     answer_family: ClassVar[str]

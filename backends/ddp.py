@@ -44,6 +44,7 @@ class DDPBackend(RankGroupBackend):
     first_guess_load_s = 15.0
     first_guess_tokens_per_s = 25.0
     answer_family = "torch"
+    continuous_batching = False  # static batches: each starts from empty
     baseline_rank = 2
 
     @classmethod

@@ -209,7 +209,7 @@ class SimulatedTrials:
 
     def __call__(self, spec: dict, deadline_s: float):
         from autotune.config import TrialConfig
-        from autotune.measure import Pacing, width_of
+        from autotune.measure import Pacing, refills, width_of
         from autotune.stats import summarize
         from autotune.trial import TrialOutcome
         from autotune.workload import load_workload
@@ -229,7 +229,7 @@ class SimulatedTrials:
             workload = workload.head(spec["limit"])
 
         def one_pass(layout):  # (its prompts, its generated tokens) as a trial sizes them
-            prompts = pacing.pass_of(workload, width_of(layout)).prompts
+            prompts = pacing.pass_of(workload, width_of(layout), refills(layout)).prompts
             return prompts, sum(fake_answer_length(p.text, layout.generation) for p in prompts)
 
         def warmup_tokens(layout, prompts) -> int:

@@ -182,6 +182,7 @@ class HFBackend(Backend):
     first_guess_load_s = 8.0
     first_guess_tokens_per_s = 25.0
     answer_family = "torch"
+    continuous_batching = False  # static batches: each starts from empty
     baseline_rank = 1
 
     @classmethod

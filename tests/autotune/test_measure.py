@@ -141,6 +141,10 @@ def test_windows_leave_out_the_first_and_the_last_wave():
     spread = [_done(1.0), _done(1.0), *[_done(t) for t in (2, 3, 4, 5, 6, 7, 8, 9, 9)]]
     spread.append(_done(5.0, tokens=40, latency=4.0))
     assert windows(spread, width=2) == pytest.approx([70 / 3.5, 40 / 3.5])
+    # Static batches (ramp=False) start from empty: no ramp-up or tail to leave out, the whole
+    # pass from the first start is cut into windows (3 batches of 4, a second each).
+    static = [_done(t) for t in [1.0] * 4 + [2.0] * 4 + [3.0] * 4]
+    assert windows(static, width=4, ramp=False) == pytest.approx([40.0, 40.0, 40.0])
     # Failed requests are left out; a backend without finish times has no windows.
     failed = completions + [_done(4.0, error="too long")]
     assert windows(failed, width=2) == pytest.approx([60 / 7])
@@ -170,6 +174,7 @@ def test_pass_sizes_hold_three_windows():
 
     assert pass_prompts(1) == 2 + 3 * 4  # small layouts: windows of 4 finishes
     assert pass_prompts(16) == 32 + 3 * 16
+    assert pass_prompts(4, ramp=False) == 3 * 4  # static batches: 3 windows, nothing else
     assert Pacing(prompts=50).pass_prompts(16) == 50
 
 
