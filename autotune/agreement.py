@@ -22,7 +22,11 @@ from autotune.config import TrialConfig
 __all__ = [
     "agreement",
     "answer_family",
-    "describe_agreement", "family_reference", "is_reference", "reference_config"]
+    "describe_agreement",
+    "family_reference",
+    "is_reference",
+    "reference_config",
+]
 
 
 def reference_config(config: TrialConfig) -> TrialConfig:
@@ -52,9 +56,7 @@ def family_reference(family: str, target, base: TrialConfig) -> TrialConfig:
     from backends import BACKENDS, backend_class
 
     members = [backend_class(name) for name in BACKENDS]
-    first = min(
-        (b for b in members if b.answer_family == family), key=lambda b: b.baseline_rank
-    )
+    first = min((b for b in members if b.answer_family == family), key=lambda b: b.baseline_rank)
     return reference_config(base.replace(backend=first.name, **first.naive(target)))
 
 

@@ -145,7 +145,9 @@ def _positive(name: str, minimum: int = 1):
     return parse
 
 
-def _add_pacing_arguments(parser: argparse.ArgumentParser, repeats: int, settle: str | None):
+def _add_pacing_arguments(
+    parser: argparse.ArgumentParser, repeats: int, settle: str = "no more passes"
+):
     """How long one measurement runs (`autotune.measure.Pacing`): the same flags, the same
     meaning, for bench and for every trial of a sweep."""
     parser.add_argument(
@@ -178,15 +180,15 @@ def _add_pacing_arguments(parser: argparse.ArgumentParser, repeats: int, settle:
     parser.add_argument(
         "--settle",
         metavar="DURATION",
-        default=settle,
         help="after --repeats passes, go on until the last 3 windows agree within 5%% or the "
-        f"timed passes have run this long (e.g. 60s; default: {settle or 'no more passes'}); "
+        f"timed passes have run this long (e.g. 60s; default: {settle}); "
         "a result that never does is flagged not stable",
     )
 
 
-def _pacing(args: argparse.Namespace):
-    """The `Pacing` the flags of `_add_pacing_arguments` ask for."""
+def _pacing(args: argparse.Namespace, settle_s: float = 0.0):
+    """The `Pacing` the flags of `_add_pacing_arguments` ask for (``settle_s`` where no
+    --settle was given)."""
     from autotune.measure import Pacing
     from autotune.units import parse_duration
 
@@ -194,7 +196,7 @@ def _pacing(args: argparse.Namespace):
         prompts=args.prompts,
         warmup=args.warmup,
         repeats=args.repeats,
-        settle_s=parse_duration(args.settle, "--settle") if args.settle else 0.0,
+        settle_s=parse_duration(args.settle, "--settle") if args.settle else settle_s,
     )
 
 
@@ -264,6 +266,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+GPU_SETTLE_S = 30.0  # a sweep's default --settle on a host with GPUs
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
@@ -287,6 +292,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     workload = load_workload(args.workload)  # a bad file fails here, before any trial
     _warn_bad_lines(workload)
     model = ModelSpec.resolve(args.model)
+    topology = detect()
     # The model by absolute path where one was given (the embedded default stays None, so an
     # export never points into the environment the sweep ran in).
     base = TrialConfig(
@@ -304,7 +310,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         backends=backends,
         workload=args.workload,
         limit=args.limit,
-        pacing=_pacing(args),
+        # A GPU's first passes are slow (allocator, clocks, new shapes): settle there. On a
+        # CPU a pass is steady from its first window, and short layouts' windows differ by
+        # their prompts more than 5% (measured), so more passes would only cost the budget.
+        pacing=_pacing(args, settle_s=GPU_SETTLE_S if topology.gpus else 0.0),
         min_agreement=args.min_agreement,
         memory_limit_bytes=parse_size(args.memory_limit) if args.memory_limit else None,
         trial_timeout_s=(
@@ -316,7 +325,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     )
     from autotune import console
 
-    topology = detect()
     progress = console.SweepProgress(budget, study)
     summary = run_sweep(
         options, topology=topology, model=model, shape=model_shape(model), on_event=progress
@@ -493,9 +501,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     workload = load_workload(args.workload)
     if args.limit:
         workload = workload.head(args.limit)
-    result = benchmark(
-        config, workload, ModelSpec.resolve(config.model), topology, _pacing(args)
-    )
+    result = benchmark(config, workload, ModelSpec.resolve(config.model), topology, _pacing(args))
     warnings, inside = console.show_verify(recorded, result, topology.fingerprint())
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -588,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(bench, summaries())
     bench.add_argument("--workload", metavar="FILE", help="prompts JSONL (default: shipped)")
     bench.add_argument("--strict", action="store_true", help="a bad workload line is fatal")
-    _add_pacing_arguments(bench, repeats=3, settle=None)
+    _add_pacing_arguments(bench, repeats=3)
     bench.add_argument(
         "--agreement",
         action="store_true",
@@ -639,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="every prompt generates exactly --max-new-tokens, so every layout does the same "
         "work (as llama-bench does)",
     )
-    _add_pacing_arguments(sweep, repeats=1, settle="10s")
+    _add_pacing_arguments(sweep, repeats=1, settle="30s on a GPU host, else no more passes")
     sweep.add_argument(
         "--min-agreement",
         type=_share("--min-agreement"),
@@ -712,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("--env", required=True, metavar="FILE", help="env file from export")
     verify.add_argument("--workload", metavar="FILE", help="prompts JSONL (default: shipped)")
-    _add_pacing_arguments(verify, repeats=3, settle=None)
+    _add_pacing_arguments(verify, repeats=3)
     verify.set_defaults(handler=cmd_verify)
 
     workload = sub.add_parser("workload", help="check a prompts JSONL and summarise it")

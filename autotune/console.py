@@ -214,7 +214,7 @@ class SweepProgress:
                 ratio = f" (x{record.value / self.baseline:.2f} baseline)" if self.baseline else ""
                 line = f"{record.value:.1f} tok/s{ratio}"
                 if not (record.result or {}).get("stable", True):
-                    line += f" (not stable: spread {record.result['window_spread']:.0%})"
+                    line += f" (windows spread {record.result['window_spread']:.0%})"
                 if record.agreement and record.agreement.get("identical") is not None:
                     line += f", answers {record.agreement['identical']:.0%} identical"
             else:

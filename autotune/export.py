@@ -16,9 +16,9 @@ import re
 import shlex
 import statistics
 
+from autotune.agreement import describe_agreement
 from autotune.config import TrialConfig
 from autotune.errors import ConfigError
-from autotune.agreement import describe_agreement
 from autotune.stats import describe_speedup
 from autotune.study import TrialRecord
 from backends import fields_read
@@ -105,9 +105,8 @@ def _header(found: dict) -> list[str]:
     if found["paired_tokens_per_s"] is not None:
         measured += f"; paired runs: {found['paired_tokens_per_s']:.1f} tokens/s (median)"
     if found.get("window_spread") is not None:
-        measured += (
-            f"; its windows spread {found['window_spread']:.1%}"
-            + ("" if found.get("stable") else " (not shown stable)")
+        measured += f"; its windows spread {found['window_spread']:.1%}" + (
+            "" if found.get("stable") else " (not shown stable)"
         )
     lines.append(measured)
     if found.get("agreement") and found["agreement"].get("compared"):

@@ -425,8 +425,8 @@ def benchmark(
     if not steady:
         warnings.append(
             f"no steady state: a pass of {len(prompts)} prompts at {width} at once is too short "
-            f"for one window (it needs {pass_prompts(width, ramp)}); the figure includes each pass's "
-            "ramp-up and tail; leave out --prompts/--limit or raise them"
+            f"for one window (it needs {pass_prompts(width, ramp)}); the figure includes each "
+            "pass's ramp-up and tail; leave out --prompts/--limit or raise them"
         )
     if not settled(rates):
         warnings.append(

@@ -241,7 +241,10 @@ class SimulatedTrials:
         if spec.get("paired"):
             baseline = TrialConfig.from_dict(spec["paired"])
             base_prompts, base_tokens = one_pass(baseline)
-            rates = {"candidate": [rate] * spec["pairs"], "baseline": [self._rate(baseline)] * spec["pairs"]}
+            rates = {
+                "candidate": [rate] * spec["pairs"],
+                "baseline": [self._rate(baseline)] * spec["pairs"],
+            }
             duration = (
                 2 * self.LOAD_S
                 + (warmup_tokens(config, prompts) + spec["pairs"] * tokens) / rate

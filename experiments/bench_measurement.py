@@ -112,7 +112,9 @@ def main() -> int:
     print()
     print(f"{'layout':28s} {'old':>7s} {'new':>7s} {'production':>10s}  old/prod  new/prod")
     for name, old, new, made in rows:
-        print(f"{name:28s} {old:7.1f} {new:7.1f} {made:10.1f}  {old / made:8.2f}  {new / made:8.2f}")
+        print(
+            f"{name:28s} {old:7.1f} {new:7.1f} {made:10.1f}  {old / made:8.2f}  {new / made:8.2f}"
+        )
 
     def order(column: int) -> str:
         ranked = sorted(rows, key=lambda row: row[column], reverse=True)

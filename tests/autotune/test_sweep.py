@@ -18,10 +18,10 @@ import pytest
 from autotune.config import TrialConfig
 from autotune.errors import ConfigError
 from autotune.knobs import Target
+from autotune.measure import Pacing
 from autotune.memory_plan import MemoryPlanner, ModelShape
 from autotune.space import SearchSpace
 from autotune.study import Role, StudyDir, TrialState
-from autotune.measure import Pacing
 from autotune.sweep import SweepOptions, run_sweep
 from autotune.units import parse_duration, parse_size
 
@@ -442,8 +442,8 @@ def test_every_request_rejected_ends_with_a_summary_not_a_traceback(cli, tmp_pat
     ("changes", "named"),
     [
         ({"limit": 5}, "--limit 5 (the study has 4)"),
-        ({"pacing": Pacing(repeats=2, settle_s=10.0)}, "--repeats 2 (the study has 1)"),
-        ({"pacing": Pacing(prompts=30, settle_s=10.0)}, "--prompts 30 (the study has None)"),
+        ({"pacing": Pacing(repeats=2)}, "--repeats 2 (the study has 1)"),
+        ({"pacing": Pacing(prompts=30)}, "--prompts 30 (the study has None)"),
     ],
 )
 def test_resume_refuses_other_measurement_settings(tmp_path, simulated_sweep, changes, named):
@@ -531,6 +531,19 @@ def test_a_search_figure_outside_the_paired_runs_is_called_out(tmp_path, simulat
     assert "outside its paired runs" in (tmp_path / "s" / "best.env").read_text()
 
 
+def test_a_search_figure_within_10_percent_of_the_paired_median_needs_no_note(
+    tmp_path, simulated_sweep
+):
+    def a_little_slower_when_paired(spec, outcome):
+        if spec.get("paired") and outcome.result:
+            outcome.result["candidate"] = [r * 0.95 for r in outcome.result["candidate"]]
+
+    summary, _, _ = simulated_sweep(
+        options(tmp_path, budget_s=300.0), change=a_little_slower_when_paired
+    )
+    assert summary.winner.paired and summary.note is None
+
+
 # ---------------------------------------------------------------- issue 12: what a trial measures
 
 
@@ -539,7 +552,7 @@ def test_trials_cycle_the_prompts_so_batches_go_past_them(tmp_path, simulated_sw
     batches = {r.config["batch_size"] for r in summary.trials if r.complete}
     assert max(batches) >= 16, batches
     for spec in runner.calls:
-        assert spec["limit"] == 4 and spec["pacing"]["settle_s"] == 10.0
+        assert spec["limit"] == 4 and spec["pacing"] == Pacing().to_dict()
     wide = next(r for r in summary.trials if r.complete and r.config["batch_size"] >= 16)
     width = wide.config["workers"] * wide.config["batch_size"]
     assert wide.result["prompts"] == 5 * width, "a ramp-up wave, 3 windows, a tail"
@@ -589,8 +602,8 @@ def test_a_family_without_a_reference_gets_its_reference_run_first(tmp_path, sim
     assert [r.role for r in ran[:3]] == [Role.BASELINE, Role.REFERENCE, Role.EXTRA]
     assert ran[0].state is TrialState.FAIL and ran[0].answers is None
     assert ran[1].complete and ran[1].answers and ran[1].config == summary.trials[0].config
-    assert ran[2].agreement == {"compared": 12, "identical": 1.0, "mean_first_difference": None}
-    assert ran[1].result["prompts"] == 12, "a reference run answers one short pass"
+    assert ran[2].agreement == {"compared": 8, "identical": 1.0, "mean_first_difference": None}
+    assert ran[1].result["prompts"] == 8, "a reference run answers one short pass"
 
 
 def test_the_reference_of_a_family(topology):
