@@ -234,8 +234,12 @@ def steady_tokens_per_s(
     completions: Sequence[Completion], width: int, ramp: bool = True
 ) -> float | None:
     """Generated tokens/s over all of a pass's windows together (None: no window)."""
-    rates = windows(completions, width, ramp)
-    return statistics.fmean(rates) if rates else None  # equal windows: the mean is the whole
+    return _whole(windows(completions, width, ramp))
+
+
+def _whole(rates: Sequence[float]) -> float | None:
+    """Windows of equal span taken together: their mean (None: no window)."""
+    return statistics.fmean(rates) if rates else None
 
 
 @dataclass(kw_only=True)
@@ -322,13 +326,14 @@ def timed_pass(backend, workload: Workload, config: TrialConfig, usable_cpus: in
     tokens = sum(len(c.token_ids) for c in answered)
     prefill = sum(_prefill_tokens(c) for c in answered)
     ttfts = [c.ttft_s for c in answered if c.ttft_s is not None]
+    rates = windows(completions, width, ramp)
     sample = {
         "wall_s": wall_s,
         "generated_tokens": tokens,
         "prefill_tokens": prefill,
         "tokens_per_s": tokens / wall_s,
-        "windows": windows(completions, width, ramp),
-        "steady_tokens_per_s": steady_tokens_per_s(completions, width, ramp),
+        "windows": rates,
+        "steady_tokens_per_s": _whole(rates),
         "prefill_tokens_per_s": prefill / wall_s,
         "requests_per_s": len(completions) / wall_s,
         "ttft_p50_s": percentile(ttfts, 50),
@@ -340,7 +345,7 @@ def timed_pass(backend, workload: Workload, config: TrialConfig, usable_cpus: in
 
 def pass_figure(sample: dict) -> float:
     """A pass's tokens/s: the mean of its windows, or the whole pass where it has none."""
-    return statistics.fmean(sample["windows"]) if sample["windows"] else sample["tokens_per_s"]
+    return sample["steady_tokens_per_s"] or sample["tokens_per_s"]
 
 
 def series(samples: Sequence[dict]) -> list[float]:

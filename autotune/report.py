@@ -216,7 +216,7 @@ def _fig_agreement(study: Study, ax) -> None:
     for backend in sorted({b for _, _, b in points}):
         mine = [(a, v) for a, v, b in points if b == backend]
         ax.scatter([a * 100 for a, _ in mine], [v for _, v in mine], label=backend, alpha=0.7)
-    minimum = study.summary.get("min_agreement") or None
+    minimum = study.summary.get("min_agreement")
     if minimum is not None:
         ax.axvline(minimum * 100, color="grey", linestyle="--", label="--min-agreement")
     ax.set_xlabel("answers identical to the batch-1 greedy reference (%)")
