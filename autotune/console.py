@@ -234,6 +234,10 @@ class SweepProgress:
             )
         elif isinstance(event, sweep.Interrupted):
             self._say(f"{self._clock()} interrupted: keeping the finished trials")
+        elif isinstance(event, sweep.BackendDropped):
+            self._say(f"{self._clock()} no more {event.backend} trials: {event.reason}")
+        elif isinstance(event, sweep.SearchEnded):
+            self._say(f"{self._clock()} search ended: {event.reason}; on to re-measuring")
 
 
 def show_sweep(summary) -> None:
@@ -289,6 +293,10 @@ def show_sweep(summary) -> None:
         )
     else:
         table.add_row("Winner", "none: no trial finished with every request answered")
+    for backend, reason in summary.dropped.items():
+        table.add_row(f"Dropped {backend}", reason)
+    for name, reason in summary.skipped.items():
+        table.add_row("Recipe not run", f"{name}: {reason}")
     if summary.note:
         table.add_row("Note", summary.note)
     table.add_row("Files", str(summary.directory))

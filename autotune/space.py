@@ -65,6 +65,8 @@ class SearchSpace:
         self.planner = planner
         self.spaces: dict[str, BackendSpace] = {b: backend_class(b).space(target) for b in backends}
         self.backends = [b for b, space in self.spaces.items() if space.excluded is None]
+        self._searched = tuple(self.backends)  # before any `drop`
+        self.dropped: dict[str, str] = {}  # backend -> why the search stopped trying it
         self._exhausted = False  # every config measured (see random_config)
         self._size: int | None = None
 
@@ -79,6 +81,24 @@ class SearchSpace:
         """`random_config` found every config of the space measured."""
         return self._exhausted
 
+    def drop(self, backend: str, reason: str) -> None:
+        """Suggest no more layouts of ``backend`` (the sweep found it dominated); `refusal`
+        still lets its fixed layouts run."""
+        if backend in self.backends:
+            self.backends.remove(backend)
+            self.dropped[backend] = reason
+            self._size = None
+
+    def _backend_param(self) -> str | None:
+        """The Optuna parameter that picks the backend, or None where only one is left. Its
+        name changes with the backends left (an Optuna parameter keeps its choices for the
+        whole study); each backend's own knobs keep their names, so nothing learnt is lost."""
+        if len(self.backends) < 2:
+            return None
+        if tuple(self.backends) == self._searched:
+            return "backend"
+        return f"backend[{','.join(self.backends)}]"
+
     # ------------------------------------------------------------ configs
 
     def build(self, backend: str, chosen: dict) -> TrialConfig:
@@ -90,7 +110,8 @@ class SearchSpace:
         """A config for an Optuna ``trial``; Unfit when the target cannot run it."""
         if not self.backends:
             raise Unfit("no backend can run on this machine")
-        backend = trial.suggest_categorical("backend", self.backends)
+        name = self._backend_param()
+        backend = trial.suggest_categorical(name, self.backends) if name else self.backends[0]
         chosen: dict = {}
         for knob in self.spaces[backend].knobs:
             if not knob.applies(chosen):
@@ -113,7 +134,8 @@ class SearchSpace:
         """The Optuna parameters that `suggest` turns into ``config`` (for enqueueing it)."""
         backend = config.backend
         values = backend_class(backend).knob_values(config, self.target)
-        params: dict = {"backend": backend}
+        name = self._backend_param()
+        params: dict = {name: backend} if name and backend in self.backends else {}
         chosen: dict = {}
         for knob in self.spaces[backend].knobs:
             if not knob.applies(chosen):
@@ -125,6 +147,29 @@ class SearchSpace:
             chosen[knob.name] = value
             params[f"{backend}.{knob.name}"] = allowed.index(value) if knob.ordered else value
         return params
+
+    def step(self, config: TrialConfig, knob_name: str, positions: int) -> TrialConfig | None:
+        """``config`` with its ordered knob ``knob_name`` moved ``positions`` along its values
+        (batch 4 -> 16 for +2), the other knobs kept; None where that leaves the list, a later
+        knob's value no longer fits, or the target refuses the result."""
+        backend = config.backend
+        values = backend_class(backend).knob_values(config, self.target)
+        chosen: dict = {}
+        for knob in self.spaces[backend].knobs:
+            if not knob.applies(chosen):
+                continue
+            allowed = knob.allowed(chosen)
+            value = values.get(knob.name, _MISSING)
+            if value not in allowed:
+                return None
+            if knob.name == knob_name:
+                index = allowed.index(value) + positions
+                if not 0 <= index < len(allowed):
+                    return None
+                value = allowed[index]
+            chosen[knob.name] = value
+        stepped = self.build(backend, chosen)
+        return stepped if self.refusal(stepped) is None else None
 
     def random_config(self, rng, avoid: set[str], attempts: int = 20) -> TrialConfig | None:
         """A config the target can run whose key (`config_key`) is not in ``avoid``, drawn

@@ -5,8 +5,11 @@ Order of work (`Sweep.run`):
 1. the naive baseline (trial 0), then the seeds' recipes, then the sampler's suggestions —
    each one goes through `Sweep._candidate` and `Sweep._why_not`, the one path that turns a
    suggestion into a run or into a recorded reason not to run it (the space refuses it, it
-   was measured already, it would not finish in the time left); runs happen in their own
-   process with a deadline (`trial.run_in_child`, or an injected runner);
+   was measured already); runs happen in their own process with a deadline
+   (`trial.run_in_child`, or an injected runner). Between them the budget goes where the
+   speed is: each backend's fastest layout climbs the batch axis (x4 while it gets faster),
+   a backend under `DOMINATED` of the leader gets no more trials, and a suggestion too long
+   for the time left runs at the largest batch that fits (or the search ends, unrecorded);
 2. the best three are re-measured side by side with the baseline, alternately (A B A B), and
    the winner is the one with the best paired speedup, reported with a confidence interval;
 3. ``best.env`` (the winner as env vars) and ``summary.json`` are written.
@@ -43,10 +46,13 @@ from autotune.trial import TrialOutcome, run_in_child
 from backends import backend_class
 
 __all__ = [
+    "DOMINATED",
+    "BackendDropped",
     "ConfirmFailed",
     "ConfirmSkipped",
     "ConfirmStarted",
     "Interrupted",
+    "SearchEnded",
     "Sweep",
     "SweepOptions",
     "SweepSummary",
@@ -57,6 +63,13 @@ __all__ = [
 
 _CONFIRM_SHARE = 0.25  # of the budget kept for the paired re-measurement
 _MAX_IDLE_ASKS = 60  # suggestions in a row that could not run: the space is exhausted
+_MAX_UNFIT_ASKS = 20  # suggestions in a row too long for the time left: the search ends
+# A backend whose best, after its batch climb, is under this share of the leader's gets no
+# more trials: a clear margin (on 2 vCPUs torch measured 0.2-0.4x llama.cpp).
+DOMINATED = 0.5
+_CLIMB = 2  # positions up the batch list per climbing step: batch x4
+_CLIMB_KEEPS = 0.9  # a climbing step this much slower than where it started ends the climb
+_CLIMBED = "climbed"
 _TOP = 3
 _AGREE = 0.10  # a search figure this close to the paired median needs no note
 _DUPLICATE = "same config as trial"
@@ -64,6 +77,7 @@ _MARGIN_S = 5.0  # kept back from every deadline for writing the outputs
 # A reference run answers the first prompts of every trial's pass (the same balanced order)
 # once, cold; the agreement of a trial is over these.
 REFERENCE_PROMPTS = 8
+_REFERENCE_PACING = Pacing(prompts=REFERENCE_PROMPTS, warmup=0)
 
 
 @dataclass
@@ -128,6 +142,17 @@ class Interrupted:
     pass
 
 
+@dataclass(frozen=True)
+class BackendDropped:
+    backend: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SearchEnded:
+    reason: str  # why the search stopped before its share of the budget was spent
+
+
 @dataclass
 class SweepSummary:
     """What the sweep found."""
@@ -142,6 +167,8 @@ class SweepSummary:
     uses_smt_siblings: bool = False
     note: str | None = None
     min_agreement: float | None = None
+    dropped: dict[str, str] = field(default_factory=dict)  # backend -> why no more trials
+    skipped: dict[str, str] = field(default_factory=dict)  # recipe -> why it never ran
 
     @property
     def best_recipe(self) -> TrialRecord | None:
@@ -203,6 +230,11 @@ class Sweep:
         # or None where the reference failed (agreement unknown for that family).
         self.references: dict[str, dict | None] = {}
         self.seen: dict[str, int] = {}
+        # Per backend, its batch climb: (tokens/s it started from, the key of the wider layout
+        # queued), or _CLIMBED once over.
+        self.climbs: dict[str, tuple[float, str] | str] = {}
+        self.deferred: list = []  # recipes of the other backends, queued after the climb
+        self.skipped: dict[str, str] = {}  # recipe name -> why it was not run
         self.rng = random.Random(options.seed)  # the exploration after a duplicate
         self.log = None  # trials.jsonl, open while the sweep runs
         self.started = clock()
@@ -220,15 +252,15 @@ class Sweep:
         """Seconds left for the search: the budget less the share kept for confirming."""
         return self.time_left_s() - self.options.budget_s * _CONFIRM_SHARE
 
-    def planned_tokens(self, config: TrialConfig) -> int:
+    def planned_tokens(self, config: TrialConfig, pacing: Pacing | None = None) -> int:
         """Tokens a trial of ``config`` generates at least: its warmup waves and its timed
-        passes, each sized by the pacing for the layout's width."""
-        pacing, width = self.options.pacing, width_of(config)
+        passes, each sized by the pacing (the sweep's unless given) for the layout's width."""
+        pacing, width = pacing or self.options.pacing, width_of(config)
         one_pass = pacing.pass_prompts(width, refills(config))
         requests = pacing.warmup * width + pacing.repeats * one_pass
         return requests * config.max_new_tokens
 
-    def expected_s(self, config: TrialConfig) -> float:
+    def expected_s(self, config: TrialConfig, pacing: Pacing | None = None) -> float:
         """What a trial of ``config`` is expected to take: its backend's load time and seconds
         per generated token as measured so far (else the backend's first guess), times the
         tokens the trial generates (more for a wider layout). The seconds per token are the
@@ -241,7 +273,16 @@ class Sweep:
         else:
             guess = backend_class(config.backend)
             load, per_token = guess.first_guess_load_s, 1.0 / guess.first_guess_tokens_per_s
-        return load + per_token * self.planned_tokens(config)
+        return load + per_token * self.planned_tokens(config, pacing)
+
+    def cost_s(self, config: TrialConfig) -> float:
+        """What running ``config`` now is expected to take: its trial, and first its answer
+        family's reference run where that has not run yet."""
+        family = answer_family(config)
+        if family in self.references or is_reference(config):
+            return self.expected_s(config)
+        reference = family_reference(family, self.target, self.options.base)
+        return self.expected_s(config) + self.expected_s(reference, _REFERENCE_PACING)
 
     def trial_deadline_s(self, config: TrialConfig, role: Role) -> float:
         """How long one trial may run: never into the confirmation share's last seconds, never
@@ -296,6 +337,8 @@ class Sweep:
             interrupted=interrupted,
             note=self.note,
             min_agreement=self.options.min_agreement,
+            dropped=dict(self.space.dropped),
+            skipped=dict(self.skipped),
         )
         summary.uses_smt_siblings = _write_outputs(summary, self.dir, self.topology)
         return summary
@@ -366,25 +409,67 @@ class Sweep:
         )
 
     def _enqueue_fixed(self, study) -> None:
-        """The baseline and the recipes, as Optuna trials with their parameters (so the sampler
-        learns from them); one outside the space is injected as it is."""
-        for fixed in [self.space.baseline(), *self.space.recipes()]:
-            attrs = {"role": fixed.role, "name": fixed.name}
-            try:
-                study.enqueue_trial(self.space.params(fixed.config), user_attrs=attrs)
-            except Unfit:
-                self.extra.insert(0, (fixed.config, Role(fixed.role), fixed.name))
+        """The baseline and its backend's recipes, as Optuna trials with their parameters (so
+        the sampler learns from them). The other backends' recipes wait until nothing else is
+        queued and no climb goes on (`_release_recipe`): the baseline's backend is the one
+        expected fastest here (`baseline_rank`), and its batch climb is where a short budget
+        finds the most speed."""
+        baseline = self.space.baseline()
+        self._enqueue(study, baseline)
+        for fixed in self.space.recipes():
+            if fixed.config.backend == baseline.config.backend:
+                self._enqueue(study, fixed)
+            else:
+                self.deferred.append(fixed)
+
+    def _enqueue(self, study, fixed) -> None:
+        """Queue a fixed layout; one outside the space is injected as it is."""
+        attrs = {"role": fixed.role, "name": fixed.name}
+        try:
+            study.enqueue_trial(self.space.params(fixed.config), user_attrs=attrs)
+        except Unfit:
+            self.extra.insert(0, (fixed.config, Role(fixed.role), fixed.name))
+
+    def _release_recipe(self, study) -> bool:
+        """Queue the next waiting recipe that fits the search's time left (those that do not
+        are named in the summary); False when none is left."""
+        while self.deferred:
+            fixed = self.deferred.pop(0)
+            expected, left = self.cost_s(fixed.config), self.search_left_s()
+            if expected <= left:
+                self._enqueue(study, fixed)
+                return True
+            self.skipped[fixed.name] = f"expected {expected:.0f} s with {left:.0f} s left"
+        return False
 
     def _search(self, study) -> None:
-        idle = 0
+        """The fixed layouts, then, each time nothing is queued: backends dominated by a clear
+        margin are dropped, the best backends climb the batch axis, and the sampler fills the
+        rest. A suggestion too long for the time left runs at the largest batch that fits."""
+        idle = unfit = 0
         done = sum(r.state is not TrialState.PRUNED for r in self.records)
         while True:
             if self.options.trials is not None and done >= self.options.trials:
                 return
             if self.search_left_s() <= 0 or idle >= _MAX_IDLE_ASKS:
                 return
+            if unfit >= _MAX_UNFIT_ASKS:
+                left = self.search_left_s()
+                self.tell(SearchEnded(f"no layout asked for fits in the {left:.0f} s left"))
+                return
+            if not self.extra and not _waiting(study):
+                if not self._climb(study):
+                    self._release_recipe(study)
+                self._drop_dominated()
             candidate = self._candidate(study)
             reason = self._why_not(candidate)
+            if not reason and self._too_long(candidate):
+                # Asked for, never run: no record (a flood of "would not finish" records
+                # at the end of the budget said nothing); its narrower neighbour is queued.
+                study.tell(candidate.trial, state=_optuna_state("FAIL"))
+                unfit = 0 if self._fit(study, candidate.config) else unfit + 1
+                continue
+            unfit = 0
             if reason:
                 self._prune(study, candidate, reason)
                 idle += 1
@@ -420,19 +505,112 @@ class Sweep:
             study.enqueue_trial(self.space.params(config), user_attrs={"role": "search"})
 
     def _why_not(self, candidate: _Candidate) -> str | None:
-        """Why the candidate must not run now, or None: the one place that decides."""
+        """Why the candidate must not run at all, or None: the one place that decides (a
+        suggestion too long for the time left is narrowed instead, `_fit`)."""
         if candidate.refused:
             return candidate.refused
         config = candidate.config
         key = config_key(config)
         if candidate.role is Role.SEARCH and key in self.seen:
             return f"{_DUPLICATE} {self.seen[key]}"
-        if candidate.role is Role.SEARCH:
-            expected = self.expected_s(config)
-            left = self.search_left_s()
-            if expected > left:
-                return f"would not finish in the {left:.0f} s left (expected {expected:.0f} s)"
         return None
+
+    def _too_long(self, candidate: _Candidate) -> bool:
+        """Whether a sampler's suggestion is expected to run past the search's time."""
+        return (
+            candidate.role is Role.SEARCH and self.cost_s(candidate.config) > self.search_left_s()
+        )
+
+    def _fit(self, study, config: TrialConfig) -> bool:
+        """Queue the widest narrower batch of ``config``'s layout that is not measured yet
+        and fits the time left; False where none does."""
+        left = self.search_left_s()
+        for positions in range(1, len(self.target.batch_sizes)):
+            narrower = self.space.step(config, "batch_size", -positions)
+            if narrower is None:
+                return False
+            if config_key(narrower) in self.seen or self.cost_s(narrower) > left:
+                continue
+            name = (
+                f"fitted: asked for batch {config.batch_size}, expected "
+                f"{self.cost_s(config):.1f} s with {left:.1f} s left"
+            )
+            study.enqueue_trial(
+                self.space.params(narrower), user_attrs={"role": "search", "name": name}
+            )
+            return True
+        return False
+
+    def _bests(self) -> dict[str, TrialRecord]:
+        """Per backend still searched, its fastest measured trial."""
+        bests: dict[str, TrialRecord] = {}
+        for record in self.records:
+            if record.complete and record.role is not Role.REFERENCE:
+                if record.backend in self.space.backends and (
+                    record.backend not in bests or record.value > bests[record.backend].value
+                ):
+                    bests[record.backend] = record
+        return bests
+
+    def _climb(self, study) -> bool:
+        """Queue the next step of a batch climb; returns whether one was queued. From each
+        backend's fastest layout (the fastest backend first), the same layout at batch x4 (x2
+        where that does not fit), and on from there while a step keeps `_CLIMB_KEEPS` of the
+        speed it started from (a step is one noisy pass: a slightly slower one may be noise,
+        and tokens/s rarely falls and rises again along the batch axis). Batch moves tokens/s
+        the most, and a sampler drawing it at random spends a short budget before trying a
+        wide one."""
+        bests = sorted(self._bests().values(), key=lambda r: r.value, reverse=True)
+        for best in bests:
+            state = self.climbs.get(best.backend)
+            if state == _CLIMBED:
+                continue
+            origin = best
+            if state is not None:
+                started_at, key = state
+                step = self._measured(key)
+                if step is None or not step.complete or step.value < _CLIMB_KEEPS * started_at:
+                    self.climbs[best.backend] = _CLIMBED
+                    continue
+                origin = step
+            config, left = TrialConfig.from_dict(origin.config), self.search_left_s()
+            for positions in (_CLIMB, 1):
+                wider = self.space.step(config, "batch_size", positions)
+                if (
+                    wider is not None
+                    and config_key(wider) not in self.seen
+                    and self.cost_s(wider) <= left
+                ):
+                    name = f"climb: trial {origin.number}'s layout at batch {wider.batch_size}"
+                    study.enqueue_trial(
+                        self.space.params(wider), user_attrs={"role": "search", "name": name}
+                    )
+                    self.climbs[best.backend] = (origin.value, config_key(wider))
+                    return True
+            self.climbs[best.backend] = _CLIMBED
+        return False
+
+    def _measured(self, key: str) -> TrialRecord | None:
+        """The record that measured the config of ``key``, if one did."""
+        number = self.seen.get(key)
+        return next((r for r in self.records if r.number == number and r.result), None)
+
+    def _drop_dominated(self) -> None:
+        """Drop each backend whose climb is over and whose best is under `DOMINATED` of the
+        leader's: it gets no more trials (the reason goes to the summary)."""
+        bests = self._bests()
+        if len(bests) < 2:
+            return
+        leader = max(bests.values(), key=lambda r: r.value)
+        for backend, best in bests.items():
+            if self.climbs.get(backend) == _CLIMBED and best.value < DOMINATED * leader.value:
+                reason = (
+                    f"its best, {best.value:.1f} tokens/s (trial {best.number}), is "
+                    f"x{best.value / leader.value:.2f} {leader.backend}'s {leader.value:.1f} "
+                    f"(trial {leader.number}), under x{DOMINATED}"
+                )
+                self.space.drop(backend, reason)
+                self.tell(BackendDropped(backend, reason))
 
     def _run(self, study, candidate: _Candidate) -> None:
         config, trial = candidate.config, candidate.trial
@@ -446,7 +624,7 @@ class Sweep:
         self.tell(TrialStarted(trial.number, config, candidate.role, candidate.name, deadline))
         if candidate.role is Role.REFERENCE:
             # Only its answers are wanted: one short cold pass, and it is no candidate.
-            spec = self._spec(config, pacing=Pacing(prompts=REFERENCE_PROMPTS, warmup=0).to_dict())
+            spec = self._spec(config, pacing=_REFERENCE_PACING.to_dict())
         else:
             spec = self._spec(config)
         outcome = self.runner(spec, deadline)
@@ -695,6 +873,12 @@ def _unanswered(result: dict) -> str | None:
     return None
 
 
+def _optuna_state(name: str):
+    import optuna
+
+    return getattr(optuna.trial.TrialState, name)
+
+
 def _waiting(study) -> bool:
     """Whether enqueued fixed layouts are still to be asked for."""
     import optuna
@@ -765,6 +949,8 @@ def _write_outputs(summary: SweepSummary, directory: StudyDir, topology) -> bool
         "interrupted": summary.interrupted,
         "note": summary.note,
         "min_agreement": summary.min_agreement,
+        "dropped": summary.dropped,
+        "skipped_recipes": summary.skipped,
         "winner": summary.winner,
         "baseline": summary.baseline,
         "counts": {state.value: summary.count(state) for state in TrialState},
