@@ -133,9 +133,11 @@ class SearchSpace:
     def params(self, config: TrialConfig) -> dict:
         """The Optuna parameters that `suggest` turns into ``config`` (for enqueueing it)."""
         backend = config.backend
+        if backend in self.dropped:  # no longer a choice of the sampler
+            raise Unfit(f"{backend}: no more trials ({self.dropped[backend]})")
         values = backend_class(backend).knob_values(config, self.target)
         name = self._backend_param()
-        params: dict = {name: backend} if name and backend in self.backends else {}
+        params: dict = {name: backend} if name else {}
         chosen: dict = {}
         for knob in self.spaces[backend].knobs:
             if not knob.applies(chosen):

@@ -68,7 +68,13 @@ _MAX_UNFIT_ASKS = 20  # suggestions in a row too long for the time left: the sea
 # more trials: a clear margin (on 2 vCPUs torch measured 0.2-0.4x llama.cpp).
 DOMINATED = 0.5
 _CLIMB = 2  # positions up the batch list per climbing step: batch x4
-_CLIMB_KEEPS = 0.9  # a climbing step this much slower than where it started ends the climb
+# A climbing step under this share of the speed it started from ends the climb: passes at
+# batch 4, 8 and 16 of one layout measured 70, 61 and 71 tokens/s on 2 vCPUs.
+_CLIMB_KEEPS = 0.8
+# A backend not measured yet is priced at this many times its first guess when deciding what
+# fits the time left: the guess is one number for every machine (hf on 2 vCPUs: 11-20 tokens/s
+# where it guesses 25), and a trial that overruns eats the time kept for re-measuring.
+_UNMEASURED = 2.0
 _CLIMBED = "climbed"
 _TOP = 3
 _AGREE = 0.10  # a search figure this close to the paired median needs no note
@@ -277,12 +283,14 @@ class Sweep:
 
     def cost_s(self, config: TrialConfig) -> float:
         """What running ``config`` now is expected to take: its trial, and first its answer
-        family's reference run where that has not run yet."""
+        family's reference run where that has not run yet; `_UNMEASURED` times that for a
+        backend with no measured trial."""
         family = answer_family(config)
-        if family in self.references or is_reference(config):
-            return self.expected_s(config)
-        reference = family_reference(family, self.target, self.options.base)
-        return self.expected_s(config) + self.expected_s(reference, _REFERENCE_PACING)
+        cost = self.expected_s(config)
+        if family not in self.references and not is_reference(config):
+            reference = family_reference(family, self.target, self.options.base)
+            cost += self.expected_s(reference, _REFERENCE_PACING)
+        return cost if config.backend in self.costs else _UNMEASURED * cost
 
     def trial_deadline_s(self, config: TrialConfig, role: Role) -> float:
         """How long one trial may run: never into the confirmation share's last seconds, never

@@ -412,7 +412,7 @@ def test_every_request_rejected_ends_with_a_summary_not_a_traceback(cli, tmp_pat
     result = cli(
         "sweep",
         "--budget",
-        "40s",
+        "2m",  # 1024 tokens a request: a fake trial is priced at 30 s (2x its first guess)
         "--backends",
         "fake",
         "--limit",
