@@ -135,18 +135,9 @@ class SearchSpace:
         backend = config.backend
         if backend in self.dropped:  # no longer a choice of the sampler
             raise Unfit(f"{backend}: no more trials ({self.dropped[backend]})")
-        values = backend_class(backend).knob_values(config, self.target)
         name = self._backend_param()
         params: dict = {name: backend} if name else {}
-        chosen: dict = {}
-        for knob in self.spaces[backend].knobs:
-            if not knob.applies(chosen):
-                continue
-            allowed = knob.allowed(chosen)
-            value = values.get(knob.name, _MISSING)
-            if value not in allowed:
-                raise Unfit(f"{describe(config)}: {knob.name} {value!r} is outside the space")
-            chosen[knob.name] = value
+        for knob, allowed, value in self._choices(config):
             params[f"{backend}.{knob.name}"] = allowed.index(value) if knob.ordered else value
         return params
 
@@ -154,24 +145,35 @@ class SearchSpace:
         """``config`` with its ordered knob ``knob_name`` moved ``positions`` along its values
         (batch 4 -> 16 for +2), the other knobs kept; None where that leaves the list, a later
         knob's value no longer fits, or the target refuses the result."""
-        backend = config.backend
-        values = backend_class(backend).knob_values(config, self.target)
+        try:
+            choices = self._choices(config, knob_name, positions)
+        except Unfit:
+            return None
+        stepped = self.build(config.backend, {knob.name: value for knob, _, value in choices})
+        return stepped if self.refusal(stepped) is None else None
+
+    def _choices(self, config: TrialConfig, moved: str | None = None, positions: int = 0):
+        """(knob, the values allowed it, its value) for each knob of ``config``'s backend that
+        applies, the knob ``moved`` shifted ``positions`` along its allowed values; Unfit where
+        a value is outside the space."""
+        values = backend_class(config.backend).knob_values(config, self.target)
         chosen: dict = {}
-        for knob in self.spaces[backend].knobs:
+        found = []
+        for knob in self.spaces[config.backend].knobs:
             if not knob.applies(chosen):
                 continue
             allowed = knob.allowed(chosen)
             value = values.get(knob.name, _MISSING)
             if value not in allowed:
-                return None
-            if knob.name == knob_name:
+                raise Unfit(f"{describe(config)}: {knob.name} {value!r} is outside the space")
+            if knob.name == moved:
                 index = allowed.index(value) + positions
                 if not 0 <= index < len(allowed):
-                    return None
+                    raise Unfit(f"{describe(config)}: {knob.name} has no value {positions:+d} away")
                 value = allowed[index]
             chosen[knob.name] = value
-        stepped = self.build(backend, chosen)
-        return stepped if self.refusal(stepped) is None else None
+            found.append((knob, allowed, value))
+        return found
 
     def random_config(self, rng, avoid: set[str], attempts: int = 20) -> TrialConfig | None:
         """A config the target can run whose key (`config_key`) is not in ``avoid``, drawn
