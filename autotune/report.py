@@ -530,6 +530,12 @@ def _sections(study: Study) -> list[tuple[str, list]]:
         if pruned
         else ("p", "No trial was pruned.")
     )
+    # What the search itself left out: backends dominated after their climb, recipes that no
+    # longer fitted the time left (`autotune.sweep`).
+    left_out = [[f"backend {name}", why] for name, why in (summary.get("dropped") or {}).items()]
+    left_out += [[name, why] for name, why in (summary.get("skipped_recipes") or {}).items()]
+    if left_out:
+        blocks.append(("table", ["not searched further", "why"], left_out))
     sections.append(("Failed and pruned trials", blocks))
     topo = study.machine.get("topology", {})
     machine = [

@@ -7,9 +7,10 @@ Order of work (`Sweep.run`):
    suggestion into a run or into a recorded reason not to run it (the space refuses it, it
    was measured already); runs happen in their own process with a deadline
    (`trial.run_in_child`, or an injected runner). Between them the budget goes where the
-   speed is: each backend's fastest layout climbs the batch axis (x4 while it gets faster),
-   a backend under `DOMINATED` of the leader gets no more trials, and a suggestion too long
-   for the time left runs at the largest batch that fits (or the search ends, unrecorded);
+   speed is: each backend's fastest layout climbs the batch axis (x4 while a step keeps
+   `_CLIMB_KEEPS` of its speed), the other backends' recipes wait for that climb, a backend
+   under `DOMINATED` of the leader gets no more trials, and a suggestion too long for the
+   time left runs at a smaller batch that fits (or is dropped unrecorded);
 2. the best three are re-measured side by side with the baseline, alternately (A B A B), and
    the winner is the one with the best paired speedup, reported with a confidence interval;
 3. ``best.env`` (the winner as env vars) and ``summary.json`` are written.
@@ -65,15 +66,18 @@ _CONFIRM_SHARE = 0.25  # of the budget kept for the paired re-measurement
 _MAX_IDLE_ASKS = 60  # suggestions in a row that could not run: the space is exhausted
 _MAX_UNFIT_ASKS = 20  # suggestions in a row too long for the time left: the search ends
 # A backend whose best, after its batch climb, is under this share of the leader's gets no
-# more trials: a clear margin (on 2 vCPUs torch measured 0.2-0.4x llama.cpp).
+# more trials: a clear margin (in 4-minute sweeps on 2 vCPUs, torch's best measured 0.18-0.68x
+# llama.cpp's).
 DOMINATED = 0.5
 _CLIMB = 2  # positions up the batch list per climbing step: batch x4
-# A climbing step under this share of the speed it started from ends the climb: passes at
-# batch 4, 8 and 16 of one layout measured 70, 61 and 71 tokens/s on 2 vCPUs.
+# A climbing step under this share of the speed it started from ends the climb: one pass is
+# noisy (llama.cpp 2x1 at batch 4 measured 52.5, 70.2, 84.2 and 86.0 tokens/s in four sweeps
+# on 2 vCPUs; at batch 8, 60.7 in one and 67.4 in a longer experiment).
 _CLIMB_KEEPS = 0.8
 # A backend not measured yet is priced at this many times its first guess when deciding what
-# fits the time left: the guess is one number for every machine (hf on 2 vCPUs: 11-20 tokens/s
-# where it guesses 25), and a trial that overruns eats the time kept for re-measuring.
+# fits the time left: the guess is one number for every machine (hf on 2 vCPUs: 9.6-23.6
+# tokens/s at batch 1-4 where it guesses 25), and a trial that overruns eats the time kept for
+# re-measuring.
 _UNMEASURED = 2.0
 _CLIMBED = "climbed"
 _TOP = 3
@@ -438,22 +442,23 @@ class Sweep:
         except Unfit:
             self.extra.insert(0, (fixed.config, Role(fixed.role), fixed.name))
 
-    def _release_recipe(self, study) -> bool:
+    def _release_recipe(self, study) -> None:
         """Queue the next waiting recipe that fits the search's time left (those that do not
-        are named in the summary); False when none is left."""
+        are named in the summary)."""
         while self.deferred:
             fixed = self.deferred.pop(0)
             expected, left = self.cost_s(fixed.config), self.search_left_s()
             if expected <= left:
                 self._enqueue(study, fixed)
-                return True
+                return
             self.skipped[fixed.name] = f"expected {expected:.0f} s with {left:.0f} s left"
-        return False
 
     def _search(self, study) -> None:
         """The fixed layouts, then, each time nothing is queued: backends dominated by a clear
         margin are dropped, the best backends climb the batch axis, and the sampler fills the
         rest. A suggestion too long for the time left runs at the largest batch that fits."""
+        import optuna
+
         idle = unfit = 0
         done = sum(r.state is not TrialState.PRUNED for r in self.records)
         while True:
@@ -474,7 +479,7 @@ class Sweep:
             if not reason and self._too_long(candidate):
                 # Asked for, never run: no record (a flood of "would not finish" records
                 # at the end of the budget said nothing); its narrower neighbour is queued.
-                study.tell(candidate.trial, state=_optuna_state("FAIL"))
+                study.tell(candidate.trial, state=optuna.trial.TrialState.FAIL)
                 unfit = 0 if self._fit(study, candidate.config) else unfit + 1
                 continue
             unfit = 0
@@ -879,12 +884,6 @@ def _unanswered(result: dict) -> str | None:
     if not result.get("tokens_per_s"):
         return "generated no tokens"
     return None
-
-
-def _optuna_state(name: str):
-    import optuna
-
-    return getattr(optuna.trial.TrialState, name)
 
 
 def _waiting(study) -> bool:

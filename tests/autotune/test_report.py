@@ -79,3 +79,17 @@ def test_unknown_study_is_one_line_and_exit_2(cli, tmp_path):
     result = cli("report", "--reports", str(tmp_path), "--study", "nope")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "nope" in result.stderr
+
+
+def test_what_the_search_left_out_is_listed_with_the_reason(cli, study):
+    summary_path = study / "r" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["dropped"] = {"hf": "its best, 17.7 tokens/s (trial 3), is x0.34 llamacpp's 52.5"}
+    summary["skipped_recipes"] = {"seed 000: transformers batch 4": "expected 93 s with 41 s left"}
+    summary_path.write_text(json.dumps(summary))
+    result = cli("report", "--reports", str(study), "--study", "r", "--no-roofline")
+    assert result.returncode == 0, result.stderr
+    text = (study / "r" / "report.md").read_text()
+    assert "| not searched further | why |" in text
+    assert "| backend hf | its best, 17.7 tokens/s" in text
+    assert "| seed 000: transformers batch 4 | expected 93 s with 41 s left |" in text
