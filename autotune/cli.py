@@ -374,7 +374,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     model = ModelSpec.resolve(args.model)
     shape = model_shape(model)
     target = Target(topology, shape.layers, batch_cap=args.max_batch)
-    planner = MemoryPlanner(shape, int(topology.memory_available_bytes * 0.8))
+    planner = MemoryPlanner(shape, int(topology.memory_available_bytes * 0.8), topology)
     space = SearchSpace(target, backends, TrialConfig(), planner)
     plan = space.plan()
     examples = space.examples(args.examples, seed=args.seed)
@@ -397,6 +397,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 **config.to_dict(),
                 "devices": backend_class(config.backend).devices(config, topology),
                 "predicted_memory_bytes": planner.predict(config),
+                "predicted_gpu_memory_bytes": planner.predict_gpus(config),
             }
             for config in examples
         ],
@@ -570,9 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--max-batch",
         type=_positive("--max-batch"),
-        default=64,
+        default=None,
         metavar="B",
-        help="largest batch size in the space (default: 64)",
+        help="largest batch size in the space (default: 64, or 512 on a GPU host)",
     )
     plan.add_argument(
         "--examples",

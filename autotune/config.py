@@ -14,6 +14,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from autotune.errors import ConfigError
+from autotune.placement import parse_placement
 from autotune.workload import GenerationSettings
 
 __all__ = [
@@ -29,7 +30,7 @@ __all__ = [
 
 # GGUF weight types llama.cpp can make from any GGUF (llama_ftype names, lower case).
 QUANTS = ("f16", "q8_0", "q5_k_m", "q4_k_m", "q4_1", "q4_0")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")
 PINNING = ("none", "compact", "spread")
 PARTITIONS = ("uniform", "memory", "compute", "custom")
 # Failures the fake backend produces on request, for tests of everything above the backends.
@@ -70,6 +71,19 @@ class TrialConfig:
         "CPU pinning of workers: none, compact (SMT siblings together), "
         "spread (physical cores first)",
         choices=PINNING,
+    )
+    placement: str | None = _field(
+        None,
+        "--placement",
+        "the device of each process in order, comma separated: cpu, cuda:0, or a block of GPUs "
+        "cuda:0+1; a GPU named twice is shared (default: the GPUs split evenly over the "
+        "processes, shared round robin where they are fewer, seed 003)",
+    )
+    gpu_layers: int = _field(
+        0,
+        "--gpu-layers",
+        "llama.cpp layers offloaded to the GPU (n_gpu_layers; -1: all); needs a CUDA build "
+        "of llama-cpp-python",
     )
     stages: int = _field(1, "--stages", "pipeline stages (pipeline backend)")
     partition: str = _field(
@@ -137,6 +151,12 @@ class TrialConfig:
             raise ConfigError(
                 f"prefill_threads must be a whole number >= 1, got {self.prefill_threads!r}"
             )
+        if not isinstance(self.gpu_layers, int) or self.gpu_layers < -1:
+            raise ConfigError(
+                f"gpu_layers must be -1 (all) or a whole number >= 0, got {self.gpu_layers!r}"
+            )
+        if self.placement is not None:
+            parse_placement(self.placement)  # the syntax; the devices are the machine's to check
         if self.quant is not None:
             object.__setattr__(self, "quant", self.quant.lower())
         for name, allowed in (

@@ -55,6 +55,13 @@ def show_topology(topo: Topology) -> None:
     table.add_row("ISA", " ".join(topo.cpu_flags) or "-")
     gpus = ", ".join(f"{g.index}: {g.name} ({gib(g.memory_bytes)})" for g in topo.gpus)
     table.add_row("GPUs", gpus or "none")
+    if topo.gpus:
+        table.add_row(
+            "llama.cpp offload",
+            "yes (a CUDA build)"
+            if topo.llama_gpu_offload
+            else 'no: a CPU build (CMAKE_ARGS="-DGGML_CUDA=on" pip install llama-cpp-python)',
+        )
     table.add_row("Fingerprint", topo.fingerprint())
     console.print(table)
 
@@ -141,6 +148,13 @@ def show_result(result) -> None:
         table.add_row("Time per output token p50", f"{result.tpot_p50_s * 1000:.1f} ms")
     table.add_row("Load time", f"{result.load_time_s:.2f} s")
     table.add_row("Peak memory (PSS, all processes)", gib(result.peak_memory_bytes))
+    if result.peak_gpu_memory_bytes:
+        table.add_row(
+            "Peak GPU memory (all processes)",
+            ", ".join(f"GPU {g}: {gib(b)}" for g, b in result.peak_gpu_memory_bytes.items()),
+        )
+    if result.gpu_utilisation is not None:
+        table.add_row("GPU utilisation", f"{result.gpu_utilisation:.0%} (nvidia-smi, mean)")
     table.add_row("CPU utilisation", f"{result.cpu_utilisation:.0%} of usable CPUs")
     table.add_row("Workload", f"{result.workload} ({result.prompts} prompts)")
     if result.failed_requests:

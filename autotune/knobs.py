@@ -22,11 +22,12 @@ __all__ = ["BackendSpace", "Knob", "Target"]
 @dataclass(frozen=True)
 class Target:
     """What a search space depends on: the machine (possibly another one, from its
-    ``autotune detect --json``), the model's decoder layers, and the largest batch to try."""
+    ``autotune detect --json``), the model's decoder layers, and the largest batch to try
+    (default: 64 on a CPU host, 512 on a GPU host, where the GPU memory planner bounds it)."""
 
     topology: Topology
     layers: int
-    batch_cap: int = 64
+    batch_cap: int | None = None
 
     @property
     def cpus(self) -> int:
@@ -40,8 +41,9 @@ class Target:
     @property
     def batch_sizes(self) -> tuple[int, ...]:
         """Powers of two from 1 up to ``batch_cap``."""
+        cap = self.batch_cap or (512 if self.gpus else 64)
         sizes, size = [], 1
-        while size <= self.batch_cap:
+        while size <= cap:
             sizes.append(size)
             size *= 2
         return tuple(sizes)

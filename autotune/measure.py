@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import psutil
 
+from autotune import gpu_usage
 from autotune.config import TrialConfig
 from autotune.models import ModelSpec
 from autotune.provenance import provenance
@@ -97,10 +98,15 @@ class TreeSampler:
     phases with `sample()`, outside the timed regions.
     """
 
-    def __init__(self, interval_s: float = 1.0) -> None:
+    def __init__(self, interval_s: float = 1.0, gpus: bool = False) -> None:
         self.interval_s = interval_s
         self.peak_pss_bytes = 0
         self.peak_rss_bytes = 0
+        # On a GPU host (``gpus``, with nvidia-smi): peak bytes per GPU index the tree held,
+        # and each sample's utilisation of those GPUs.
+        self.gpus = gpus and gpu_usage.available()
+        self.peak_gpu_bytes: dict[int, int] = {}
+        self.gpu_busy: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="autotune-memory", daemon=True)
 
@@ -109,6 +115,18 @@ class TreeSampler:
         pss, rss = tree_memory()
         self.peak_pss_bytes = max(self.peak_pss_bytes, pss)
         self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
+        if self.gpus:
+            reading = gpu_usage.sample({p.pid for p in _tree()})
+            if reading is not None:
+                for gpu, used in reading.memory.items():
+                    self.peak_gpu_bytes[gpu] = max(self.peak_gpu_bytes.get(gpu, 0), used)
+                if reading.utilisation:
+                    self.gpu_busy.append(statistics.fmean(reading.utilisation.values()))
+
+    @property
+    def gpu_utilisation(self) -> float | None:
+        """Mean utilisation (0-1) of the GPUs the tree used over the samples; None without."""
+        return statistics.fmean(self.gpu_busy) / 100 if self.gpu_busy else None
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -279,6 +297,10 @@ class RunResult:
     warnings: list[str]
     provenance: dict
     details: dict = field(default_factory=dict)  # what the backend chose (e.g. the layer split)
+    # On a GPU host: peak bytes the tree held per GPU index (str keys: JSON) and the mean
+    # utilisation of those GPUs over the run (0-1), from nvidia-smi.
+    peak_gpu_memory_bytes: dict = field(default_factory=dict)
+    gpu_utilisation: float | None = None
     agreement: dict | None = None  # with a reference run, where one was asked for
     completions: list[Completion] = field(default_factory=list, repr=False)
 
@@ -387,7 +409,7 @@ def benchmark(
     ttfts: list[float] = []
     tpots: list[float] = []
     completions: list[Completion] = []
-    with TreeSampler() as memory:
+    with TreeSampler(gpus=bool(topology.gpus)) as memory:
         started = time.monotonic()
         say("loading")
         with backend:
@@ -476,5 +498,7 @@ def benchmark(
         warnings=warnings,
         provenance={**provenance(topology), "pid": os.getpid()},
         details=details,
+        peak_gpu_memory_bytes={str(g): b for g, b in sorted(memory.peak_gpu_bytes.items())},
+        gpu_utilisation=memory.gpu_utilisation,
         completions=completions,
     )

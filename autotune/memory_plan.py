@@ -6,6 +6,10 @@ holds its own copy of what it loads), the KV cache for batch x context, and a ru
 per process. The planner adds the trial's own process. After each
 trial the measured peak (PSS of the whole tree) corrects the backend's factor, so a model that
 guessed low does not guess low twice. A config predicted above the limit is not run.
+
+On a GPU host the same holds per GPU (`Backend.predict_gpu_bytes`: weights at the dtype, KV
+cache for batch x context, a CUDA context per process), against 90% of each GPU's memory,
+corrected by the peak the tree held there (nvidia-smi, `autotune.gpu_usage`).
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ from dataclasses import dataclass
 
 from autotune.config import TrialConfig
 from autotune.models import ModelSpec, read_gguf_header, weights_summary
+from autotune.topology import Topology
 from backends import backend_class
 
 __all__ = ["MemoryPlanner", "ModelShape", "model_shape"]
 
 _HARNESS = 60 * 2**20  # the trial process itself
+_GPU_USABLE = 0.9  # of a GPU's memory: the driver and fragmentation keep the rest
 
 
 @dataclass(frozen=True)
@@ -65,29 +71,70 @@ def model_shape(spec: ModelSpec) -> ModelShape:
 class MemoryPlanner:
     """Predicted peak bytes per config, corrected by what trials measured."""
 
-    def __init__(self, shape: ModelShape, limit_bytes: int) -> None:
+    def __init__(
+        self, shape: ModelShape, limit_bytes: int, topology: Topology | None = None
+    ) -> None:
         self.shape = shape
         self.limit_bytes = limit_bytes
+        self.topology = topology
+        self.gpu_bytes = {g.index: g.memory_bytes for g in topology.gpus} if topology else {}
         self.factors: dict[str, float] = {}  # backend -> measured / predicted, worst seen
+        self.gpu_factors: dict[str, float] = {}  # the same for GPU memory
 
     def _raw(self, config: TrialConfig) -> float:
-        return _HARNESS + backend_class(config.backend).predict_memory_bytes(config, self.shape)
+        cls = backend_class(config.backend)
+        host = _HARNESS + cls.predict_memory_bytes(config, self.shape)
+        if self.gpu_bytes:  # what a process keeps on its GPU is not in host memory
+            devices = cls.placement(config, self.topology)
+            on_gpu = [rank for rank, device in enumerate(devices) if device.is_gpu]
+            host -= sum(cls.gpu_process_bytes(config, self.shape, rank) for rank in on_gpu)
+        return host
 
     def predict(self, config: TrialConfig) -> int:
         """Predicted peak bytes of the trial's process tree."""
         return int(self._raw(config) * self.factors.get(config.backend, 1.0))
 
+    def _raw_gpus(self, config: TrialConfig) -> dict[int, float]:
+        if not self.gpu_bytes:
+            return {}
+        cls = backend_class(config.backend)
+        return cls.predict_gpu_bytes(config, self.shape, cls.placement(config, self.topology))
+
+    def predict_gpus(self, config: TrialConfig) -> dict[int, int]:
+        """Predicted peak bytes per GPU index the layout uses (empty on a CPU host)."""
+        factor = self.gpu_factors.get(config.backend, 1.0)
+        return {g: int(b * factor) for g, b in sorted(self._raw_gpus(config).items())}
+
     def refusal(self, config: TrialConfig) -> str | None:
-        """Why ``config`` must not run (predicted over the limit), or None."""
+        """Why ``config`` must not run (predicted over the limit, or over a GPU's memory), or
+        None."""
         predicted = self.predict(config)
         if predicted > self.limit_bytes:
             return (
                 f"predicted peak memory {predicted / 2**30:.2f} GiB is over the limit of "
                 f"{self.limit_bytes / 2**30:.2f} GiB"
             )
+        for gpu, used in self.predict_gpus(config).items():
+            room = _GPU_USABLE * self.gpu_bytes.get(gpu, 0)
+            if used > room:
+                return (
+                    f"predicted {used / 2**30:.2f} GiB on GPU {gpu} is over its "
+                    f"{room / 2**30:.2f} GiB ({_GPU_USABLE:.0%} of its memory)"
+                )
         return None
 
     def observe(self, config: TrialConfig, measured_bytes: int) -> None:
         """Correct the backend's factor with a trial's measured peak (never below 1)."""
         ratio = measured_bytes / max(1.0, self._raw(config))
         self.factors[config.backend] = max(self.factors.get(config.backend, 1.0), ratio)
+
+    def observe_gpus(self, config: TrialConfig, measured: dict) -> None:
+        """Correct the backend's GPU factor with a trial's peak per GPU (``{"0": bytes}``):
+        the worst GPU's measured / predicted, never below 1."""
+        predicted = self._raw_gpus(config)
+        for gpu, used in measured.items():
+            if predicted.get(int(gpu)):
+                ratio = used / predicted[int(gpu)]
+                self.gpu_factors[config.backend] = max(
+                    self.gpu_factors.get(config.backend, 1.0), ratio
+                )

@@ -226,8 +226,9 @@ class SearchSpace:
 
     def baseline(self) -> Fixed:
         """The naive baseline every speedup is relative to: the `naive` layout of the searched
-        backend with the lowest `baseline_rank` (llama.cpp where it is searched)."""
-        backend = min(self.spaces, key=lambda b: backend_class(b).baseline_rank)
+        backend with the lowest `baseline_priority` (llama.cpp where it is searched on a CPU
+        host, hf on the GPU on a GPU host)."""
+        backend = min(self.spaces, key=lambda b: backend_class(b).baseline_priority(self.target))
         config = self.base.replace(backend=backend, **backend_class(backend).naive(self.target))
         return Fixed(f"naive baseline: {describe(config)}", "baseline", config)
 

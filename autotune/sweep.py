@@ -230,7 +230,7 @@ class Sweep:
         # and memory, not by the number of prompts.
         self.target = Target(topology, shape.layers)
         limit = options.memory_limit_bytes or int(topology.memory_available_bytes * 0.8)
-        self.planner = MemoryPlanner(shape, limit)
+        self.planner = MemoryPlanner(shape, limit, topology)
         self.space = SearchSpace(self.target, options.backends, options.base, self.planner)
         self.records: list[TrialRecord] = []
         self.note: str | None = None  # what the summary must say about the winner
@@ -659,6 +659,7 @@ class Sweep:
                 samples=result.get("samples"),
             )
             self.planner.observe(config, result["peak_memory_bytes"])
+            self.planner.observe_gpus(config, result.get("peak_gpu_memory_bytes") or {})
             answers = result.get("answers") or {}
             if family not in self.references and is_reference(config):
                 self.references[family] = answers
@@ -840,6 +841,8 @@ _RESULT_KEYS = (
     "prefill_tokens_per_s",
     "load_time_s",
     "peak_memory_bytes",
+    "peak_gpu_memory_bytes",
+    "gpu_utilisation",
     "failed_requests",
     "cpu_utilisation",
     "tokens_per_s_summary",

@@ -100,6 +100,9 @@ class Topology:
     cpu_model: str
     cpu_flags: tuple[str, ...]
     gpus: tuple[Gpu, ...] = field(default=())
+    # The installed llama-cpp-python can offload layers to these GPUs (a CUDA build); the
+    # llama.cpp space searches n_gpu_layers only then.
+    llama_gpu_offload: bool = False
 
     @property
     def usable_cores(self) -> int:
@@ -385,6 +388,18 @@ def _probe_gpus() -> tuple[Gpu, ...]:
     return tuple(gpus)
 
 
+def _llama_gpu_offload() -> bool:
+    """Whether the installed llama-cpp-python was built with a GPU backend (CUDA)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return False
+    try:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_supports_gpu_offload())
+    except Exception:  # noqa: BLE001 - a library that does not load cannot offload
+        return False
+
+
 def _fallback_cpu_model() -> str:
     try:
         import cpuinfo  # py-cpuinfo: slow (it may spawn a subprocess), so only when /proc lacks it
@@ -452,6 +467,7 @@ def detect(root: str | Path = "/", *, probe_gpus: bool | None = None) -> Topolog
 
     if probe_gpus is None:
         probe_gpus = live
+    gpus = _probe_gpus() if probe_gpus else ()
     return Topology(
         logical_cpus=logical,
         physical_cores=len(groups),
@@ -467,7 +483,8 @@ def detect(root: str | Path = "/", *, probe_gpus: bool | None = None) -> Topolog
         memory_available_bytes=available,
         cpu_model=model,
         cpu_flags=tuple(sorted(key_flags)),
-        gpus=_probe_gpus() if probe_gpus else (),
+        gpus=gpus,
+        llama_gpu_offload=bool(gpus) and _llama_gpu_offload(),
     )
 
 

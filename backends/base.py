@@ -10,7 +10,7 @@ search, the memory planner, the report, the console and the export all ask these
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -19,13 +19,22 @@ from autotune.errors import ConfigError
 from autotune.knobs import BackendSpace, Knob, Target
 from autotune.models import ModelSpec
 from autotune.pinning import cpu_sets
+from autotune.placement import Device, check_placement, default_placement
 from autotune.topology import Topology
 from autotune.workload import GenerationSettings, Prompt
 
 if TYPE_CHECKING:
     from autotune.memory_plan import ModelShape
 
-__all__ = ["COMMON_FIELDS", "Backend", "Completion", "threads_knob"]
+__all__ = [
+    "COMMON_FIELDS",
+    "CUDA_CONTEXT_BYTES",
+    "GPU_THREADS",
+    "Backend",
+    "Completion",
+    "gpu_threads",
+    "threads_knob",
+]
 
 # What every backend reads: the model, the generation settings, threads and batch.
 COMMON_FIELDS = frozenset(
@@ -49,23 +58,50 @@ _LABELS = {
     "dtype": "{}",
     "boundaries": "{}",
     "pinning": "pin:{}",
+    "gpu_layers": "ngl:{}",
+    "placement": "on:{}",
     "prefill_threads": "prefill:{}",
     "kv_cache": "kv:{}",
     "fault": "fault:{}",
 }
 
 
-def threads_knob(cpus: int, processes: str | None) -> Knob:
+# A CUDA context, cuBLAS workspace and the caching allocator's slack, per process and GPU.
+CUDA_CONTEXT_BYTES = 600 * 2**20
+
+# Threads of a process that computes on a GPU: it tokenizes, launches kernels and samples;
+# more do not make the GPU faster, so the space does not search them there.
+GPU_THREADS = 4
+
+
+def gpu_threads(cpus: int, processes: int) -> int:
+    """The fixed threads per process of a layout that computes on GPUs."""
+    return max(1, min(GPU_THREADS, cpus // processes))
+
+
+def threads_knob(
+    cpus: int, processes: str | None, on_gpu: Callable[[dict], bool] | None = None
+) -> Knob:
     """Threads per process, 1 .. the usable CPUs, so that processes x threads fit them;
-    ``processes`` names the knob chosen before that counts processes (None: one process)."""
-    if processes is None:
+    ``processes`` names the knob chosen before that counts processes (None: one process).
+    Where ``on_gpu(chosen)`` says the layout computes on GPUs, one value only (`gpu_threads`)."""
+
+    def count(chosen: dict) -> int:
+        return 1 if processes is None else chosen[processes]
+
+    def fits(chosen: dict, threads: int) -> bool:
+        if on_gpu is not None and on_gpu(chosen):
+            return threads == gpu_threads(cpus, count(chosen))
+        return count(chosen) * threads <= cpus
+
+    notes = []
+    if processes is not None:
+        notes.append(f"{processes} x threads_per_worker <= {cpus} usable CPUs")
+    if on_gpu is not None:
+        notes.append(f"on a GPU: min({GPU_THREADS}, CPUs / processes), not searched")
+    if not notes:
         return Knob("threads_per_worker", tuple(range(1, cpus + 1)))
-    return Knob(
-        "threads_per_worker",
-        tuple(range(1, cpus + 1)),
-        allow=lambda chosen, threads: chosen[processes] * threads <= cpus,
-        note=f"{processes} x threads_per_worker <= {cpus} usable CPUs",
-    )
+    return Knob("threads_per_worker", tuple(range(1, cpus + 1)), allow=fits, note="; ".join(notes))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,7 +154,8 @@ class Backend(ABC):
     # greedy run is the reference for all their answers (`autotune.agreement`).
     answer_family: ClassVar[str]
     # Where several backends are searched, the naive baseline is the `naive` layout of the
-    # one with the lowest rank: the tool a user would reach for without tuning.
+    # one with the lowest rank (`baseline_priority`): the tool a user would reach for without
+    # tuning.
     baseline_rank: ClassVar[int] = 10
     # Resident memory of one process before the model (interpreter, libraries): a first
     # guess, which the memory planner corrects with each trial's measured peak.
@@ -161,6 +198,11 @@ class Backend(ABC):
         return config.to_dict()
 
     @classmethod
+    def baseline_priority(cls, target: Target) -> int:
+        """This backend's `baseline_rank` on ``target`` (lowest: the naive baseline)."""
+        return cls.baseline_rank
+
+    @classmethod
     def naive(cls, target: Target) -> dict:
         """The layout a user gets from this backend without tuning, as TrialConfig fields."""
         return {"threads_per_worker": target.cpus, "batch_size": 1}
@@ -171,15 +213,53 @@ class Backend(ABC):
         return []
 
     @classmethod
+    def placement(cls, config: TrialConfig, topology: Topology) -> tuple[Device, ...]:
+        """The device of each of the layout's processes (`autotune.placement`): the config's
+        ``placement``, else `default_devices`; the CPU for a backend that does not read it.
+        ConfigError for a placement the machine cannot give."""
+        gpus = len(topology.gpus)
+        if "placement" not in cls.fields_read():
+            return (Device(),) * config.processes
+        if config.placement is not None:
+            return check_placement(config.placement, config.processes, gpus)
+        return cls.default_devices(config, gpus)
+
+    @classmethod
+    def default_devices(cls, config: TrialConfig, gpus: int) -> tuple[Device, ...]:
+        """Where the processes go when the config does not say: seed 003's split of the GPUs
+        (`autotune.placement.default_placement`), the CPU where there is none."""
+        return default_placement(gpus, config.processes)
+
+    @classmethod
     def devices(cls, config: TrialConfig, topology: Topology) -> list[str]:
-        """The device each of the layout's processes computes on (``cpu``, ``cuda:0``)."""
-        return ["cpu"] * config.processes
+        """The device each of the layout's processes computes on (``cpu``, ``cuda:0``,
+        ``cuda:0+1``)."""
+        return [str(device) for device in cls.placement(config, topology)]
 
     @classmethod
     def predict_memory_bytes(cls, config: TrialConfig, shape: ModelShape) -> float:
         """Peak bytes of the layout's processes (weights, KV cache, runtime), before any
         correction by measurement."""
         return config.processes * cls.process_overhead_bytes
+
+    @classmethod
+    def predict_gpu_bytes(cls, config: TrialConfig, shape: ModelShape, devices) -> dict:
+        """Peak bytes per GPU index of the layout's processes on ``devices`` (`placement`),
+        before any correction: each process's `gpu_process_bytes` spread over its GPUs, and
+        a CUDA context on each."""
+        per_gpu: dict[int, float] = {}
+        for rank, device in enumerate(devices):
+            if not device.is_gpu:
+                continue
+            data = cls.gpu_process_bytes(config, shape, rank) / len(device.gpus)
+            for gpu in device.gpus:
+                per_gpu[gpu] = per_gpu.get(gpu, 0.0) + data + CUDA_CONTEXT_BYTES
+        return per_gpu
+
+    @classmethod
+    def gpu_process_bytes(cls, config: TrialConfig, shape: ModelShape, rank: int) -> float:
+        """Bytes process ``rank`` keeps on its GPUs (weights, KV cache); none by default."""
+        return 0.0
 
     @classmethod
     def describe(cls, config: dict) -> str:
@@ -204,11 +284,12 @@ class Backend(ABC):
     def validate(cls, config: TrialConfig, topology: Topology) -> None:
         """Raise ConfigError if this backend cannot run ``config`` on this machine.
 
-        Called before the backend is built. The default checks the fields it reads and that a
-        pinning policy has the CPUs it needs.
+        Called before the backend is built. The default checks the fields it reads, that a
+        pinning policy has the CPUs it needs and that the placement's GPUs exist.
         """
         cls.check_fields(config)
         cpu_sets(topology, config.processes, config.threads_per_worker, config.pinning)
+        cls.placement(config, topology)
 
     @classmethod
     def validate_model(cls, config: TrialConfig, model: ModelSpec, topology: Topology) -> None:

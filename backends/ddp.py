@@ -10,29 +10,28 @@ is the layout — one full model per rank under torch.distributed — not the wr
 from __future__ import annotations
 
 from autotune.config import PINNING, TrialConfig
-from autotune.errors import ConfigError
 from autotune.knobs import BackendSpace, Knob, Target
-from backends.base import Completion, threads_knob
+from backends.base import Completion, gpu_threads, threads_knob
 from backends.hf import torch_dtypes, torch_memory_bytes
 from backends.torchrun import RankGroupBackend, collective_timeout_s
 
-__all__ = ["DDPBackend", "DDPRank", "check_gpus_per_rank", "rank_limit"]
+__all__ = ["MAX_SHARE", "DDPBackend", "DDPRank", "rank_limit"]
 
 
-def check_gpus_per_rank(config: TrialConfig, ranks: int, topology) -> None:
-    """On a GPU host every rank needs a GPU of its own (gpus // ranks >= 1)."""
-    gpus = len(getattr(topology, "gpus", ()) or ())
-    if gpus and ranks > gpus:
-        raise ConfigError(
-            f"{config.backend}: {ranks} ranks but {gpus} GPUs; each rank needs its own GPU"
-        )
+# Ranks per GPU the space goes up to where ranks outnumber GPUs (seed 003's fallback: they
+# share); a small model leaves most of an H100 idle at one rank.
+MAX_SHARE = 4
 
 
 def rank_limit(target: Target) -> tuple[int, str]:
-    """The most ranks a torch layout may start on ``target``, and why: one per usable CPU, or
-    on a GPU host one per GPU (each rank needs its own)."""
+    """The most ranks a torch layout may start on ``target``, and why: one per usable CPU,
+    on a GPU host up to MAX_SHARE per GPU (above one per GPU they share, round robin)."""
     if target.gpus:
-        return min(target.cpus, target.gpus), f"one GPU per rank ({target.gpus} GPUs)"
+        most = min(target.cpus, target.gpus * MAX_SHARE)
+        return most, (
+            f"{target.gpus} GPUs, up to {MAX_SHARE} ranks each; ranks above {target.gpus} "
+            "share GPUs round robin"
+        )
     return target.cpus, f"{target.cpus} usable CPUs"
 
 
@@ -40,7 +39,7 @@ class DDPBackend(RankGroupBackend):
     """Data-parallel ranks under torchrun, one hf engine each, gathered in input order."""
 
     name = "ddp"
-    reads = frozenset({"workers", "dtype", "pinning"})
+    reads = frozenset({"workers", "dtype", "pinning", "placement"})
     first_guess_load_s = 15.0
     first_guess_tokens_per_s = 25.0
     answer_family = "torch"
@@ -53,20 +52,36 @@ class DDPBackend(RankGroupBackend):
         if most < 2:  # ddp with one rank is hf
             return BackendSpace(cls.name, excluded=f"needs 2 ranks; {why} allow {most}")
         pinning = PINNING if target.topology.threads_per_core > 1 else ("none", "spread")
-        return BackendSpace(
-            cls.name,
-            (
-                Knob("workers", tuple(range(2, most + 1)), note=f"ranks: 2 .. {most} ({why})"),
-                threads_knob(target.cpus, "workers"),
-                Knob("batch_size", target.batch_sizes),
-                Knob("dtype", torch_dtypes(target), ordered=False),
-                Knob("pinning", pinning, ordered=False),
-            ),
-        )
+        knobs = [
+            Knob("workers", tuple(range(2, most + 1)), note=f"ranks: 2 .. {most} ({why})"),
+            threads_knob(target.cpus, "workers", (lambda chosen: True) if target.gpus else None),
+            Knob("batch_size", target.batch_sizes),
+            Knob("dtype", torch_dtypes(target), ordered=False),
+        ]
+        if not target.gpus:  # where the GPU computes, CPU pinning changes little
+            knobs.append(Knob("pinning", pinning, ordered=False))
+        return BackendSpace(cls.name, tuple(knobs))
 
     @classmethod
     def naive(cls, target: Target) -> dict:
         return {"workers": 2, "threads_per_worker": max(1, target.cpus // 2), "batch_size": 1}
+
+    @classmethod
+    def recipes(cls, target: Target) -> list[tuple[str, dict]]:
+        """Seed 002 on a node of several GPUs: torchrun with one rank per GPU, batch 16."""
+        if target.gpus < 2:
+            return []
+        return [
+            (
+                f"seed 002: torchrun, {target.gpus} ranks, one GPU each, batch 16",
+                {
+                    "workers": target.gpus,
+                    "threads_per_worker": gpu_threads(target.cpus, target.gpus),
+                    "batch_size": 16,
+                    "dtype": "bfloat16",
+                },
+            )
+        ]
 
     @classmethod
     def predict_memory_bytes(cls, config, shape) -> float:
@@ -76,18 +91,18 @@ class DDPBackend(RankGroupBackend):
         return data + (ranks + 1) * cls.process_overhead_bytes
 
     @classmethod
-    def validate(cls, config, topology) -> None:
-        super().validate(config, topology)
-        check_gpus_per_rank(config, config.workers, topology)
+    def gpu_process_bytes(cls, config, shape, rank) -> float:
+        return torch_memory_bytes(config, shape, weight_copies=1, kv_copies=1)
 
     @classmethod
-    def rank_spec(cls, config: TrialConfig, model_dir: str, pins=None, **extra) -> dict:
+    def rank_spec(cls, config: TrialConfig, model_dir: str, topology, pins=None) -> dict:
         """What every rank needs, JSON-ready (also used by the by-hand torchrun mode)."""
         return {
             "kind": "ddp",
             "config": config.to_dict(),
             "model_dir": model_dir,
             "pins": pins,
+            "devices": cls.devices(config, topology),
             "timeout_s": collective_timeout_s(),
         }
 
@@ -105,7 +120,7 @@ class DDPRank:
             ctx.spec["model_dir"],
             dtype=config.dtype,
             threads=config.threads_per_worker,
-            device=ctx.device,
+            device=ctx.place,
         )
 
     def generate(self, prompts, settings) -> list[Completion] | None:

@@ -13,10 +13,12 @@ from collections.abc import Sequence
 from autotune.errors import ConfigError
 from autotune.knobs import BackendSpace, Knob, Target
 from autotune.models import hf_dir
+from autotune.placement import default_placement
 from autotune.workload import GenerationSettings, Prompt
 from backends.base import Backend, Completion, threads_knob
 
 __all__ = [
+    "DTYPE_BYTES",
     "HFBackend",
     "TransformersEngine",
     "generate_in_batches",
@@ -28,13 +30,16 @@ __all__ = [
     "torch_memory_bytes",
 ]
 
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def torch_dtypes(target: Target) -> tuple[str, ...]:
-    """float32, and bfloat16 where the machine computes it natively (a GPU, AVX512-BF16, AMX)."""
+    """float32, and bfloat16 where the machine computes it natively (AVX512-BF16, AMX); on a
+    GPU host float16 too (a CPU's float16 matmuls are slow, so not offered there)."""
     flags = set(target.topology.cpu_flags)
-    if target.gpus or flags & {"avx512_bf16", "amx_bf16"}:
+    if target.gpus:
+        return ("float32", "bfloat16", "float16")
+    if flags & {"avx512_bf16", "amx_bf16"}:
         return ("float32", "bfloat16")
     return ("float32",)
 
@@ -42,7 +47,7 @@ def torch_dtypes(target: Target) -> tuple[str, ...]:
 def torch_memory_bytes(config, shape, *, weight_copies: float, kv_copies: int) -> float:
     """Weights and KV cache of a torch layout: ``weight_copies`` of the weights at the dtype,
     ``kv_copies`` batches of KV cache (a factor 2 on the cache covers the activations)."""
-    width = _DTYPE_BYTES[config.dtype]
+    width = DTYPE_BYTES[config.dtype]
     weights = shape.parameters * width * weight_copies
     kv = shape.kv_bytes_per_token(width) * config.ctx_per_sequence * config.batch_size * 2
     return weights + kv * kv_copies
@@ -54,18 +59,31 @@ class TransformersEngine:
     Shared by every torch backend that runs whole models (hf, and each DDP rank).
     """
 
-    def __init__(self, directory: str, *, dtype: str, threads: int, device: str | None = None):
+    def __init__(self, directory: str, *, dtype: str, threads: int, device: str = "cpu"):
         import torch
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as transformers_logging
 
+        from autotune.placement import parse_placement
+
         transformers_logging.disable_progress_bar()  # keep a run's stderr for what matters
         torch.set_num_threads(threads)
         self.torch = torch
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        (place,) = parse_placement(device)
+        self.gpus = place.gpus
+        self.device = place.torch  # where the inputs go: the CPU or the (first) GPU
         self.tokenizer = load_tokenizer(directory)
-        self.model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype))
-        self.model.to(self.device).eval()
+        kwargs: dict = {"dtype": getattr(torch, dtype)}
+        if len(place.gpus) > 1:
+            # A block of GPUs (seed 003: gpus // workers each): the layers spread over them.
+            kwargs["device_map"] = "auto"
+            kwargs["max_memory"] = {
+                g: torch.cuda.get_device_properties(g).total_memory for g in place.gpus
+            }
+        self.model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+        if len(place.gpus) <= 1:
+            self.model.to(self.device)
+        self.model.eval()
         self.stop_ids = stop_token_ids(self.tokenizer, self.model.generation_config)
         self.first_token_s: float | None = None  # of the last batch, time.monotonic()
 
@@ -178,7 +196,7 @@ class HFBackend(Backend):
     """transformers batching in this process."""
 
     name = "hf"
-    reads = frozenset({"dtype"})
+    reads = frozenset({"dtype", "placement"})
     first_guess_load_s = 8.0
     first_guess_tokens_per_s = 25.0
     answer_family = "torch"
@@ -187,10 +205,11 @@ class HFBackend(Backend):
 
     @classmethod
     def space(cls, target: Target) -> BackendSpace:
+        on_gpu = (lambda chosen: True) if target.gpus else None  # it runs on cuda:0 there
         return BackendSpace(
             cls.name,
             (
-                threads_knob(target.cpus, None),
+                threads_knob(target.cpus, None, on_gpu),
                 Knob("batch_size", target.batch_sizes),
                 Knob("dtype", torch_dtypes(target), ordered=False),
             ),
@@ -208,13 +227,18 @@ class HFBackend(Backend):
         ]
 
     @classmethod
-    def devices(cls, config, topology) -> list[str]:
-        return ["cuda:0" if topology.gpus else "cpu"]
+    def default_devices(cls, config, gpus: int):
+        # What `model.to("cuda")` gives: the first GPU (a block only when asked for).
+        return default_placement(min(gpus, 1), 1)
 
     @classmethod
     def predict_memory_bytes(cls, config, shape) -> float:
         data = torch_memory_bytes(config, shape, weight_copies=1, kv_copies=1)
         return data + cls.process_overhead_bytes
+
+    @classmethod
+    def gpu_process_bytes(cls, config, shape, rank) -> float:
+        return torch_memory_bytes(config, shape, weight_copies=1, kv_copies=1)
 
     @classmethod
     def validate(cls, config, topology) -> None:
@@ -234,6 +258,7 @@ class HFBackend(Backend):
             str(hf_dir(self.model)),
             dtype=self.config.dtype,
             threads=self.config.threads_per_worker,
+            device=self.devices(self.config, self.topology)[0],
         )
 
     def generate(self, prompts: Sequence[Prompt], settings: GenerationSettings) -> list[Completion]:

@@ -16,19 +16,28 @@ from collections.abc import Sequence
 from multiprocessing.connection import wait
 
 from autotune.config import PINNING, QUANTS
-from autotune.errors import BackendError
+from autotune.errors import BackendError, ConfigError
 from autotune.knobs import BackendSpace, Knob, Target
 from autotune.pinning import cpu_sets
+from autotune.placement import default_placement
 from autotune.workload import GenerationSettings, Prompt
-from backends.base import Backend, Completion, threads_knob
+from backends.base import Backend, Completion, gpu_threads, threads_knob
+from backends.ddp import MAX_SHARE
 from backends.llamacpp_quant import gguf_variant
 from backends.llamacpp_worker import worker_main
 
-__all__ = ["LlamaCppBackend", "engine_settings"]
+__all__ = ["LlamaCppBackend", "engine_settings", "offload_steps"]
 
 _CLOSE_GRACE_S = 5.0
 # Bits per weight of llama.cpp's types, for the size of a --quant variant before it exists.
 _QUANT_BITS = {"f16": 16.0, "q8_0": 8.5, "q5_k_m": 5.7, "q4_k_m": 4.9, "q4_1": 5.0, "q4_0": 4.5}
+
+
+def offload_steps(layers: int) -> tuple[int, ...]:
+    """n_gpu_layers to try: none, a quarter, half, three quarters, all (-1: the output layer
+    too), in that order."""
+    steps = sorted({layers * k // 4 for k in (1, 2, 3)} - {0})
+    return (0, *steps, -1)
 
 
 class LlamaCppBackend(Backend):
@@ -36,7 +45,16 @@ class LlamaCppBackend(Backend):
 
     name = "llamacpp"
     reads = frozenset(
-        {"workers", "quant", "n_batch", "ctx_per_sequence", "pinning", "prefill_threads"}
+        {
+            "workers",
+            "quant",
+            "n_batch",
+            "ctx_per_sequence",
+            "pinning",
+            "prefill_threads",
+            "gpu_layers",
+            "placement",
+        }
     )
     first_guess_load_s = 2.0
     first_guess_tokens_per_s = 40.0
@@ -49,22 +67,67 @@ class LlamaCppBackend(Backend):
         cpus = target.cpus
         # compact keeps SMT siblings together; without SMT it is the same as spread.
         pinning = PINNING if target.topology.threads_per_core > 1 else ("none", "spread")
-        return BackendSpace(
-            cls.name,
-            (
-                Knob("workers", tuple(range(1, cpus + 1))),
-                threads_knob(cpus, "workers"),
-                Knob("batch_size", target.batch_sizes),
-                Knob("quant", (None, *QUANTS), ordered=False, note="None: the file's own type"),
+        knobs = [Knob("workers", tuple(range(1, cpus + 1)))]
+        on_gpu = None
+        if target.gpus and target.topology.llama_gpu_offload:
+            most = target.gpus * MAX_SHARE
+            knobs.append(
                 Knob(
-                    "pinning",
-                    pinning,
-                    ordered=False,
-                    only_if=lambda chosen: chosen["workers"] > 1,
-                    note="pinning only when workers > 1",
-                ),
+                    "gpu_layers",
+                    offload_steps(target.layers),
+                    allow=lambda chosen, layers: layers == 0 or chosen["workers"] <= most,
+                    note=f"n_gpu_layers (-1: all); offloading workers <= {most} "
+                    f"({MAX_SHARE} per GPU), each gpus // workers GPUs (seed 003)",
+                )
+            )
+            on_gpu = lambda chosen: chosen["gpu_layers"] == -1  # noqa: E731
+        knobs += [
+            threads_knob(cpus, "workers", on_gpu),
+            Knob("batch_size", target.batch_sizes),
+            Knob("quant", (None, *QUANTS), ordered=False, note="None: the file's own type"),
+            Knob(
+                "pinning",
+                pinning,
+                ordered=False,
+                only_if=lambda chosen: chosen["workers"] > 1,
+                note="pinning only when workers > 1",
             ),
-        )
+        ]
+        return BackendSpace(cls.name, tuple(knobs))
+
+    @classmethod
+    def baseline_priority(cls, target: Target) -> int:
+        # llama-cpp-python offloads nothing by default: on a GPU host what a user gets
+        # without tuning is transformers on the GPU (hf ranks 1).
+        return 4 if target.gpus else cls.baseline_rank
+
+    @classmethod
+    def default_devices(cls, config, gpus: int):
+        if config.gpu_layers == 0:
+            return default_placement(0, config.workers)
+        return default_placement(gpus, config.workers)
+
+    @classmethod
+    def validate(cls, config, topology) -> None:
+        super().validate(config, topology)
+        devices = cls.placement(config, topology)
+        if config.gpu_layers != 0:
+            if not topology.gpus:
+                raise ConfigError("--gpu-layers: this machine has no GPU to offload to")
+            if not topology.llama_gpu_offload:
+                raise ConfigError(
+                    "--gpu-layers: the installed llama-cpp-python cannot offload (a CPU "
+                    'build); install a CUDA build: CMAKE_ARGS="-DGGML_CUDA=on" pip install '
+                    "--force-reinstall --no-cache-dir llama-cpp-python"
+                )
+            if not all(d.is_gpu for d in devices):
+                raise ConfigError(
+                    f"placement {config.placement}: with --gpu-layers every worker needs a GPU"
+                )
+        elif any(d.is_gpu for d in devices):
+            raise ConfigError(
+                f"placement {config.placement} puts workers on GPUs but --gpu-layers is 0"
+            )
 
     @classmethod
     def naive(cls, target: Target) -> dict:
@@ -92,6 +155,19 @@ class LlamaCppBackend(Backend):
                 )
             )
             workers *= 2
+        if target.gpus and target.topology.llama_gpu_offload:
+            # Seed 003: one worker per GPU, every layer on it.
+            found.append(
+                (
+                    f"seed 003: {target.gpus} workers, one GPU each, all layers offloaded",
+                    {
+                        "workers": target.gpus,
+                        "threads_per_worker": gpu_threads(target.cpus, target.gpus),
+                        "gpu_layers": -1,
+                        "batch_size": 8,
+                    },
+                )
+            )
         return found
 
     @classmethod
@@ -103,6 +179,18 @@ class LlamaCppBackend(Backend):
         kv = shape.kv_bytes_per_token(2) * config.ctx_per_sequence  # f16 cache
         kv *= config.batch_size * config.workers
         return weights + kv + config.workers * cls.process_overhead_bytes
+
+    @classmethod
+    def gpu_process_bytes(cls, config, shape, rank) -> float:
+        # Each offloading worker holds its own copy of its layers' weights and KV cache.
+        if config.gpu_layers == 0:
+            return 0.0
+        share = 1.0 if config.gpu_layers == -1 else min(1.0, config.gpu_layers / shape.layers)
+        weights = shape.file_bytes
+        if config.quant:
+            weights = shape.parameters * _QUANT_BITS[config.quant] / 8
+        kv = shape.kv_bytes_per_token(2) * config.ctx_per_sequence * config.batch_size
+        return (weights + kv) * share
 
     def __init__(self, config, model, topology) -> None:
         super().__init__(config, model, topology)
@@ -118,6 +206,7 @@ class LlamaCppBackend(Backend):
             self.topology, self.config.workers, self.config.threads_per_worker, self.config.pinning
         )
         engine_kwargs = engine_settings(self.config)
+        devices = self.placement(self.config, self.topology)
         # spawn, not fork: a fresh interpreter per worker, no inherited threads or locks.
         context = multiprocessing.get_context("spawn")
         self._tasks = context.Queue()
@@ -130,6 +219,9 @@ class LlamaCppBackend(Backend):
                     str(path),
                     engine_kwargs,
                     pins[rank] if pins else None,
+                    # A worker sees only its GPUs (seed 003); on a GPU host a CPU worker
+                    # sees none, so a CUDA build puts nothing of it on a GPU.
+                    devices[rank].visible if self.topology.gpus else None,
                     self._tasks,
                     child_end,
                 ),
@@ -273,6 +365,7 @@ def engine_settings(config) -> dict:
         "ctx_per_sequence": config.ctx_per_sequence,
         "n_batch": config.n_batch,
         "workers": config.workers,
+        "gpu_layers": config.gpu_layers,
     }
 
 

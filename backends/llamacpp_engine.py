@@ -103,11 +103,16 @@ class LlamaEngine:
         ctx_per_sequence: int,
         n_batch: int,
         workers: int = 1,
+        gpu_layers: int = 0,
     ) -> None:
         silence_llama_logs()
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
         model_params.use_mmap = True  # N workers share the GGUF's pages
+        # Set always: the C default (-1) lets a CUDA build decide by itself. All is a number
+        # above any layer count, as llama-cpp-python's Llama(n_gpu_layers=-1) passes it; the
+        # layers split over the GPUs the worker sees (CUDA_VISIBLE_DEVICES).
+        model_params.n_gpu_layers = 0x7FFFFFFF if gpu_layers == -1 else gpu_layers
         self.model = llama_cpp.llama_model_load_from_file(model_path.encode(), model_params)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {model_path}")

@@ -20,11 +20,14 @@ import time
 import traceback
 
 
-def worker_main(rank, model_path, engine_kwargs, cpu_set, tasks, conn) -> None:
-    """Load the model once, then serve generate rounds until told to close."""
+def worker_main(rank, model_path, engine_kwargs, cpu_set, visible_gpus, tasks, conn) -> None:
+    """Load the model once, then serve generate rounds until told to close. ``visible_gpus``:
+    this worker's CUDA_VISIBLE_DEVICES (None: leave it as it is)."""
     try:
         if cpu_set is not None:
             os.sched_setaffinity(0, cpu_set)
+        if visible_gpus is not None:  # before llama_cpp is imported and CUDA starts
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible_gpus
         start = time.monotonic()
         from backends.llamacpp_engine import EngineItem, LlamaEngine
 

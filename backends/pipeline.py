@@ -18,9 +18,10 @@ from autotune.config import TrialConfig
 from autotune.errors import ConfigError
 from autotune.knobs import BackendSpace, Knob, Target
 from autotune.models import hf_dir
-from backends.base import Completion, threads_knob
-from backends.ddp import check_gpus_per_rank, rank_limit
-from backends.hf import torch_dtypes, torch_memory_bytes
+from autotune.placement import Device, default_placement, format_placement
+from backends.base import Completion, gpu_threads, threads_knob
+from backends.ddp import MAX_SHARE, rank_limit
+from backends.hf import DTYPE_BYTES, torch_dtypes, torch_memory_bytes
 from backends.partition import (
     StageCosts,
     balanced,
@@ -31,9 +32,8 @@ from backends.partition import (
 )
 from backends.torchrun import RankGroupBackend, collective_timeout_s
 
-__all__ = ["PipelineBackend", "memory_costs", "resolve_partition"]
+__all__ = ["PipelineBackend", "gpu_placement", "memory_costs", "resolve_partition", "stage_caps"]
 
-_BYTES = {"float32": 4, "bfloat16": 2}
 _MAX_STAGES = 8  # beyond this a micro-batch spends more time travelling than computing
 _SHIFTS = tuple(range(-3, 4))
 
@@ -48,7 +48,7 @@ def memory_costs(model_dir: str, config: TrialConfig) -> StageCosts:
     from safetensors import safe_open
 
     model = _model_config(model_dir)
-    size = _BYTES[config.dtype]
+    size = DTYPE_BYTES[config.dtype]
     layers = [0.0] * model["num_hidden_layers"]
     first = last = 0.0
     embed = 0.0
@@ -79,12 +79,13 @@ def memory_costs(model_dir: str, config: TrialConfig) -> StageCosts:
 
 
 def resolve_partition(
-    config: TrialConfig, model_dir: str, memory_cap_bytes: int | None = None
+    config: TrialConfig, model_dir: str, caps: list[float] | None = None
 ) -> list[range] | None:
     """The stages' layer ranges for ``config``; None for ``compute`` (stage 0 measures it).
+    ``caps``: each stage's memory in bytes for ``--partition memory`` (`stage_caps`).
 
     Raises ConfigError for a split that cannot work: more stages than layers, custom
-    boundaries that leave a layer out or take one twice, a stage over the memory cap.
+    boundaries that leave a layer out or take one twice, a stage over its memory cap.
     """
     layers = _model_config(model_dir)["num_hidden_layers"]
     if config.stages > layers:
@@ -100,17 +101,40 @@ def resolve_partition(
     costs = memory_costs(model_dir, config)
     ranges = balanced(costs, config.stages)
     if config.stage_memory_gb is not None:
-        cap = config.stage_memory_gb * 1e9
-    else:
-        cap = (memory_cap_bytes or psutil.virtual_memory().available) / config.stages
+        caps = [config.stage_memory_gb * 1e9] * config.stages
+    elif caps is None:
+        caps = [psutil.virtual_memory().available / config.stages] * config.stages
     for stage, total in enumerate(stage_totals(costs, ranges)):
-        if total > cap:
+        if total > caps[stage]:
             raise ConfigError(
                 f"--partition memory: stage {stage} (layers {format_boundaries([ranges[stage]])}) "
-                f"needs {total / 1e9:.2f} GB, over the cap of {cap / 1e9:.2f} GB per stage; use "
-                "more stages, a smaller batch or ctx-per-sequence, or a higher --stage-memory-gb"
+                f"needs {total / 1e9:.2f} GB, over the cap of {caps[stage] / 1e9:.2f} GB of its "
+                "device; use more stages, a smaller batch or ctx-per-sequence, or a higher "
+                "--stage-memory-gb"
             )
     return ranges
+
+
+def stage_caps(devices, topology) -> list[float]:
+    """Each stage's memory: its GPU's (90%), shared by the stages on that GPU, or the host's
+    available memory shared by the CPU stages."""
+    gpu_bytes = {gpu.index: gpu.memory_bytes for gpu in topology.gpus}
+    on_cpu = sum(1 for d in devices if not d.is_gpu)
+    caps = []
+    for device in devices:
+        if device.is_gpu:
+            sharing = sum(1 for d in devices if d.gpus == device.gpus)
+            caps.append(0.9 * gpu_bytes.get(device.gpus[0], 0) / sharing)
+        else:
+            caps.append(topology.memory_available_bytes / on_cpu)
+    return caps
+
+
+def gpu_placement(gpus: int, stages: int, cpu_stages: int) -> str | None:
+    """The placement of a pipeline with its last ``cpu_stages`` on the CPU and the others one
+    per GPU (round robin, sharing, past the last GPU); None where that is the default."""
+    devices = default_placement(gpus, stages - cpu_stages, blocks=False) + (Device(),) * cpu_stages
+    return None if cpu_stages == 0 else format_placement(devices)
 
 
 def _shifted(layers: int, stages: int, shift: int) -> list[range]:
@@ -139,6 +163,7 @@ class PipelineBackend(RankGroupBackend):
             "dtype",
             "ctx_per_sequence",
             "pinning",
+            "placement",
         }
     )
     first_guess_load_s = 15.0
@@ -149,38 +174,58 @@ class PipelineBackend(RankGroupBackend):
     @classmethod
     def space(cls, target: Target) -> BackendSpace:
         ranks, why = rank_limit(target)
+        gpus = target.gpus
+        if gpus:  # stages one per GPU, sharing up to MAX_SHARE each, and one on the CPU
+            ranks = min(target.cpus, gpus * MAX_SHARE + 1)
+            why = f"{gpus} GPUs, up to {MAX_SHARE} stages each, and the CPU"
         most = min(ranks, target.layers, _MAX_STAGES)
         if most < 2:
             return BackendSpace(cls.name, excluded=f"needs 2 stages; {why} allow {ranks}")
-        return BackendSpace(
-            cls.name,
-            (
+        knobs = [
+            Knob(
+                "stages",
+                tuple(range(2, most + 1)),
+                note=f"2 .. min({why}, {target.layers} layers, {_MAX_STAGES})",
+            )
+        ]
+        on_gpu = None
+        if gpus:
+            knobs.append(
                 Knob(
-                    "stages",
-                    tuple(range(2, most + 1)),
-                    note=f"2 .. min({why}, {target.layers} layers, {_MAX_STAGES})",
-                ),
-                threads_knob(target.cpus, "stages"),
-                Knob("batch_size", target.batch_sizes, note="micro-batch"),
-                Knob("dtype", torch_dtypes(target), ordered=False),
-                Knob(
-                    "partition",
-                    ("uniform", "compute", "shifted"),
-                    ordered=False,
-                    note="shifted: the uniform split with every cut moved by boundary_shift",
-                ),
-                Knob(
-                    "boundary_shift",
-                    _SHIFTS,
-                    only_if=lambda chosen: chosen["partition"] == "shifted",
-                    note="boundary_shift (layers) only when partition is shifted",
-                ),
+                    "cpu_stages",
+                    (0, 1),
+                    allow=lambda chosen, cpu: 1 <= chosen["stages"] - cpu <= gpus * MAX_SHARE,
+                    note="cpu_stages: the last stages on the CPU (seed 004: cuda:0,cuda:1,cpu), "
+                    "the others one per GPU",
+                )
+            )
+            on_gpu = lambda chosen: chosen["cpu_stages"] == 0  # noqa: E731
+        knobs += [
+            threads_knob(target.cpus, "stages", on_gpu),
+            Knob("batch_size", target.batch_sizes, note="micro-batch"),
+            Knob("dtype", torch_dtypes(target), ordered=False),
+            Knob(
+                "partition",
+                ("uniform", "compute", "shifted"),
+                ordered=False,
+                note="shifted: the uniform split with every cut moved by boundary_shift",
             ),
-        )
+            Knob(
+                "boundary_shift",
+                _SHIFTS,
+                only_if=lambda chosen: chosen["partition"] == "shifted",
+                note="boundary_shift (layers) only when partition is shifted",
+            ),
+        ]
+        return BackendSpace(cls.name, tuple(knobs))
 
     @classmethod
     def config_changes(cls, chosen: dict, target: Target) -> dict:
-        changes = {k: v for k, v in chosen.items() if k != "boundary_shift"}
+        changes = {k: v for k, v in chosen.items() if k not in ("boundary_shift", "cpu_stages")}
+        if chosen.get("cpu_stages"):
+            changes["placement"] = gpu_placement(
+                target.gpus, chosen["stages"], chosen["cpu_stages"]
+            )
         if chosen.get("partition") == "shifted":
             ranges = _shifted(target.layers, chosen["stages"], chosen["boundary_shift"])
             changes.update(partition="custom", boundaries=format_boundaries(ranges))
@@ -189,6 +234,11 @@ class PipelineBackend(RankGroupBackend):
     @classmethod
     def knob_values(cls, config, target: Target) -> dict:
         values = config.to_dict()
+        if target.gpus:
+            del values["placement"]  # a point of the space only as cpu_stages
+            for cpu in (0, 1):
+                if config.placement == gpu_placement(target.gpus, config.stages, cpu):
+                    values["cpu_stages"] = cpu
         if config.partition == "custom":
             del values["partition"]  # a point of the space only as a shifted uniform split
             for shift in _SHIFTS:
@@ -203,11 +253,42 @@ class PipelineBackend(RankGroupBackend):
         return {"stages": 2, "threads_per_worker": max(1, target.cpus // 2), "batch_size": 1}
 
     @classmethod
+    def recipes(cls, target: Target) -> list[tuple[str, dict]]:
+        """Seed 004 on a GPU host: the layers split in two, over two GPUs (cuda:0,cuda:1) or,
+        with one, over the GPU and the CPU (cuda:0,cpu)."""
+        if not target.gpus or target.layers < 2:
+            return []
+        cpu_stages = 0 if target.gpus >= 2 else 1
+        devices = "cuda:0,cuda:1" if target.gpus >= 2 else "cuda:0,cpu"
+        threads = max(1, target.cpus // 2) if cpu_stages else gpu_threads(target.cpus, 2)
+        return [
+            (
+                f"seed 004: the layers split over {devices}",
+                {
+                    "stages": 2,
+                    "placement": gpu_placement(target.gpus, 2, cpu_stages),
+                    "threads_per_worker": threads,
+                    "batch_size": 8,
+                    "dtype": "bfloat16",
+                },
+            )
+        ]
+
+    @classmethod
     def predict_memory_bytes(cls, config, shape) -> float:
         # The weights once over all stages (the tied head on the last one too, plus loading
         # buffers: x1.3); a KV cache per micro-batch in flight (stages + 1).
         data = torch_memory_bytes(config, shape, weight_copies=1.3, kv_copies=config.stages + 1)
         return data + (config.stages + 1) * cls.process_overhead_bytes
+
+    @classmethod
+    def gpu_process_bytes(cls, config, shape, rank) -> float:
+        # Its share of the layers: of the weights (x1.3 as above) and of every cache.
+        share = 1 / config.stages
+        in_flight = config.stages + 1
+        return torch_memory_bytes(
+            config, shape, weight_copies=1.3 * share, kv_copies=in_flight * share
+        )
 
     @classmethod
     def describe(cls, config: dict) -> str:
@@ -217,6 +298,11 @@ class PipelineBackend(RankGroupBackend):
         return text
 
     @classmethod
+    def default_devices(cls, config, gpus: int):
+        # A stage computes on one device: one GPU each (round robin where fewer).
+        return default_placement(gpus, config.stages, blocks=False)
+
+    @classmethod
     def validate(cls, config, topology) -> None:
         if config.workers != 1:
             raise ConfigError(
@@ -224,23 +310,35 @@ class PipelineBackend(RankGroupBackend):
                 f"(got workers {config.workers})"
             )
         super().validate(config, topology)
-        check_gpus_per_rank(config, config.stages, topology)
+        devices = cls.placement(config, topology)
+        if any(len(d.gpus) > 1 for d in devices):
+            raise ConfigError(
+                f"placement {config.placement}: a pipeline stage computes on one device; "
+                "give one GPU (or cpu) per stage"
+            )
+        kinds = {d.is_gpu for d in devices}
+        if config.partition == "compute" and len(kinds) > 1:
+            raise ConfigError(
+                "--partition compute times the layers on stage 0's device only; with stages "
+                f"on GPUs and the CPU ({format_placement(devices)}) use uniform, memory or custom"
+            )
 
     @classmethod
     def validate_model(cls, config, model, topology) -> None:
-        resolve_partition(config, str(hf_dir(model)), topology.memory_available_bytes)
+        caps = stage_caps(cls.placement(config, topology), topology)
+        resolve_partition(config, str(hf_dir(model)), caps)
 
     @classmethod
-    def rank_spec(
-        cls, config: TrialConfig, model_dir: str, pins=None, memory_cap_bytes: int | None = None
-    ) -> dict:
+    def rank_spec(cls, config: TrialConfig, model_dir: str, topology, pins=None) -> dict:
         """What every stage needs, JSON-ready (also used by the by-hand torchrun mode)."""
-        ranges = resolve_partition(config, model_dir, memory_cap_bytes)
+        caps = stage_caps(cls.placement(config, topology), topology)
+        ranges = resolve_partition(config, model_dir, caps)
         return {
             "kind": "pipeline",
             "config": config.to_dict(),
             "model_dir": model_dir,
             "pins": pins,
+            "devices": cls.devices(config, topology),
             "ranges": None if ranges is None else [[r.start, r.stop] for r in ranges],
             "timeout_s": collective_timeout_s(),
         }
@@ -249,9 +347,6 @@ class PipelineBackend(RankGroupBackend):
         super().__init__(config, model, topology)
         self.boundaries: str | None = None  # the split the stages run, once loaded
         self.last_stats: dict = {}
-
-    def _spec_extra(self) -> dict:
-        return {"memory_cap_bytes": self.topology.memory_available_bytes}
 
     def load(self) -> None:
         super().load()

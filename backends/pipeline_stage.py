@@ -128,6 +128,8 @@ class PipelineStage:
 
         self.pending_sends = [(w, t) for w, t in self.pending_sends if not w.is_completed()]
         for tensor in tensors:
+            if not self.ctx.nccl:
+                tensor = tensor.cpu()  # gloo carries host tensors only
             tensor = tensor.contiguous()
             self.pending_sends.append((dist.isend(tensor, dst), tensor))
 
@@ -144,9 +146,10 @@ class PipelineStage:
         return tensor
 
     def _comm_device(self, dtype):
-        # Hidden states travel on the stage's device (nccl between GPUs); headers, masks and
-        # token ids on the CPU (gloo).
-        return self.ctx.device if dtype == self.dtype else "cpu"
+        # Hidden states travel on the stage's device where every stage has a GPU of its own
+        # (nccl); headers, masks and token ids, and everything in a group with a CPU stage or
+        # a shared GPU, through host memory (gloo).
+        return self.ctx.device if dtype == self.dtype and self.ctx.nccl else "cpu"
 
     def _send_header(self, dst, *values) -> None:
         header = list(values) + [0] * (_HEADER - len(values))
@@ -173,7 +176,7 @@ class PipelineStage:
         with torch.inference_mode():
             out = forward_stage(
                 self.model,
-                hidden=hidden,
+                hidden=None if hidden is None else hidden.to(self.ctx.device),
                 input_ids=None if input_ids is None else input_ids.to(self.ctx.device),
                 mask=mask.to(self.ctx.device),
                 positions=positions.to(self.ctx.device),

@@ -64,7 +64,9 @@ class RankContext:
     world: int
     local_rank: int
     local_world: int
-    device: str
+    device: str  # the torch device its inputs go on: cpu or its (first) GPU
+    place: str  # its placement entry: cpu, cuda:2, or a block cuda:2+3
+    nccl: bool  # the group talks over NCCL (every rank on GPUs of its own), else gloo
     timeout_s: float
     spec: dict
     control: object = None  # a gloo group without a practical timeout, for requests
@@ -80,21 +82,21 @@ def shard(count: int, rank: int, world: int) -> range:
     return range(start, start + size + (rank < extra))
 
 
-def _device(local_rank: int, local_world: int) -> str:
-    """This rank's device: its own GPU block (gpus // ranks per node, seed 003), else the CPU."""
-    import torch
+def _device(devices: list[str], local_rank: int) -> tuple[str, str, bool]:
+    """This rank's torch device and placement entry (``devices``, one per rank, from
+    `Backend.devices`), and whether the group can talk over NCCL: only where every rank has
+    GPUs of its own (NCCL refuses two ranks on one device; gloo moves tensors through host
+    memory and works for shared GPUs and CPU ranks alike)."""
+    from autotune.placement import parse_placement, shared_gpus
 
-    if not torch.cuda.is_available():
-        return "cpu"
-    per_rank = torch.cuda.device_count() // local_world
-    if per_rank < 1:
-        raise RuntimeError(
-            f"{local_world} ranks on this node but only {torch.cuda.device_count()} GPUs: "
-            "each rank needs its own"
-        )
-    index = local_rank * per_rank
-    torch.cuda.set_device(index)
-    return f"cuda:{index}"
+    placement = parse_placement(",".join(devices))
+    mine = placement[local_rank]
+    if mine.is_gpu:
+        import torch
+
+        torch.cuda.set_device(mine.gpus[0])
+    nccl = all(d.is_gpu for d in placement) and not shared_gpus(placement)
+    return mine.torch, str(mine), nccl
 
 
 # ---------------------------------------------------------------- point to point, with names
@@ -204,13 +206,15 @@ def run_rank(spec: dict, requests=None, on_result=None) -> None:
             os.sched_setaffinity(0, pins[local_rank])
         torch.set_num_threads(spec["config"]["threads_per_worker"])
         started = time.monotonic()
-        device = _device(local_rank, local_world)
+        device, place, nccl = _device(spec["devices"], local_rank)
         timeout_s = float(spec["timeout_s"])
-        backend = "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
+        backend = "cpu:gloo,cuda:nccl" if nccl else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         # Requests wait on the parent, who may idle for as long as it likes between them.
         control = dist.new_group(backend="gloo", timeout=timedelta(days=30))
-        ctx = RankContext(rank, world, local_rank, local_world, device, timeout_s, spec, control)
+        ctx = RankContext(
+            rank, world, local_rank, local_world, device, place, nccl, timeout_s, spec, control
+        )
         worker = _worker(spec["kind"], ctx)
         mine = {"pid": os.getpid(), "load_s": time.monotonic() - started}
         everyone = [None] * world
@@ -293,9 +297,13 @@ def _by_hand(argv: list[str]) -> None:
             )
         model = ModelSpec.resolve(config.model)
         workload = load_workload(args.workload) if rank == 0 else None
+        from autotune.topology import detect
         from backends import backend_class
 
-        spec = backend_class(config.backend).rank_spec(config, str(hf_dir(model)))
+        cls = backend_class(config.backend)
+        topology = detect()
+        cls.validate(config, topology)
+        spec = cls.rank_spec(config, str(hf_dir(model)), topology)
     except AutotuneError as error:
         print(f"autotune: error: {error}", file=sys.stderr)
         sys.exit(2)

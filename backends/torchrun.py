@@ -306,15 +306,10 @@ class RankGroupBackend(Backend):
     """
 
     @classmethod
-    def devices(cls, config, topology) -> list[str]:
-        # On a GPU host each rank has its own GPU (its LOCAL_RANK); else all compute on CPUs.
-        if topology.gpus:
-            return [f"cuda:{rank}" for rank in range(config.processes)]
-        return ["cpu"] * config.processes
-
-    @classmethod
-    def rank_spec(cls, config: TrialConfig, model_dir: str, pins=None, **extra) -> dict:
-        """What every rank needs, JSON-ready (also used by the by-hand torchrun mode)."""
+    def rank_spec(cls, config: TrialConfig, model_dir: str, topology, pins=None) -> dict:
+        """What every rank needs, JSON-ready (also used by the by-hand torchrun mode): at
+        least ``kind``, ``config``, ``model_dir``, ``pins``, ``devices`` (each rank's
+        placement entry, `Backend.devices`) and ``timeout_s``."""
         raise NotImplementedError
 
     def __init__(self, config, model, topology) -> None:
@@ -331,9 +326,6 @@ class RankGroupBackend(Backend):
         """Each rank's load time, rank order (empty before load)."""
         return self.group.load_times_s if self.group else []
 
-    def _spec_extra(self) -> dict:
-        return {}
-
     def load(self) -> None:
         from autotune.models import hf_dir
         from autotune.pinning import cpu_sets
@@ -343,8 +335,8 @@ class RankGroupBackend(Backend):
         spec = self.rank_spec(
             self.config,
             str(hf_dir(self.model)),
+            self.topology,
             [sorted(p) for p in pins] if pins else None,
-            **self._spec_extra(),
         )
         self.group = RankGroup(self.name, spec, ranks, threads)
         try:

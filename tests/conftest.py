@@ -29,6 +29,21 @@ def run_cli(
     )
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip, saying why, where torch sees no CUDA device (torch is
+    imported only when such a test was collected)."""
+    marked = [item for item in items if item.get_closest_marker("gpu")]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is False")
+    for item in marked:
+        item.add_marker(skip)
+
+
 @pytest.fixture
 def cli():
     return run_cli

@@ -1,0 +1,112 @@
+"""Where each process of a layout computes: the CPU, one GPU, or a block of GPUs.
+
+A placement is one device per process, comma separated, in process order (worker, rank or
+stage): ``cpu``, ``cuda:2`` or a block ``cuda:2+3`` (the process sees GPUs 2 and 3, as seed
+003's ``CUDA_VISIBLE_DEVICES=2,3``, and spreads the model over them). The same GPU named for
+two processes means they share it. ``TrialConfig.placement`` holds one; left out, the backend
+places its processes itself (`default_placement`).
+
+Seed 003's rule is the default for workers and ranks: with G GPUs and W processes each gets a
+block of ``G // W`` GPUs of its own; with fewer GPUs than processes they share, round robin.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from autotune.errors import ConfigError
+
+__all__ = [
+    "Device",
+    "check_placement",
+    "default_placement",
+    "format_placement",
+    "parse_placement",
+    "shared_gpus",
+]
+
+_DEVICE = re.compile(r"cpu|cuda:\d+(\+\d+)*")
+
+
+@dataclass(frozen=True)
+class Device:
+    """One process's device: ``gpus`` empty for the CPU, else the GPU indices it sees."""
+
+    gpus: tuple[int, ...] = ()
+
+    @property
+    def is_gpu(self) -> bool:
+        return bool(self.gpus)
+
+    @property
+    def torch(self) -> str:
+        """The torch device the process puts its inputs on: ``cpu`` or its first GPU."""
+        return f"cuda:{self.gpus[0]}" if self.gpus else "cpu"
+
+    @property
+    def visible(self) -> str:
+        """``CUDA_VISIBLE_DEVICES`` for the process: its GPUs (empty: none, a CPU process)."""
+        return ",".join(str(g) for g in self.gpus)
+
+    def __str__(self) -> str:
+        return "cuda:" + "+".join(str(g) for g in self.gpus) if self.gpus else "cpu"
+
+
+def parse_placement(text: str) -> tuple[Device, ...]:
+    """``cuda:0,cuda:0,cpu`` -> its devices; ConfigError naming the entry that is not one."""
+    devices = []
+    for entry in text.split(","):
+        entry = entry.strip()
+        if not _DEVICE.fullmatch(entry):
+            raise ConfigError(
+                f"placement {text!r}: {entry!r} is not a device (cpu, cuda:0, or a block of "
+                "GPUs such as cuda:0+1)"
+            )
+        gpus = () if entry == "cpu" else tuple(int(g) for g in entry[5:].split("+"))
+        if len(set(gpus)) != len(gpus):
+            raise ConfigError(f"placement {text!r}: {entry!r} names a GPU twice")
+        devices.append(Device(gpus))
+    return tuple(devices)
+
+
+def format_placement(devices) -> str:
+    """The inverse of `parse_placement`."""
+    return ",".join(str(d) for d in devices)
+
+
+def default_placement(gpus: int, processes: int, *, blocks: bool = True) -> tuple[Device, ...]:
+    """Seed 003's placement of ``processes`` on ``gpus`` GPUs: ``gpus // processes`` each
+    (one each where ``blocks`` is False: a pipeline stage computes on one device), and round
+    robin, sharing, where there are more processes than GPUs; the CPU where there is no GPU."""
+    if gpus == 0:
+        return (Device(),) * processes
+    if processes > gpus:
+        return tuple(Device((rank % gpus,)) for rank in range(processes))
+    per = gpus // processes if blocks else 1
+    return tuple(Device(tuple(range(rank * per, rank * per + per))) for rank in range(processes))
+
+
+def shared_gpus(devices) -> bool:
+    """Whether two processes compute on one GPU (then no NCCL between them: it needs a
+    device per rank)."""
+    seen: list[int] = [g for d in devices for g in d.gpus]
+    return len(seen) != len(set(seen))
+
+
+def check_placement(text: str, processes: int, gpus: int, what: str = "processes") -> tuple:
+    """The devices of placement ``text`` for ``processes`` processes on a host with ``gpus``
+    GPUs; ConfigError when the count differs or a GPU does not exist."""
+    devices = parse_placement(text)
+    if len(devices) != processes:
+        raise ConfigError(
+            f"placement {text!r} names {len(devices)} devices for {processes} {what}; "
+            "give one per process"
+        )
+    missing = sorted({g for d in devices for g in d.gpus if g >= gpus})
+    if missing:
+        have = f"GPUs 0-{gpus - 1}" if gpus else "no GPU"
+        raise ConfigError(
+            f"placement {text!r}: GPU {missing[0]} does not exist (this machine has {have})"
+        )
+    return devices
