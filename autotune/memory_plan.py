@@ -88,6 +88,9 @@ class MemoryPlanner:
             devices = cls.placement(config, self.topology)
             on_gpu = [rank for rank, device in enumerate(devices) if device.is_gpu]
             host -= sum(cls.gpu_process_bytes(config, self.shape, rank) for rank in on_gpu)
+            # Never under the processes themselves (llama.cpp counts its mmapped weights once
+            # on the host, but each offloading worker holds its own copy on its GPU).
+            host = max(host, _HARNESS + config.processes * cls.process_overhead_bytes)
         return host
 
     def predict(self, config: TrialConfig) -> int:
