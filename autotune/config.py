@@ -151,7 +151,11 @@ class TrialConfig:
             raise ConfigError(
                 f"prefill_threads must be a whole number >= 1, got {self.prefill_threads!r}"
             )
-        if not isinstance(self.gpu_layers, int) or self.gpu_layers < -1:
+        if (
+            not isinstance(self.gpu_layers, int)
+            or isinstance(self.gpu_layers, bool)
+            or self.gpu_layers < -1
+        ):
             raise ConfigError(
                 f"gpu_layers must be -1 (all) or a whole number >= 0, got {self.gpu_layers!r}"
             )

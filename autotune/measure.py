@@ -62,10 +62,11 @@ def _tree() -> list[psutil.Process]:
         return [me]
 
 
-def tree_memory() -> tuple[int, int]:
-    """(PSS, RSS) of this process and all its descendants, in bytes."""
+def tree_memory(processes: list[psutil.Process] | None = None) -> tuple[int, int]:
+    """(PSS, RSS) of this process and all its descendants (``processes``, where the caller
+    listed them already), in bytes."""
     pss = rss = 0
-    for process in _tree():
+    for process in _tree() if processes is None else processes:
         rollup = _smaps_rollup(process.pid)
         if rollup is None:  # no smaps_rollup (old kernel, not Linux): RSS is all there is
             try:
@@ -112,11 +113,12 @@ class TreeSampler:
 
     def sample(self) -> None:
         """Take one sample now."""
-        pss, rss = tree_memory()
+        tree = _tree()
+        pss, rss = tree_memory(tree)
         self.peak_pss_bytes = max(self.peak_pss_bytes, pss)
         self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
         if self.gpus:
-            reading = gpu_usage.sample({p.pid for p in _tree()})
+            reading = gpu_usage.sample({p.pid for p in tree})
             if reading is not None:
                 for gpu, used in reading.memory.items():
                     self.peak_gpu_bytes[gpu] = max(self.peak_gpu_bytes.get(gpu, 0), used)

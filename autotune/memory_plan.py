@@ -81,43 +81,49 @@ class MemoryPlanner:
         self.factors: dict[str, float] = {}  # backend -> measured / predicted, worst seen
         self.gpu_factors: dict[str, float] = {}  # the same for GPU memory
 
-    def _raw(self, config: TrialConfig) -> float:
+    def _raw(self, config: TrialConfig) -> tuple[float, dict[int, float]]:
+        """Uncorrected (host bytes, bytes per GPU index) of ``config``'s process tree."""
         cls = backend_class(config.backend)
         host = _HARNESS + cls.predict_memory_bytes(config, self.shape)
-        if self.gpu_bytes:  # what a process keeps on its GPU is not in host memory
-            devices = cls.placement(config, self.topology)
-            on_gpu = [rank for rank, device in enumerate(devices) if device.is_gpu]
-            host -= sum(cls.gpu_process_bytes(config, self.shape, rank) for rank in on_gpu)
-            # Never under the processes themselves (llama.cpp counts its mmapped weights once
-            # on the host, but each offloading worker holds its own copy on its GPU).
-            host = max(host, _HARNESS + config.processes * cls.process_overhead_bytes)
-        return host
+        if not self.gpu_bytes:
+            return host, {}
+        devices = cls.placement(config, self.topology)
+        on_gpu = sum(1 for device in devices if device.is_gpu)
+        # What a process keeps on its GPU is not in host memory; never under the processes
+        # themselves (llama.cpp counts its mmapped weights once on the host, but each
+        # offloading worker holds its own copy on its GPU).
+        host = max(
+            host - on_gpu * cls.gpu_process_bytes(config, self.shape),
+            _HARNESS + config.processes * cls.process_overhead_bytes,
+        )
+        return host, cls.predict_gpu_bytes(config, self.shape, devices)
+
+    def _corrected(self, config: TrialConfig) -> tuple[int, dict[int, int]]:
+        host, gpus = self._raw(config)
+        factor = self.gpu_factors.get(config.backend, 1.0)
+        return (
+            int(host * self.factors.get(config.backend, 1.0)),
+            {gpu: int(used * factor) for gpu, used in sorted(gpus.items())},
+        )
 
     def predict(self, config: TrialConfig) -> int:
-        """Predicted peak bytes of the trial's process tree."""
-        return int(self._raw(config) * self.factors.get(config.backend, 1.0))
-
-    def _raw_gpus(self, config: TrialConfig) -> dict[int, float]:
-        if not self.gpu_bytes:
-            return {}
-        cls = backend_class(config.backend)
-        return cls.predict_gpu_bytes(config, self.shape, cls.placement(config, self.topology))
+        """Predicted peak bytes of the trial's process tree in host memory."""
+        return self._corrected(config)[0]
 
     def predict_gpus(self, config: TrialConfig) -> dict[int, int]:
         """Predicted peak bytes per GPU index the layout uses (empty on a CPU host)."""
-        factor = self.gpu_factors.get(config.backend, 1.0)
-        return {g: int(b * factor) for g, b in sorted(self._raw_gpus(config).items())}
+        return self._corrected(config)[1]
 
     def refusal(self, config: TrialConfig) -> str | None:
         """Why ``config`` must not run (predicted over the limit, or over a GPU's memory), or
         None."""
-        predicted = self.predict(config)
+        predicted, gpus = self._corrected(config)
         if predicted > self.limit_bytes:
             return (
                 f"predicted peak memory {predicted / 2**30:.2f} GiB is over the limit of "
                 f"{self.limit_bytes / 2**30:.2f} GiB"
             )
-        for gpu, used in self.predict_gpus(config).items():
+        for gpu, used in gpus.items():
             room = _GPU_USABLE * self.gpu_bytes.get(gpu, 0)
             if used > room:
                 return (
@@ -128,13 +134,13 @@ class MemoryPlanner:
 
     def observe(self, config: TrialConfig, measured_bytes: int) -> None:
         """Correct the backend's factor with a trial's measured peak (never below 1)."""
-        ratio = measured_bytes / max(1.0, self._raw(config))
+        ratio = measured_bytes / max(1.0, self._raw(config)[0])
         self.factors[config.backend] = max(self.factors.get(config.backend, 1.0), ratio)
 
     def observe_gpus(self, config: TrialConfig, measured: dict) -> None:
         """Correct the backend's GPU factor with a trial's peak per GPU (``{"0": bytes}``):
         the worst GPU's measured / predicted, never below 1."""
-        predicted = self._raw_gpus(config)
+        predicted = self._raw(config)[1]
         for gpu, used in measured.items():
             if predicted.get(int(gpu)):
                 ratio = used / predicted[int(gpu)]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from autotune.errors import ConfigError
 
 __all__ = [
+    "MAX_SHARE",
     "Device",
     "check_placement",
     "default_placement",
@@ -27,6 +28,9 @@ __all__ = [
 ]
 
 _DEVICE = re.compile(r"cpu|cuda:\d+(\+\d+)*")
+# Processes per GPU a search space goes up to where they outnumber the GPUs (seed 003's
+# fallback: they share); a small model leaves most of an H100 idle with one.
+MAX_SHARE = 4
 
 
 @dataclass(frozen=True)
@@ -94,13 +98,13 @@ def shared_gpus(devices) -> bool:
     return len(seen) != len(set(seen))
 
 
-def check_placement(text: str, processes: int, gpus: int, what: str = "processes") -> tuple:
+def check_placement(text: str, processes: int, gpus: int) -> tuple[Device, ...]:
     """The devices of placement ``text`` for ``processes`` processes on a host with ``gpus``
     GPUs; ConfigError when the count differs or a GPU does not exist."""
     devices = parse_placement(text)
     if len(devices) != processes:
         raise ConfigError(
-            f"placement {text!r} names {len(devices)} devices for {processes} {what}; "
+            f"placement {text!r} names {len(devices)} devices for {processes} processes; "
             "give one per process"
         )
     missing = sorted({g for d in devices for g in d.gpus if g >= gpus})

@@ -424,7 +424,7 @@ class Sweep:
         """The baseline and its backend's recipes, as Optuna trials with their parameters (so
         the sampler learns from them). The other backends' recipes wait until nothing else is
         queued and no climb goes on (`_release_recipe`): the baseline's backend is the one
-        expected fastest here (`baseline_rank`), and its batch climb is where a short budget
+        expected fastest here (`baseline_priority`), and its batch climb is where a short budget
         finds the most speed."""
         baseline = self.space.baseline()
         self._enqueue(study, baseline)
@@ -515,7 +515,16 @@ class Sweep:
         information TPE would ask for the same point again and again."""
         config = self.space.random_config(self.rng, avoid=set(self.seen))
         if config is not None:
-            study.enqueue_trial(self.space.params(config), user_attrs={"role": "search"})
+            self._queue(study, config)
+
+    def _queue(self, study, config: TrialConfig, name: str | None = None) -> None:
+        """Queue ``config`` as the sampler's next search trial (``name``: why this one)."""
+        attrs = {"role": "search", **({"name": name} if name else {})}
+        study.enqueue_trial(self.space.params(config), user_attrs=attrs)
+
+    def _affordable(self, config: TrialConfig, left: float) -> bool:
+        """Not measured yet, and expected to fit the ``left`` seconds of the search."""
+        return config_key(config) not in self.seen and self.cost_s(config) <= left
 
     def _why_not(self, candidate: _Candidate) -> str | None:
         """Why the candidate must not run at all, or None: the one place that decides (a
@@ -542,16 +551,13 @@ class Sweep:
             narrower = self.space.step(config, "batch_size", -positions)
             if narrower is None:
                 return False
-            if config_key(narrower) in self.seen or self.cost_s(narrower) > left:
-                continue
-            name = (
-                f"fitted: asked for batch {config.batch_size}, expected "
-                f"{self.cost_s(config):.1f} s with {left:.1f} s left"
-            )
-            study.enqueue_trial(
-                self.space.params(narrower), user_attrs={"role": "search", "name": name}
-            )
-            return True
+            if self._affordable(narrower, left):
+                name = (
+                    f"fitted: asked for batch {config.batch_size}, expected "
+                    f"{self.cost_s(config):.1f} s with {left:.1f} s left"
+                )
+                self._queue(study, narrower, name)
+                return True
         return False
 
     def _bests(self) -> dict[str, TrialRecord]:
@@ -589,15 +595,9 @@ class Sweep:
             config, left = TrialConfig.from_dict(origin.config), self.search_left_s()
             for positions in (_CLIMB, 1):
                 wider = self.space.step(config, "batch_size", positions)
-                if (
-                    wider is not None
-                    and config_key(wider) not in self.seen
-                    and self.cost_s(wider) <= left
-                ):
+                if wider is not None and self._affordable(wider, left):
                     name = f"climb: trial {origin.number}'s layout at batch {wider.batch_size}"
-                    study.enqueue_trial(
-                        self.space.params(wider), user_attrs={"role": "search", "name": name}
-                    )
+                    self._queue(study, wider, name)
                     self.climbs[best.backend] = (origin.value, config_key(wider))
                     return True
             self.climbs[best.backend] = _CLIMBED

@@ -247,18 +247,17 @@ class Backend(ABC):
         """Peak bytes per GPU index of the layout's processes on ``devices`` (`placement`),
         before any correction: each process's `gpu_process_bytes` spread over its GPUs, and
         a CUDA context on each."""
+        data = cls.gpu_process_bytes(config, shape)
         per_gpu: dict[int, float] = {}
-        for rank, device in enumerate(devices):
-            if not device.is_gpu:
-                continue
-            data = cls.gpu_process_bytes(config, shape, rank) / len(device.gpus)
+        for device in devices:
             for gpu in device.gpus:
-                per_gpu[gpu] = per_gpu.get(gpu, 0.0) + data + CUDA_CONTEXT_BYTES
+                per_gpu[gpu] = per_gpu.get(gpu, 0.0) + data / len(device.gpus) + CUDA_CONTEXT_BYTES
         return per_gpu
 
     @classmethod
-    def gpu_process_bytes(cls, config: TrialConfig, shape: ModelShape, rank: int) -> float:
-        """Bytes process ``rank`` keeps on its GPUs (weights, KV cache); none by default."""
+    def gpu_process_bytes(cls, config: TrialConfig, shape: ModelShape) -> float:
+        """Bytes one process computing on GPUs keeps there (weights, KV cache); none by
+        default."""
         return 0.0
 
     @classmethod
@@ -285,11 +284,18 @@ class Backend(ABC):
         """Raise ConfigError if this backend cannot run ``config`` on this machine.
 
         Called before the backend is built. The default checks the fields it reads, that a
-        pinning policy has the CPUs it needs and that the placement's GPUs exist.
+        pinning policy has the CPUs it needs and that the placement's GPUs exist, then asks
+        `check_devices`.
         """
         cls.check_fields(config)
         cpu_sets(topology, config.processes, config.threads_per_worker, config.pinning)
-        cls.placement(config, topology)
+        cls.check_devices(config, cls.placement(config, topology), topology)
+
+    @classmethod
+    def check_devices(cls, config: TrialConfig, devices, topology: Topology) -> None:
+        """Raise ConfigError where this backend cannot run on ``devices`` (its `placement`);
+        any placement by default."""
+        return
 
     @classmethod
     def validate_model(cls, config: TrialConfig, model: ModelSpec, topology: Topology) -> None:

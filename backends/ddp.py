@@ -11,27 +11,25 @@ from __future__ import annotations
 
 from autotune.config import PINNING, TrialConfig
 from autotune.knobs import BackendSpace, Knob, Target
+from autotune.placement import MAX_SHARE
 from backends.base import Completion, gpu_threads, threads_knob
 from backends.hf import torch_dtypes, torch_memory_bytes
 from backends.torchrun import RankGroupBackend, collective_timeout_s
 
-__all__ = ["MAX_SHARE", "DDPBackend", "DDPRank", "rank_limit"]
+__all__ = ["DDPBackend", "DDPRank", "rank_limit"]
 
 
-# Ranks per GPU the space goes up to where ranks outnumber GPUs (seed 003's fallback: they
-# share); a small model leaves most of an H100 idle at one rank.
-MAX_SHARE = 4
-
-
-def rank_limit(target: Target) -> tuple[int, str]:
+def rank_limit(target: Target, cpu_ranks: int = 0) -> tuple[int, str]:
     """The most ranks a torch layout may start on ``target``, and why: one per usable CPU,
-    on a GPU host up to MAX_SHARE per GPU (above one per GPU they share, round robin)."""
+    on a GPU host up to MAX_SHARE per GPU (above one per GPU they share, round robin) and
+    ``cpu_ranks`` more on the CPU."""
     if target.gpus:
-        most = min(target.cpus, target.gpus * MAX_SHARE)
-        return most, (
+        most = min(target.cpus, target.gpus * MAX_SHARE + cpu_ranks)
+        why = (
             f"{target.gpus} GPUs, up to {MAX_SHARE} ranks each; ranks above {target.gpus} "
             "share GPUs round robin"
         )
+        return most, why + (f"; {cpu_ranks} on the CPU" if cpu_ranks else "")
     return target.cpus, f"{target.cpus} usable CPUs"
 
 
@@ -91,7 +89,7 @@ class DDPBackend(RankGroupBackend):
         return data + (ranks + 1) * cls.process_overhead_bytes
 
     @classmethod
-    def gpu_process_bytes(cls, config, shape, rank) -> float:
+    def gpu_process_bytes(cls, config, shape) -> float:
         return torch_memory_bytes(config, shape, weight_copies=1, kv_copies=1)
 
     @classmethod

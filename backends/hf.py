@@ -237,7 +237,7 @@ class HFBackend(Backend):
         return data + cls.process_overhead_bytes
 
     @classmethod
-    def gpu_process_bytes(cls, config, shape, rank) -> float:
+    def gpu_process_bytes(cls, config, shape) -> float:
         return torch_memory_bytes(config, shape, weight_copies=1, kv_copies=1)
 
     @classmethod

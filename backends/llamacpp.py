@@ -19,10 +19,9 @@ from autotune.config import PINNING, QUANTS
 from autotune.errors import BackendError, ConfigError
 from autotune.knobs import BackendSpace, Knob, Target
 from autotune.pinning import cpu_sets
-from autotune.placement import default_placement
+from autotune.placement import MAX_SHARE, default_placement
 from autotune.workload import GenerationSettings, Prompt
 from backends.base import Backend, Completion, gpu_threads, threads_knob
-from backends.ddp import MAX_SHARE
 from backends.llamacpp_quant import gguf_variant
 from backends.llamacpp_worker import worker_main
 
@@ -108,9 +107,7 @@ class LlamaCppBackend(Backend):
         return default_placement(gpus, config.workers)
 
     @classmethod
-    def validate(cls, config, topology) -> None:
-        super().validate(config, topology)
-        devices = cls.placement(config, topology)
+    def check_devices(cls, config, devices, topology) -> None:
         if config.gpu_layers != 0:
             if not topology.gpus:
                 raise ConfigError("--gpu-layers: this machine has no GPU to offload to")
@@ -181,7 +178,7 @@ class LlamaCppBackend(Backend):
         return weights + kv + config.workers * cls.process_overhead_bytes
 
     @classmethod
-    def gpu_process_bytes(cls, config, shape, rank) -> float:
+    def gpu_process_bytes(cls, config, shape) -> float:
         # Each offloading worker holds its own copy of its layers' weights and KV cache.
         if config.gpu_layers == 0:
             return 0.0

@@ -18,9 +18,9 @@ from autotune.config import TrialConfig
 from autotune.errors import ConfigError
 from autotune.knobs import BackendSpace, Knob, Target
 from autotune.models import hf_dir
-from autotune.placement import Device, default_placement, format_placement
+from autotune.placement import MAX_SHARE, Device, default_placement, format_placement
 from backends.base import Completion, gpu_threads, threads_knob
-from backends.ddp import MAX_SHARE, rank_limit
+from backends.ddp import rank_limit
 from backends.hf import DTYPE_BYTES, torch_dtypes, torch_memory_bytes
 from backends.partition import (
     StageCosts,
@@ -173,11 +173,8 @@ class PipelineBackend(RankGroupBackend):
 
     @classmethod
     def space(cls, target: Target) -> BackendSpace:
-        ranks, why = rank_limit(target)
         gpus = target.gpus
-        if gpus:  # stages one per GPU, sharing up to MAX_SHARE each, and one on the CPU
-            ranks = min(target.cpus, gpus * MAX_SHARE + 1)
-            why = f"{gpus} GPUs, up to {MAX_SHARE} stages each, and the CPU"
+        ranks, why = rank_limit(target, cpu_ranks=1)  # on a GPU host one stage may be the CPU
         most = min(ranks, target.layers, _MAX_STAGES)
         if most < 2:
             return BackendSpace(cls.name, excluded=f"needs 2 stages; {why} allow {ranks}")
@@ -282,7 +279,7 @@ class PipelineBackend(RankGroupBackend):
         return data + (config.stages + 1) * cls.process_overhead_bytes
 
     @classmethod
-    def gpu_process_bytes(cls, config, shape, rank) -> float:
+    def gpu_process_bytes(cls, config, shape) -> float:
         # Its share of the layers: of the weights (x1.3 as above) and of every cache.
         share = 1 / config.stages
         in_flight = config.stages + 1
@@ -310,7 +307,9 @@ class PipelineBackend(RankGroupBackend):
                 f"(got workers {config.workers})"
             )
         super().validate(config, topology)
-        devices = cls.placement(config, topology)
+
+    @classmethod
+    def check_devices(cls, config, devices, topology) -> None:
         if any(len(d.gpus) > 1 for d in devices):
             raise ConfigError(
                 f"placement {config.placement}: a pipeline stage computes on one device; "

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import subprocess
 
+import psutil
 import pytest
 
 from autotune import gpu_usage
@@ -24,7 +25,7 @@ from autotune.placement import (
     shared_gpus,
 )
 from autotune.space import SearchSpace
-from autotune.topology import load_machine
+from autotune.topology import detect, load_machine
 from backends import backend_class
 
 GPU_NODE = "gpu_node_8x_h100.json"
@@ -46,9 +47,7 @@ def node(machine):
 
 
 @pytest.fixture
-def vm(machine, tmp_path):
-    from autotune.topology import detect
-
+def vm(machine):
     return detect(machine("vm_2vcpu"), probe_gpus=False)
 
 
@@ -230,8 +229,8 @@ class _Pid:
     def __init__(self, pid: int) -> None:
         self.pid = pid
 
-    def memory_info(self):
-        raise __import__("psutil").Error
+    def memory_info(self):  # no /proc entry for a made-up pid: no host memory to read
+        raise psutil.Error
 
 
 def test_plan_shows_the_gpu_memory_of_each_example(cli, node, tmp_path):
