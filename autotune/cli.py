@@ -292,7 +292,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     workload = load_workload(args.workload)  # a bad file fails here, before any trial
     _warn_bad_lines(workload)
     model = ModelSpec.resolve(args.model)
-    topology = detect()
+    shape = model_shape(model)
+    simulation: dict = {}
+    if args.machine:
+        # Another machine, simulated: every trial is the speed model's, on a fake clock.
+        from autotune.simulate import MachineModel
+        from backends.fake import FakeClock, SimulatedTrials
+
+        machine = MachineModel.load(args.machine, shape)
+        topology = machine.topology
+        clock = FakeClock()
+        simulation = {
+            "clock": clock,
+            "runner": SimulatedTrials(clock, topology, machine=machine, seed=args.seed),
+        }
+    else:
+        topology = detect()
     # The model by absolute path where one was given (the embedded default stays None, so an
     # export never points into the environment the sweep ran in).
     base = TrialConfig(
@@ -322,12 +337,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         base=base,
         pairs=args.pairs,
         seed=args.seed,
+        simulated=args.machine,
+        warm_start=args.warm_start,
     )
     from autotune import console
 
     progress = console.SweepProgress(budget, study)
     summary = run_sweep(
-        options, topology=topology, model=model, shape=model_shape(model), on_event=progress
+        options, topology=topology, model=model, shape=shape, on_event=progress, **simulation
     )
     console.show_sweep(summary)
     if summary.interrupted:
@@ -669,6 +686,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="A B pairs when re-measuring the best three against the baseline (default: 3)",
     )
     sweep.add_argument("--seed", type=int, help="sampler seed (for a repeatable search)")
+    sweep.add_argument(
+        "--warm-start",
+        metavar="STUDY",
+        help="measure a previous study's best three layouts right after the baseline (same "
+        "machine and model, or exit 2)",
+    )
+    sweep.add_argument(
+        "--machine",
+        metavar="FILE",
+        help="simulate another machine instead of measuring this one: its `autotune detect "
+        "--json` (or a /proc + /sys copy); every figure is a speed model's, the budget runs "
+        "on a simulated clock (a 30m sweep takes seconds)",
+    )
     _add_reports_dir(sweep)
     sweep.set_defaults(handler=cmd_sweep)
 

@@ -36,8 +36,23 @@ _MISSING = object()
 _ENUMERATE_UP_TO = 5000  # layouts; a larger space is explored by random draws only
 
 
+def _param_name(backend: str, knob, allowed: tuple) -> str:
+    """The Optuna parameter of ``knob``: ``backend.knob``; for a category knob whose earlier
+    choices leave only some values, the values are in the name (an Optuna categorical
+    parameter keeps one list of choices for the whole study)."""
+    name = f"{backend}.{knob.name}"
+    if knob.ordered or tuple(allowed) == tuple(knob.values):
+        return name
+    return f"{name}[{','.join(str(v) for v in allowed)}]"
+
+
 class Unfit(Exception):
-    """The suggested config cannot run on the target; the message says why."""
+    """The suggested config cannot run on the target; the message says why. ``config`` is
+    the config refused, where one was built."""
+
+    def __init__(self, reason: str, config: TrialConfig | None = None) -> None:
+        super().__init__(reason)
+        self.config = config
 
 
 @dataclass(frozen=True)
@@ -45,7 +60,7 @@ class Fixed:
     """A layout measured as it is (the baseline, a seed's recipe)."""
 
     name: str
-    role: str  # "baseline" or "recipe"
+    role: str  # "baseline", "recipe" or "warm" (a `autotune.study.Role` value)
     config: TrialConfig
 
 
@@ -119,7 +134,7 @@ class SearchSpace:
             allowed = knob.allowed(chosen)
             if not allowed:
                 raise Unfit(f"{backend}: no value of {knob.name} fits ({knob.note})")
-            name = f"{backend}.{knob.name}"
+            name = _param_name(backend, knob, allowed)
             if knob.ordered:
                 chosen[knob.name] = allowed[trial.suggest_int(name, 0, len(allowed) - 1)]
             else:
@@ -127,7 +142,7 @@ class SearchSpace:
         config = self.build(backend, chosen)
         reason = self.refusal(config)
         if reason:
-            raise Unfit(reason)
+            raise Unfit(reason, config)
         return config
 
     def params(self, config: TrialConfig) -> dict:
@@ -138,7 +153,8 @@ class SearchSpace:
         name = self._backend_param()
         params: dict = {name: backend} if name else {}
         for knob, allowed, value in self._choices(config):
-            params[f"{backend}.{knob.name}"] = allowed.index(value) if knob.ordered else value
+            name = _param_name(backend, knob, allowed)
+            params[name] = allowed.index(value) if knob.ordered else value
         return params
 
     def step(self, config: TrialConfig, knob_name: str, positions: int) -> TrialConfig | None:

@@ -38,6 +38,7 @@ class Role(str, Enum):
     RECIPE = "recipe"  # a seed's hand-made layout
     SEARCH = "search"  # suggested by the sampler
     EXTRA = "extra"  # injected by the caller (tests)
+    WARM = "warm"  # one of a previous study's best layouts (--warm-start)
     REFERENCE = "reference"  # batch 1, the model's own weights, greedy: answers to compare with
 
 

@@ -40,10 +40,11 @@ from autotune.files import atomic_write
 from autotune.knobs import Target
 from autotune.measure import Pacing, refills, width_of
 from autotune.memory_plan import MemoryPlanner
-from autotune.space import SearchSpace, Unfit, config_key
+from autotune.space import Fixed, SearchSpace, Unfit, config_key
 from autotune.stats import speedup_interval
 from autotune.study import Role, StudyDir, TrialRecord, TrialState
 from autotune.trial import TrialOutcome, run_in_child
+from autotune.workload import GenerationSettings
 from backends import backend_class
 
 __all__ = [
@@ -80,6 +81,14 @@ _CLIMB_KEEPS = 0.8
 # re-measuring.
 _UNMEASURED = 2.0
 _CLIMBED = "climbed"
+# Another layout of a backend (other workers, threads, weights...) within this share of the
+# backend's best climbs too, one only: a 10-minute sweep on 2 vCPUs climbed 1x2 (62.7 tokens/s
+# at batch 1) and never 2x1 (62.6), a tie inside one pass's noise.
+_TIE = 0.9
+_LINEAGES = 2  # layouts whose batch climbs, per backend
+# The most one search trial may be expected to take, as a share of the search's part of the
+# budget: that 10-minute sweep spent a third of its search on one climb step to batch 64.
+_STEP_SHARE = 0.2
 _TOP = 3
 _AGREE = 0.10  # a search figure this close to the paired median needs no note
 _DUPLICATE = "same config as trial"
@@ -110,6 +119,9 @@ class SweepOptions:
     base: TrialConfig = field(default_factory=TrialConfig)
     pairs: int = 3
     seed: int | None = None
+    # The machine file the trials were simulated on (`autotune.simulate`), or None: measured.
+    simulated: str | None = None
+    warm_start: str | None = None  # a previous study whose best layouts are tried first
 
 
 # ---------------------------------------------------------------- progress events
@@ -240,8 +252,8 @@ class Sweep:
         # or None where the reference failed (agreement unknown for that family).
         self.references: dict[str, dict | None] = {}
         self.seen: dict[str, int] = {}
-        # Per backend, its batch climb: (tokens/s it started from, the key of the wider layout
-        # queued), or _CLIMBED once over.
+        # Per layout climbing the batch axis (`_lineage`: its config but the batch): (tokens/s
+        # the step started from, the key of the wider layout queued), or _CLIMBED once over.
         self.climbs: dict[str, tuple[float, str] | str] = {}
         self.deferred: list = []  # recipes of the other backends, queued after the climb
         self.skipped: dict[str, str] = {}  # recipe name -> why it was not run
@@ -311,13 +323,14 @@ class Sweep:
 
     def run(self) -> SweepSummary:
         """Search, confirm, write summary.json and best.env; returns the summary."""
+        warm = self._warm_layouts()  # a bad --warm-start fails before anything is written
         study = self._open_study()
         self._write_machine()
         self.records = _previous_records(study)
         for record in self.records:
             self._remember(record)
         if not self.records:  # a new study: the fixed layouts first
-            self._enqueue_fixed(study)
+            self._enqueue_fixed(study, warm)
         interrupted = False
         with self.dir.open_log() as log:
             self.log = log
@@ -347,7 +360,7 @@ class Sweep:
             baseline=baseline,
             elapsed_s=self.elapsed_s(),
             interrupted=interrupted,
-            note=self.note,
+            note=_simulated_note(self.options.simulated, self.note),
             min_agreement=self.options.min_agreement,
             dropped=dict(self.space.dropped),
             skipped=dict(self.skipped),
@@ -417,17 +430,61 @@ class Sweep:
                 "fingerprint": self.topology.fingerprint(),
                 "model": str(self.model.path),
                 "model_embedded": bool(self.model.embedded),
+                "simulated": self.options.simulated,
             },
         )
 
-    def _enqueue_fixed(self, study) -> None:
-        """The baseline and its backend's recipes, as Optuna trials with their parameters (so
-        the sampler learns from them). The other backends' recipes wait until nothing else is
-        queued and no climb goes on (`_release_recipe`): the baseline's backend is the one
-        expected fastest here (`baseline_priority`), and its batch climb is where a short budget
-        finds the most speed."""
+    def _warm_layouts(self) -> list[Fixed]:
+        """The best `_TOP` layouts of the --warm-start study that this search can run, best
+        first; a study of another machine or model is refused (ConfigError)."""
+        name = self.options.warm_start
+        if not name:
+            return []
+        previous = StudyDir(self.options.reports_dir / name)
+        machine = previous.read_json(previous.machine, "machine.json")
+        if machine is None:
+            where = self.options.reports_dir
+            raise ConfigError(f"--warm-start {name}: no such study in {where}")
+        if machine.get("fingerprint") != self.topology.fingerprint():
+            raise ConfigError(
+                f"--warm-start {name}: measured on machine {machine.get('fingerprint')}, this "
+                f"one is {self.topology.fingerprint()}; a layout's speed does not carry over"
+            )
+        if machine.get("model") != str(self.model.path):
+            raise ConfigError(
+                f"--warm-start {name}: measured with model {machine.get('model')}, this sweep "
+                f"runs {self.model.path}"
+            )
+        done = [
+            r
+            for r in previous.records()
+            if r.complete and r.role in (Role.SEARCH, Role.RECIPE, Role.EXTRA, Role.WARM)
+        ]
+        found, keys = [], set()
+        for record in sorted(done, key=lambda r: r.value, reverse=True):
+            config = self.options.base.replace(
+                **{k: v for k, v in record.config.items() if k in _LAYOUT_FIELDS}
+            )
+            if config_key(config) in keys or self.space.refusal(config) is not None:
+                continue
+            keys.add(config_key(config))
+            label = f"warm start: {name} trial {record.number}, {record.value:.1f} tokens/s there"
+            found.append(Fixed(label, Role.WARM.value, config))
+            if len(found) == _TOP:
+                break
+        return found
+
+    def _enqueue_fixed(self, study, warm: list[Fixed] = ()) -> None:
+        """The baseline, the ``warm`` layouts (--warm-start) and the baseline backend's
+        recipes, as Optuna trials with their parameters (so the sampler learns from them).
+        The other backends' recipes wait until nothing else is queued and no climb goes on
+        (`_release_recipe`): the baseline's backend is the one expected fastest here
+        (`baseline_priority`), and its batch climb is where a short budget finds the most
+        speed."""
         baseline = self.space.baseline()
         self._enqueue(study, baseline)
+        for fixed in warm:
+            self._enqueue(study, fixed)
         for fixed in self.space.recipes():
             if fixed.config.backend == baseline.config.backend:
                 self._enqueue(study, fixed)
@@ -467,20 +524,30 @@ class Sweep:
             if self.search_left_s() <= 0 or idle >= _MAX_IDLE_ASKS:
                 return
             if unfit >= _MAX_UNFIT_ASKS:
-                left = self.search_left_s()
-                self.tell(SearchEnded(f"no layout asked for fits in the {left:.0f} s left"))
+                room, left = self.room_s(), self.search_left_s()
+                self.tell(
+                    SearchEnded(
+                        f"no layout asked for fits in the {room:.0f} s a trial may take "
+                        f"({left:.0f} s of the search left)"
+                    )
+                )
                 return
             if not self.extra and not _waiting(study):
+                # Drop first: dropping a backend renames the sampler's backend parameter, and
+                # a trial queued before that would lose its backend (the sampler would pick).
+                self._drop_dominated()
                 if not self._climb(study):
                     self._release_recipe(study)
-                self._drop_dominated()
             candidate = self._candidate(study)
             reason = self._why_not(candidate)
             if not reason and self._too_long(candidate):
                 # Asked for, never run: no record (a flood of "would not finish" records
                 # at the end of the budget said nothing); its narrower neighbour is queued.
                 study.tell(candidate.trial, state=optuna.trial.TrialState.FAIL)
-                unfit = 0 if self._fit(study, candidate.config) else unfit + 1
+                room = self.room_s()
+                cost = self.cost_s(candidate.config)
+                why = f"expected {cost:.1f} s, over the {room:.1f} s a trial may take"
+                unfit = 0 if self._fit(study, candidate.config, why) else unfit + 1
                 continue
             unfit = 0
             if reason:
@@ -490,6 +557,11 @@ class Sweep:
                     self._explore(study)
                     if self.space.exhausted:
                         return  # every layout of the space is measured: on to confirming
+                elif candidate.config is None or not self._fit(study, candidate.config, reason):
+                    # A refused suggestion tells the sampler nothing (it is told FAIL), and it
+                    # would ask for the same region again (8-GPU simulation: 60 suggestions in
+                    # a row over a GPU's memory ended a sweep at an eighth of its budget).
+                    self._explore(study)
                 continue
             idle = 0
             self._run(study, candidate)
@@ -507,7 +579,7 @@ class Sweep:
         try:
             return _Candidate(trial, self.space.suggest(trial), role, name)
         except Unfit as why:
-            return _Candidate(trial, None, role, name, refused=str(why))
+            return _Candidate(trial, why.config, role, name, refused=str(why))
 
     def _explore(self, study) -> None:
         """After the sampler asked for a config measured already, queue a random one not yet
@@ -537,25 +609,25 @@ class Sweep:
             return f"{_DUPLICATE} {self.seen[key]}"
         return None
 
-    def _too_long(self, candidate: _Candidate) -> bool:
-        """Whether a sampler's suggestion is expected to run past the search's time."""
-        return (
-            candidate.role is Role.SEARCH and self.cost_s(candidate.config) > self.search_left_s()
-        )
+    def room_s(self) -> float:
+        """The most one search trial may be expected to take now: the search's time left, and
+        never more than `_STEP_SHARE` of the search's part of the budget."""
+        search = self.options.budget_s * (1 - _CONFIRM_SHARE)
+        return min(self.search_left_s(), _STEP_SHARE * search)
 
-    def _fit(self, study, config: TrialConfig) -> bool:
-        """Queue the widest narrower batch of ``config``'s layout that is not measured yet
-        and fits the time left; False where none does."""
-        left = self.search_left_s()
+    def _too_long(self, candidate: _Candidate) -> bool:
+        """Whether a sampler's suggestion is expected to take more than `room_s`."""
+        return candidate.role is Role.SEARCH and self.cost_s(candidate.config) > self.room_s()
+
+    def _fit(self, study, config: TrialConfig, why: str) -> bool:
+        """Queue the widest narrower batch of ``config``'s layout that the space allows, is
+        not measured yet and fits the time left (``why``: why ``config`` itself did not run);
+        False where none does."""
+        room = self.room_s()
         for positions in range(1, len(self.target.batch_sizes)):
             narrower = self.space.step(config, "batch_size", -positions)
-            if narrower is None:
-                return False
-            if self._affordable(narrower, left):
-                name = (
-                    f"fitted: asked for batch {config.batch_size}, expected "
-                    f"{self.cost_s(config):.1f} s with {left:.1f} s left"
-                )
+            if narrower is not None and self._affordable(narrower, room):
+                name = f"fitted: asked for batch {config.batch_size}, {why}"
                 self._queue(study, narrower, name)
                 return True
         return False
@@ -571,36 +643,58 @@ class Sweep:
                     bests[record.backend] = record
         return bests
 
+    def _origins(self) -> list[TrialRecord]:
+        """Where batch climbs start, the fastest backend first: each backend's fastest layout,
+        then its fastest other layout (`_lineage`) if that is within `_TIE` of it."""
+        origins = []
+        for best in sorted(self._bests().values(), key=lambda r: r.value, reverse=True):
+            origins.append(best)
+            others = [
+                r
+                for r in self.records
+                if r.complete
+                and r.role is not Role.REFERENCE
+                and r.backend == best.backend
+                and _lineage(r.config) != _lineage(best.config)
+            ]
+            rival = max(others, key=lambda r: r.value, default=None)
+            if rival is not None and rival.value >= _TIE * best.value:
+                origins.append(rival)
+        return origins
+
     def _climb(self, study) -> bool:
         """Queue the next step of a batch climb; returns whether one was queued. From each
-        backend's fastest layout (the fastest backend first), the same layout at batch x4 (x2
-        where that does not fit), and on from there while a step keeps `_CLIMB_KEEPS` of the
-        speed it started from (a step is one noisy pass: a slightly slower one may be noise,
-        and tokens/s rarely falls and rises again along the batch axis). Batch moves tokens/s
-        the most, and a sampler drawing it at random spends a short budget before trying a
-        wide one."""
-        bests = sorted(self._bests().values(), key=lambda r: r.value, reverse=True)
-        for best in bests:
-            state = self.climbs.get(best.backend)
+        backend's fastest layout (the fastest backend first) and a near tie of it
+        (`_origins`), the same layout at batch x4 (x2 where that does not fit `room_s`), and
+        on from there while a step keeps `_CLIMB_KEEPS` of the speed it started from (a step
+        is one noisy pass: a slightly slower one may be noise, and tokens/s rarely falls and
+        rises again along the batch axis). Batch moves tokens/s the most, and a sampler
+        drawing it at random spends a short budget before trying a wide one."""
+        for origin in self._origins():
+            lineage = _lineage(origin.config)
+            state = self.climbs.get(lineage)
             if state == _CLIMBED:
                 continue
-            origin = best
-            if state is not None:
+            if state is None:
+                started = [k for k in self.climbs if k.startswith(f"{origin.backend}|")]
+                if len(started) >= _LINEAGES:
+                    continue
+            else:
                 started_at, key = state
                 step = self._measured(key)
                 if step is None or not step.complete or step.value < _CLIMB_KEEPS * started_at:
-                    self.climbs[best.backend] = _CLIMBED
+                    self.climbs[lineage] = _CLIMBED
                     continue
                 origin = step
-            config, left = TrialConfig.from_dict(origin.config), self.search_left_s()
+            config, room = TrialConfig.from_dict(origin.config), self.room_s()
             for positions in (_CLIMB, 1):
                 wider = self.space.step(config, "batch_size", positions)
-                if wider is not None and self._affordable(wider, left):
+                if wider is not None and self._affordable(wider, room):
                     name = f"climb: trial {origin.number}'s layout at batch {wider.batch_size}"
                     self._queue(study, wider, name)
-                    self.climbs[best.backend] = (origin.value, config_key(wider))
+                    self.climbs[lineage] = (origin.value, config_key(wider))
                     return True
-            self.climbs[best.backend] = _CLIMBED
+            self.climbs[lineage] = _CLIMBED
         return False
 
     def _measured(self, key: str) -> TrialRecord | None:
@@ -616,7 +710,8 @@ class Sweep:
             return
         leader = max(bests.values(), key=lambda r: r.value)
         for backend, best in bests.items():
-            if self.climbs.get(backend) == _CLIMBED and best.value < DOMINATED * leader.value:
+            climbed = self.climbs.get(_lineage(best.config)) == _CLIMBED
+            if climbed and best.value < DOMINATED * leader.value:
                 reason = (
                     f"its best, {best.value:.1f} tokens/s (trial {best.number}), is "
                     f"x{best.value / leader.value:.2f} {leader.backend}'s {leader.value:.1f} "
@@ -894,6 +989,32 @@ def _waiting(study) -> bool:
     import optuna
 
     return bool(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+
+
+# What a warm start takes of a previous study's layout: everything but the model, the
+# generation settings and the fault (those are this sweep's own, `SweepOptions.base`).
+_LAYOUT_FIELDS = frozenset(TrialConfig.__dataclass_fields__) - {
+    "model",
+    "fault",
+    *GenerationSettings.__dataclass_fields__,
+}
+
+
+def _lineage(config: dict) -> str:
+    """A layout but its batch: the trials of one batch climb share it. Starts with the
+    backend's name and a bar."""
+    return f"{config['backend']}|{config_key({**config, 'batch_size': None})}"
+
+
+def _simulated_note(machine: str | None, note: str | None) -> str | None:
+    """The summary's note, first saying where every figure came from when simulated."""
+    if machine is None:
+        return note
+    simulated = (
+        f"SIMULATED on {machine}: every figure is autotune.simulate's speed model of that "
+        "machine, not a measurement"
+    )
+    return f"{simulated}. {note}" if note else simulated
 
 
 def _previous_records(study) -> list[TrialRecord]:

@@ -503,10 +503,15 @@ def topology_from_dict(data: dict) -> Topology:
 
 
 def load_machine(path: str | Path) -> Topology:
-    """Another machine, from the JSON its ``autotune detect --json`` printed; a file that is
-    not such JSON is a ConfigError naming it."""
+    """Another machine, from the JSON its ``autotune detect --json`` printed, or from a copy
+    of its ``/proc`` and ``/sys`` (a directory holding both, as tests/fixtures/machines/ has);
+    anything else is a ConfigError naming it."""
     from autotune.errors import ConfigError
 
+    if Path(path).is_dir():
+        if not (Path(path) / "proc").is_dir() or not (Path(path) / "sys").is_dir():
+            raise ConfigError(f"--machine {path}: a directory without proc/ and sys/ in it")
+        return detect(path, probe_gpus=False)
     try:
         data = json.loads(Path(path).read_text())
     except OSError as error:

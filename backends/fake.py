@@ -14,7 +14,9 @@ BackendError a backend raises when it cannot generate.
 
 `SimulatedTrials` runs whole trials without a process or a sleep: it computes each trial's
 outcome from the same speed model and moves a `FakeClock` on by the time it would have
-taken, so tests of the sweep's budget and bookkeeping are exact and take no time.
+taken, so tests of the sweep's budget and bookkeeping are exact and take no time. Given a
+`autotune.simulate.MachineModel` instead, it runs any backend's layouts on that model of
+another machine, with a real machine's noise (`autotune sweep --machine F`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import hashlib
 import math
 import os
 import signal
+import statistics
 import time
 from collections.abc import Sequence
 
@@ -189,16 +192,39 @@ class SimulatedTrials:
 
     Faults behave as the real child's would: ``crash`` and ``oom`` fail at once with their
     class, ``hang`` runs into its deadline.
+
+    With ``machine`` (a `autotune.simulate.MachineModel`), each figure is that model's for the
+    layout, one noisy draw per measurement (``seed``), and loading takes the model's time:
+    the fake backend's own toy rates are for tests of the bookkeeping, too fast to say
+    anything of a machine.
     """
 
     LOAD_S = 0.5
 
-    def __init__(self, clock: FakeClock, topology) -> None:
+    def __init__(self, clock: FakeClock, topology, machine=None, seed: int | None = None) -> None:
+        import random
+
         self.clock = clock
         self.topology = topology
+        self.machine = machine
+        self.rng = random.Random(seed)
         self.calls: list[dict] = []
 
+    def _load_s(self, config) -> float:
+        return self.machine.load_s(config) if self.machine else self.LOAD_S
+
+    def _peak_bytes(self, config) -> int:
+        """The fake's processes; on a machine model, what the planner predicts (a simulated
+        trial has no process to measure, and must not correct the planner down)."""
+        if self.machine is None:
+            return config.workers * FakeBackend.process_overhead_bytes
+        from backends import backend_class
+
+        return int(backend_class(config.backend).predict_memory_bytes(config, self.machine.shape))
+
     def _rate(self, config) -> float:
+        if self.machine is not None:
+            return self.machine.measured(config, self.rng)
         return modelled_tokens_per_s(
             config.workers,
             config.threads_per_worker,
@@ -221,7 +247,7 @@ class SimulatedTrials:
             return TrialOutcome("fail", "timeout", duration_s=deadline_s)
         if config.fault in ("crash", "oom", "error"):  # error: a traceback, exit 1
             failure = "crash" if config.fault == "error" else config.fault
-            self.clock.advance(self.LOAD_S)
+            self.clock.advance(self._load_s(config))
             return TrialOutcome("fail", failure, stderr_tail=f"fake {config.fault}")
         pacing = Pacing(**spec["pacing"])
         workload = load_workload(spec.get("workload"))
@@ -242,17 +268,20 @@ class SimulatedTrials:
             baseline = TrialConfig.from_dict(spec["paired"])
             base_prompts, base_tokens = one_pass(baseline)
             rates = {
-                "candidate": [rate] * spec["pairs"],
-                "baseline": [self._rate(baseline)] * spec["pairs"],
+                "candidate": [rate, *(self._rate(config) for _ in range(spec["pairs"] - 1))],
+                "baseline": [self._rate(baseline) for _ in range(spec["pairs"])],
             }
             duration = (
-                2 * self.LOAD_S
-                + (warmup_tokens(config, prompts) + spec["pairs"] * tokens) / rate
+                self._load_s(config)
+                + self._load_s(baseline)
+                + (warmup_tokens(config, prompts) + spec["pairs"] * tokens)
+                / statistics.fmean(rates["candidate"])
                 + (warmup_tokens(baseline, base_prompts) + spec["pairs"] * base_tokens)
-                / self._rate(baseline)
+                / statistics.fmean(rates["baseline"])
             )
             return self._finish(duration, deadline_s, rates)
-        duration = self.LOAD_S + (warmup_tokens(config, prompts) + pacing.repeats * tokens) / rate
+        load = self._load_s(config)
+        duration = load + (warmup_tokens(config, prompts) + pacing.repeats * tokens) / rate
         result = {
             "tokens_per_s": rate,
             "windows": [rate] * 3,
@@ -265,8 +294,8 @@ class SimulatedTrials:
             "latency_p50_s": None,
             "latency_p95_s": None,
             "ttft_p50_s": None,
-            "load_time_s": self.LOAD_S,
-            "peak_memory_bytes": config.workers * FakeBackend.process_overhead_bytes,
+            "load_time_s": load,
+            "peak_memory_bytes": self._peak_bytes(config),
             "failed_requests": 0,
             "cpu_utilisation": 1.0,
             "tokens_per_s_summary": summarize([rate] * 3).to_dict(),

@@ -205,7 +205,12 @@ class PipelineBackend(RankGroupBackend):
                 "partition",
                 ("uniform", "compute", "shifted"),
                 ordered=False,
-                note="shifted: the uniform split with every cut moved by boundary_shift",
+                # validate refuses compute over GPU + CPU stages (it times stage 0's device)
+                allow=lambda chosen, partition: (
+                    partition != "compute" or not chosen.get("cpu_stages")
+                ),
+                note="shifted: the uniform split with every cut moved by boundary_shift; "
+                "compute only when every stage is on a GPU or every one on the CPU",
             ),
             Knob(
                 "boundary_shift",

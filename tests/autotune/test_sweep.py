@@ -412,7 +412,9 @@ def test_every_request_rejected_ends_with_a_summary_not_a_traceback(cli, tmp_pat
     result = cli(
         "sweep",
         "--budget",
-        "2m",  # 1024 tokens a request: a fake trial is priced at 30 s (2x its first guess)
+        # 1024 tokens a request: a fake trial is priced at 30 s (2x its first guess), under
+        # the fifth of the search's 4.5 minutes one search trial may take
+        "6m",
         "--backends",
         "fake",
         "--limit",
@@ -653,22 +655,29 @@ def test_the_fastest_layout_climbs_the_batch_axis_while_it_gets_faster(tmp_path,
             outcome.result["tokens_per_s"] *= slower.get(spec["config"]["batch_size"], 1.0)
 
     summary, _, _ = simulated_sweep(options(tmp_path, budget_s=300.0), change=slower_from_batch_16)
+
+    def layout(record):
+        return {k: v for k, v in record.config.items() if k != "batch_size"}
+
+    baseline = summary.trials[0]
     climbs = [r for r in summary.trials if r.name.startswith("climb:")]
     # From the baseline (the only layout before them), batch x4 while a step kept 90% of the
     # speed it started from: 4, 16 (a little slower: on from there), then 64, which was
     # clearly slower, so the climb ended there.
-    assert [r.config["batch_size"] for r in climbs] == [4, 16, 64]
-    assert climbs[2].name == "climb: trial 2's layout at batch 64"
-    assert [r.number for r in climbs] == [1, 2, 3], "right after the fixed layouts"
+    own = [r for r in climbs if layout(r) == layout(baseline)]
+    assert [r.config["batch_size"] for r in own] == [4, 16, 64]
+    assert own[2].name == "climb: trial 2's layout at batch 64"
+    assert [r.number for r in own] == [1, 2, 3], "right after the fixed layouts"
     assert all(r.role is Role.SEARCH and r.complete for r in climbs)
-    layout = {k: v for k, v in summary.trials[0].config.items() if k != "batch_size"}
-    assert all({k: v for k, v in r.config.items() if k != "batch_size"} == layout for r in climbs)
+    # One other layout of the backend, found within 10% of its best, climbed too; no third.
+    others = {json.dumps(layout(r), sort_keys=True) for r in climbs if r not in own}
+    assert len(others) <= 1
 
 
 def test_a_suggestion_too_long_for_the_time_left_runs_narrower_and_is_not_recorded(
     tmp_path, simulated_sweep
 ):
-    summary, _, _ = simulated_sweep(options(tmp_path, budget_s=4.0, seed=3))
+    summary, _, _ = simulated_sweep(options(tmp_path, budget_s=6.0, seed=3))
     assert not [r for r in summary.trials if "would not finish" in (r.reason or "")]
     fitted = [r for r in summary.trials if r.name.startswith("fitted:")]
     assert fitted, "the sampler asked for a batch too long for the time left"

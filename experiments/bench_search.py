@@ -1,0 +1,237 @@
+"""Search efficiency on simulated machines: how close does the sweep get to the best layout,
+and how fast, where the space is far larger than this 2-vCPU box's?
+
+    python experiments/bench_search.py [--seeds 3] [--cap 300] [--machines epyc,numa,gpu,vm]
+
+On each fixture machine (tests/fixtures/machines/: a 16-core / 32-thread SMT server, a
+2-socket NUMA host, an 8x H100 node, a 2-vCPU VM), with the embedded model's shape and the
+speed model of `autotune.simulate` (not measurements: see its docstring), it prints one table:
+
+- the exhaustive grid: every layout the space holds that the machine can run, each at its
+  modelled (noise-free) tokens/s; its optimum is 100%;
+- the seed recipes' best (and the naive baseline), as % of the optimum;
+- the sweep (`autotune sweep --machine`, the same code: TPE, climbs, recipes, dominance) after
+  10%, 25% and 50% of the grid's layout count in trials; where the grid holds more than twice
+  --cap layouts, 10%, 25% and 50% of twice --cap (TPE's cost grows with its trials, and a
+  real sweep runs tens of trials, not thousands): fewer trials, a harder test. The layout it
+  would pick is the one its noisy trials measured fastest; the table shows that layout's
+  noise-free figure, as % of the optimum;
+- random search over the same grid, the same number of trials, the same noise;
+- a 30-minute sweep, on the simulated clock (trials cost what they would: a wide layout's
+  pass is long): % of the optimum and trials run.
+
+Each cell is the mean over --seeds seeds, with the worst seed in brackets. Goal (issue 14):
+the sweep within 95% of the optimum after 10% of the trials on every machine, and always
+above the seed recipes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+FIXTURES = ROOT / "tests" / "fixtures" / "machines"
+MACHINES = {
+    "epyc": ("16C/32T SMT server", FIXTURES / "epyc_16c32t", "llamacpp"),
+    "numa": ("2-socket NUMA host", FIXTURES / "dual_socket_numa", "llamacpp"),
+    "gpu": ("8x H100 node", FIXTURES / "gpu_node_8x_h100.json", "hf,ddp,pipeline"),
+    "vm": ("2-vCPU VM", FIXTURES / "vm_2vcpu", "llamacpp"),
+}
+SHARES = (0.10, 0.25, 0.50)
+GOAL = 0.95
+
+
+def grid(space, machine) -> list[tuple[object, float]]:
+    """Every layout of the space the machine can run, with its noise-free tokens/s."""
+    found = []
+    for backend in space.backends:
+        for chosen in space.spaces[backend].assignments():
+            config = space.build(backend, chosen)
+            if space.refusal(config) is None:
+                found.append((config, machine.tokens_per_s(config)))
+    return found
+
+
+def sweep(
+    machine,
+    path: Path,
+    backends: list[str],
+    seed: int,
+    *,
+    trials=None,
+    budget_s: float,
+    reports: Path,
+):
+    """A simulated sweep's summary (the code `autotune sweep --machine` runs)."""
+    from autotune.config import TrialConfig
+    from autotune.models import ModelSpec
+    from autotune.sweep import Sweep, SweepOptions
+    from backends.fake import FakeClock, SimulatedTrials
+
+    clock = FakeClock()
+    options = SweepOptions(
+        study=f"{path.stem}-{seed}-{trials or 'budget'}",
+        reports_dir=reports,
+        budget_s=budget_s,
+        trials=trials,
+        backends=backends,
+        base=TrialConfig(max_new_tokens=32),
+        seed=seed,
+        simulated=str(path),
+    )
+    return Sweep(
+        options,
+        topology=machine.topology,
+        model=ModelSpec.resolve(),
+        shape=machine.shape,
+        clock=clock,
+        runner=SimulatedTrials(clock, machine.topology, machine=machine, seed=seed),
+    ).run()
+
+
+def picked(records, count: int | None, machine) -> float:
+    """The noise-free tokens/s of the layout measured fastest in the first ``count`` trials
+    that ran (all of them for None)."""
+    from autotune.config import TrialConfig
+    from autotune.study import Role, TrialState
+
+    ran = [r for r in records if not (r.state is TrialState.PRUNED and r.result is None)]
+    done = [r for r in ran[:count] if r.complete and r.role is not Role.REFERENCE]
+    best = max(done, key=lambda r: r.value)
+    return machine.tokens_per_s(TrialConfig.from_dict(best.config))
+
+
+def random_search(layouts, count: int, machine, rng: random.Random) -> float:
+    """Random search: ``count`` distinct layouts measured once each (with noise); the
+    noise-free figure of the one measured fastest."""
+    drawn = rng.sample(layouts, min(count, len(layouts)))
+    best = max(drawn, key=lambda pair: machine.measured(pair[0], rng))
+    return best[1]
+
+
+def cell(values: list[float]) -> str:
+    return f"{statistics.fmean(values):6.1%} ({min(values):.0%})"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--cap", type=int, default=300, help="most trials at any share")
+    parser.add_argument("--machines", default=",".join(MACHINES))
+    parser.add_argument("--budget", default="30m", help="the budgeted sweep's simulated budget")
+    args = parser.parse_args()
+
+    import optuna
+
+    from autotune.config import TrialConfig
+    from autotune.knobs import Target
+    from autotune.memory_plan import MemoryPlanner, model_shape
+    from autotune.models import ModelSpec
+    from autotune.simulate import MachineModel
+    from autotune.space import SearchSpace
+    from autotune.units import parse_duration
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    shape = model_shape(ModelSpec.resolve())
+    budget_s = parse_duration(args.budget)
+    rows, misses = [], []
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as scratch:
+        reports = Path(scratch)
+        for key in args.machines.split(","):
+            title, path, backends = MACHINES[key]
+            machine = MachineModel.load(str(path), shape)
+            topology = machine.topology
+            target = Target(topology, shape.layers)
+            planner = MemoryPlanner(shape, int(topology.memory_available_bytes * 0.8), topology)
+            space = SearchSpace(
+                target, backends.split(","), TrialConfig(max_new_tokens=32), planner
+            )
+            layouts = grid(space, machine)
+            optimum = max(value for _, value in layouts)
+            fixed = [space.baseline(), *space.recipes()]
+            recipes = max(machine.tokens_per_s(f.config) for f in fixed if f.role == "recipe")
+            baseline = machine.tokens_per_s(fixed[0].config)
+            # Shares of the grid, or of twice the cap where the grid is larger (then the 50%
+            # point runs --cap trials).
+            scale = min(len(layouts), 2 * args.cap)
+            counts = [max(1, round(share * scale)) for share in SHARES]
+            found = {share: [] for share in SHARES}
+            randoms = {share: [] for share in SHARES}
+            budgeted, budget_trials = [], []
+            for seed in range(args.seeds):
+                summary = sweep(
+                    machine,
+                    path,
+                    backends.split(","),
+                    seed,
+                    trials=counts[-1],
+                    budget_s=1e9,
+                    reports=reports,
+                )
+                rng = random.Random(seed)
+                for share, count in zip(SHARES, counts, strict=True):
+                    found[share].append(picked(summary.trials, count, machine) / optimum)
+                    randoms[share].append(random_search(layouts, count, machine, rng) / optimum)
+                timed = sweep(
+                    machine, path, backends.split(","), seed, budget_s=budget_s, reports=reports
+                )
+                budgeted.append(picked(timed.trials, None, machine) / optimum)
+                budget_trials.append(sum(r.result is not None for r in timed.trials))
+            first = found[SHARES[0]]
+            if min(first) < GOAL or min(first) <= recipes / optimum:
+                misses.append(
+                    f"{title}: the sweep after {counts[0]} trials reached {min(first):.1%} of "
+                    f"the optimum at worst (goal {GOAL:.0%}; recipes {recipes / optimum:.1%})"
+                )
+            rows.append(
+                (
+                    title,
+                    backends,
+                    len(layouts),
+                    optimum,
+                    baseline / optimum,
+                    recipes / optimum,
+                    [
+                        (count, cell(found[s]), cell(randoms[s]))
+                        for s, count in zip(SHARES, counts, strict=True)
+                    ],
+                    (cell(budgeted), statistics.fmean(budget_trials)),
+                )
+            )
+            print(f"... {title} done ({time.monotonic() - started:.0f} s)", file=sys.stderr)
+
+    print(
+        f"Search efficiency, simulated (autotune.simulate), {args.seeds} seeds; "
+        "% of the grid's optimum, mean (worst seed)"
+    )
+    for title, backends, size, optimum, base, recipes, shares, (timed, trials) in rows:
+        print(
+            f"\n{title} [{backends}]: {size} layouts, optimum {optimum:.0f} tokens/s; "
+            f"naive baseline {base:.1%}, best seed recipe {recipes:.1%}"
+        )
+        print(f"  {'trials':>8}  {'sweep':>15}  {'random':>15}")
+        for count, swept, drawn in shares:
+            print(f"  {count:>8}  {swept:>15}  {drawn:>15}   ({count / size:.1%} of the grid)")
+        print(f"  {args.budget} sweep: {timed}, {trials:.0f} trials on the simulated clock")
+    print()
+    if misses:
+        print("goal NOT met: " + "; ".join(misses))
+    else:
+        print(
+            f"goal met: the sweep reached >= {GOAL:.0%} of the optimum after 10% of the "
+            "grid (or the cap) on every machine and seed, above the seed recipes"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
