@@ -149,6 +149,7 @@ class MachineModel:
         return self.shape.parameters * _DTYPE_BYTES.get(config.dtype, 4)
 
     def _flops_per_token(self, config: TrialConfig) -> float:
+        # No --quant: the file's own type, taken as the embedded model's q4_1.
         cost = (
             _QUANT_COST.get(config.quant or "q4_1", 1.1)
             if config.backend in ("llamacpp", "fake")
