@@ -297,15 +297,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.machine:
         # Another machine, simulated: every trial is the speed model's, on a fake clock.
         from autotune.simulate import MachineModel
-        from backends.fake import FakeClock, SimulatedTrials
 
         machine = MachineModel.load(args.machine, shape)
         topology = machine.topology
-        clock = FakeClock()
-        simulation = {
-            "clock": clock,
-            "runner": SimulatedTrials(clock, topology, machine=machine, seed=args.seed),
-        }
+        simulation = machine.simulation(args.seed)
     else:
         topology = detect()
     # The model by absolute path where one was given (the embedded default stays None, so an

@@ -85,16 +85,9 @@ class MachineModel:
     shape: ModelShape
     bandwidth_gb_s: float  # host memory, every NUMA node together
     core_gflops: float = CORE_GFLOPS
-    source: str = "this machine"
 
     @classmethod
-    def of(
-        cls,
-        topology: Topology,
-        shape: ModelShape,
-        data: dict | None = None,
-        source: str = "this machine",
-    ) -> MachineModel:
+    def of(cls, topology: Topology, shape: ModelShape, data: dict | None = None) -> MachineModel:
         """The model of ``topology``; ``data`` is the machine file's JSON, whose measured
         ``memory_bandwidth_gb_s`` (``detect --roofline``) is used where present."""
         measured = (data or {}).get("memory_bandwidth_gb_s")
@@ -105,19 +98,23 @@ class MachineModel:
             bandwidth = min(
                 GUESSED_GB_S_PER_CORE * topology.usable_cores, GUESSED_GB_S_PER_NODE * nodes
             )
-        return cls(topology, shape, bandwidth, source=source)
+        return cls(topology, shape, bandwidth)
 
     @classmethod
     def load(cls, path: str, shape: ModelShape) -> MachineModel:
         """The model of the machine in ``path`` (`autotune.topology.load_machine`)."""
-        import json
-        from pathlib import Path
+        from autotune.topology import machine_file
 
-        from autotune.topology import load_machine
+        topology, data = machine_file(path)
+        return cls.of(topology, shape, data)
 
-        topology = load_machine(path)
-        data = {} if Path(path).is_dir() else json.loads(Path(path).read_text())
-        return cls.of(topology, shape, data, source=str(path))
+    def simulation(self, seed: int | None = None) -> dict:
+        """What a `autotune.sweep.Sweep` takes to run on this model instead of measuring:
+        its ``clock`` (simulated) and ``runner`` (`backends.fake.SimulatedTrials`)."""
+        from backends.fake import FakeClock, SimulatedTrials
+
+        clock = FakeClock()
+        return {"clock": clock, "runner": SimulatedTrials(clock, self.topology, self, seed)}
 
     # ------------------------------------------------------------ the figures
 
@@ -251,7 +248,7 @@ class MachineModel:
                 for d, share in zip(devices, self._stage_shares(config), strict=True)
             ]
             return batch / (max(steps) + _LINK_S)
-        if config.backend == "llamacpp" and config.gpu_layers not in (-1,):
+        if config.backend == "llamacpp" and config.gpu_layers != -1:
             offloaded = min(1.0, config.gpu_layers / max(1, self.shape.layers))
             total = 0.0
             for device in devices:

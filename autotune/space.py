@@ -36,14 +36,20 @@ _MISSING = object()
 _ENUMERATE_UP_TO = 5000  # layouts; a larger space is explored by random draws only
 
 
-def _param_name(backend: str, knob, allowed: tuple) -> str:
-    """The Optuna parameter of ``knob``: ``backend.knob``; for a category knob whose earlier
-    choices leave only some values, the values are in the name (an Optuna categorical
-    parameter keeps one list of choices for the whole study)."""
-    name = f"{backend}.{knob.name}"
-    if knob.ordered or tuple(allowed) == tuple(knob.values):
+def _category_name(name: str, values, offered) -> str:
+    """The Optuna parameter for a category ``name`` of ``values`` when only ``offered`` are
+    choices now: ``name``, or with the choices in it where they are fewer (an Optuna
+    categorical parameter keeps one list of choices for the whole study)."""
+    if tuple(offered) == tuple(values):
         return name
-    return f"{name}[{','.join(str(v) for v in allowed)}]"
+    return f"{name}[{','.join(str(v) for v in offered)}]"
+
+
+def _param_name(backend: str, knob, allowed: tuple) -> str:
+    """The Optuna parameter of ``knob``: ``backend.knob`` (an ordered knob is sampled as a
+    position, so its name never changes)."""
+    name = f"{backend}.{knob.name}"
+    return name if knob.ordered else _category_name(name, knob.values, allowed)
 
 
 class Unfit(Exception):
@@ -110,9 +116,7 @@ class SearchSpace:
         whole study); each backend's own knobs keep their names, so nothing learnt is lost."""
         if len(self.backends) < 2:
             return None
-        if tuple(self.backends) == self._searched:
-            return "backend"
-        return f"backend[{','.join(self.backends)}]"
+        return _category_name("backend", self._searched, self.backends)
 
     # ------------------------------------------------------------ configs
 
@@ -213,15 +217,18 @@ class SearchSpace:
                     return config
         if self.size() > _ENUMERATE_UP_TO:
             return None  # unlucky draws in a large space: the sampler goes on
-        left = [
-            config
-            for backend in self.backends
-            for chosen in self.spaces[backend].assignments()
-            if config_key(config := self.build(backend, chosen)) not in avoid
-            and self.refusal(config) is None
-        ]
+        left = [config for config in self.layouts() if config_key(config) not in avoid]
         self._exhausted = not left
         return rng.choice(left) if left else None
+
+    def layouts(self):
+        """Every config of the searched backends' spaces that the target can run (a
+        generator: the exhaustive grid)."""
+        for backend in self.backends:
+            for chosen in self.spaces[backend].assignments():
+                config = self.build(backend, chosen)
+                if self.refusal(config) is None:
+                    yield config
 
     def refusal(self, config: TrialConfig) -> str | None:
         """Why ``config`` must not run on the target, or None."""

@@ -254,7 +254,7 @@ class Sweep:
         self.seen: dict[str, int] = {}
         # Per layout climbing the batch axis (`_lineage`: its config but the batch): (tokens/s
         # the step started from, the key of the wider layout queued), or _CLIMBED once over.
-        self.climbs: dict[str, tuple[float, str] | str] = {}
+        self.climbs: dict[tuple[str, str], tuple[float, str] | str] = {}
         self.deferred: list = []  # recipes of the other backends, queued after the climb
         self.skipped: dict[str, str] = {}  # recipe name -> why it was not run
         self.rng = random.Random(options.seed)  # the exploration after a duplicate
@@ -349,7 +349,7 @@ class Sweep:
                 except KeyboardInterrupt:
                     interrupted = True
             if winner is None:
-                done = [r for r in self.records if r.complete and r.role is not Role.REFERENCE]
+                done = self._measured_trials()
                 best = max(done, key=lambda r: r.value, default=None)
                 winner = best.with_(confirmed=False) if best else None
         summary = SweepSummary(
@@ -635,31 +635,31 @@ class Sweep:
     def _bests(self) -> dict[str, TrialRecord]:
         """Per backend still searched, its fastest measured trial."""
         bests: dict[str, TrialRecord] = {}
-        for record in self.records:
-            if record.complete and record.role is not Role.REFERENCE:
-                if record.backend in self.space.backends and (
-                    record.backend not in bests or record.value > bests[record.backend].value
-                ):
-                    bests[record.backend] = record
+        for record in self._measured_trials():
+            if record.backend in self.space.backends and (
+                record.backend not in bests or record.value > bests[record.backend].value
+            ):
+                bests[record.backend] = record
         return bests
+
+    def _measured_trials(self) -> list[TrialRecord]:
+        """The trials measured as candidates (complete, not a reference run)."""
+        return [r for r in self.records if r.complete and r.role is not Role.REFERENCE]
 
     def _origins(self) -> list[TrialRecord]:
         """Where batch climbs start, the fastest backend first: each backend's fastest layout,
         then its fastest other layout (`_lineage`) if that is within `_TIE` of it."""
+        fastest: dict[tuple[str, str], TrialRecord] = {}  # per lineage, its fastest trial
+        for record in self._measured_trials():
+            lineage = _lineage(record.config)
+            if lineage not in fastest or record.value > fastest[lineage].value:
+                fastest[lineage] = record
         origins = []
         for best in sorted(self._bests().values(), key=lambda r: r.value, reverse=True):
-            origins.append(best)
-            others = [
-                r
-                for r in self.records
-                if r.complete
-                and r.role is not Role.REFERENCE
-                and r.backend == best.backend
-                and _lineage(r.config) != _lineage(best.config)
-            ]
+            own = _lineage(best.config)
+            others = [r for key, r in fastest.items() if key[0] == best.backend and key != own]
             rival = max(others, key=lambda r: r.value, default=None)
-            if rival is not None and rival.value >= _TIE * best.value:
-                origins.append(rival)
+            origins += [best, rival] if rival and rival.value >= _TIE * best.value else [best]
         return origins
 
     def _climb(self, study) -> bool:
@@ -676,8 +676,8 @@ class Sweep:
             if state == _CLIMBED:
                 continue
             if state is None:
-                started = [k for k in self.climbs if k.startswith(f"{origin.backend}|")]
-                if len(started) >= _LINEAGES:
+                started = sum(backend == origin.backend for backend, _ in self.climbs)
+                if started >= _LINEAGES:
                     continue
             else:
                 started_at, key = state
@@ -1000,10 +1000,10 @@ _LAYOUT_FIELDS = frozenset(TrialConfig.__dataclass_fields__) - {
 }
 
 
-def _lineage(config: dict) -> str:
-    """A layout but its batch: the trials of one batch climb share it. Starts with the
-    backend's name and a bar."""
-    return f"{config['backend']}|{config_key({**config, 'batch_size': None})}"
+def _lineage(config: dict) -> tuple[str, str]:
+    """A layout but its batch, (its backend, the key of the rest): the trials of one batch
+    climb share it."""
+    return config["backend"], config_key({**config, "batch_size": None})
 
 
 def _simulated_note(machine: str | None, note: str | None) -> str | None:

@@ -24,6 +24,7 @@ __all__ = [
     "detect",
     "format_cpulist",
     "load_machine",
+    "machine_file",
     "parse_cpulist",
     "read_cgroup_limits",
     "read_cpu_topology",
@@ -506,12 +507,18 @@ def load_machine(path: str | Path) -> Topology:
     """Another machine, from the JSON its ``autotune detect --json`` printed, or from a copy
     of its ``/proc`` and ``/sys`` (a directory holding both, as tests/fixtures/machines/ has);
     anything else is a ConfigError naming it."""
+    return machine_file(path)[0]
+
+
+def machine_file(path: str | Path) -> tuple[Topology, dict]:
+    """`load_machine`'s topology and the file's whole JSON (its roofline figures where
+    ``detect --roofline`` measured them; empty for a /proc + /sys copy)."""
     from autotune.errors import ConfigError
 
     if Path(path).is_dir():
         if not (Path(path) / "proc").is_dir() or not (Path(path) / "sys").is_dir():
             raise ConfigError(f"--machine {path}: a directory without proc/ and sys/ in it")
-        return detect(path, probe_gpus=False)
+        return detect(path, probe_gpus=False), {}
     try:
         data = json.loads(Path(path).read_text())
     except OSError as error:
@@ -519,7 +526,7 @@ def load_machine(path: str | Path) -> Topology:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ConfigError(f"--machine {path}: not JSON (use `autotune detect --json`)") from None
     try:
-        return topology_from_dict(data)
+        return topology_from_dict(data), data
     except (KeyError, TypeError, ValueError) as error:
         raise ConfigError(
             f"--machine {path}: not the output of `autotune detect --json` ({error!r})"

@@ -51,13 +51,7 @@ GOAL = 0.95
 
 def grid(space, machine) -> list[tuple[object, float]]:
     """Every layout of the space the machine can run, with its noise-free tokens/s."""
-    found = []
-    for backend in space.backends:
-        for chosen in space.spaces[backend].assignments():
-            config = space.build(backend, chosen)
-            if space.refusal(config) is None:
-                found.append((config, machine.tokens_per_s(config)))
-    return found
+    return [(config, machine.tokens_per_s(config)) for config in space.layouts()]
 
 
 def sweep(
@@ -74,9 +68,7 @@ def sweep(
     from autotune.config import TrialConfig
     from autotune.models import ModelSpec
     from autotune.sweep import Sweep, SweepOptions
-    from backends.fake import FakeClock, SimulatedTrials
 
-    clock = FakeClock()
     options = SweepOptions(
         study=f"{path.stem}-{seed}-{trials or 'budget'}",
         reports_dir=reports,
@@ -92,8 +84,7 @@ def sweep(
         topology=machine.topology,
         model=ModelSpec.resolve(),
         shape=machine.shape,
-        clock=clock,
-        runner=SimulatedTrials(clock, machine.topology, machine=machine, seed=seed),
+        **machine.simulation(seed),
     ).run()
 
 

@@ -30,7 +30,7 @@ ONE_B = ModelShape(
 
 
 def model(path=EPYC, shape=SMALL, **data) -> MachineModel:
-    return MachineModel.of(load_machine(path), shape, data, source=str(path))
+    return MachineModel.of(load_machine(path), shape, data)
 
 
 def rate(machine, **fields) -> float:
