@@ -13,6 +13,9 @@ console = Console()
 errors = Console(stderr=True)
 
 
+_SCREENED = "screened: every value measured on the backend's fastest layout first"
+
+
 def gib(value: int | None) -> str:
     """Bytes as GiB with two decimals, or '-'."""
     return "-" if value is None else f"{value / 2**30:.2f} GiB"
@@ -455,7 +458,8 @@ def show_plan(plan: dict) -> None:
                 shown = f"{values[0]}, {values[1]}, ... {values[-1]} ({len(values)} values)"
             else:
                 shown = ", ".join("file's own" if v is None else str(v) for v in values)
-            table.add_row(knob["name"], shown, knob["note"])
+            notes = [knob["note"], _SCREENED if knob["screen"] else ""]
+            table.add_row(knob["name"], shown, "; ".join(n for n in notes if n))
         console.print(table)
     console.print(
         f"Space: {plan['size']} layouts; memory limit {gib(plan['memory_limit_bytes'])} "

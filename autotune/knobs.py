@@ -58,6 +58,9 @@ class Knob:
     position in ``values`` (neighbours are alike: 4 threads is close to 5); the others as
     categories. ``only_if(chosen)`` says whether the knob applies given the earlier choices;
     ``allow(chosen, value)`` keeps the values that fit them. ``note`` says both in words.
+    ``screen``: the sweep measures every value of this knob on its backend's fastest layout
+    before climbing from it (the weights: a weight type or a dtype, whose speeds no neighbour
+    predicts and one of which may be far faster than the file's own).
     """
 
     name: str
@@ -66,6 +69,7 @@ class Knob:
     only_if: Callable[[dict], bool] | None = None
     allow: Callable[[dict, Any], bool] | None = None
     note: str = ""
+    screen: bool = False
 
     def applies(self, chosen: dict) -> bool:
         """Whether this knob is chosen at all after ``chosen``."""
@@ -78,12 +82,13 @@ class Knob:
         return tuple(v for v in self.values if self.allow(chosen, v))
 
     def to_dict(self) -> dict:
-        """JSON-ready: name, values, ordered, note."""
+        """JSON-ready: name, values, ordered, note, screen."""
         return {
             "name": self.name,
             "values": list(self.values),
             "ordered": self.ordered,
             "note": self.note,
+            "screen": self.screen,
         }
 
 

@@ -165,17 +165,46 @@ class SearchSpace:
         """``config`` with its ordered knob ``knob_name`` moved ``positions`` along its values
         (batch 4 -> 16 for +2), the other knobs kept; None where that leaves the list, a later
         knob's value no longer fits, or the target refuses the result."""
+
+        def move(allowed: tuple, value):
+            index = allowed.index(value) + positions
+            if not 0 <= index < len(allowed):
+                raise Unfit(f"{describe(config)}: {knob_name} has no value {positions:+d} away")
+            return allowed[index]
+
+        return self._changed(config, knob_name, move)
+
+    def variants(self, config: TrialConfig, knob_name: str) -> list[TrialConfig]:
+        """``config`` with each other value its knob ``knob_name`` may take there, the other
+        knobs kept (those the target refuses left out)."""
         try:
-            choices = self._choices(config, knob_name, positions)
+            choices = self._choices(config)
+        except Unfit:
+            return []
+        found = []
+        for knob, allowed, value in choices:
+            if knob.name == knob_name:
+                for other in allowed:
+                    if other != value:
+                        changed = self._changed(config, knob_name, lambda _, __, o=other: o)
+                        if changed is not None:
+                            found.append(changed)
+        return found
+
+    def _changed(self, config: TrialConfig, knob_name: str, move) -> TrialConfig | None:
+        """``config`` with knob ``knob_name``'s value replaced by ``move(allowed, value)``;
+        None where that is outside the space or refused on the target."""
+        try:
+            choices = self._choices(config, knob_name, move)
         except Unfit:
             return None
-        stepped = self.build(config.backend, {knob.name: value for knob, _, value in choices})
-        return stepped if self.refusal(stepped) is None else None
+        changed = self.build(config.backend, {knob.name: value for knob, _, value in choices})
+        return changed if self.refusal(changed) is None else None
 
-    def _choices(self, config: TrialConfig, moved: str | None = None, positions: int = 0):
+    def _choices(self, config: TrialConfig, moved: str | None = None, move=None):
         """(knob, the values allowed it, its value) for each knob of ``config``'s backend that
-        applies, the knob ``moved`` shifted ``positions`` along its allowed values; Unfit where
-        a value is outside the space."""
+        applies, the knob ``moved`` given ``move(allowed, value)`` instead; Unfit where a value
+        is outside the space."""
         values = backend_class(config.backend).knob_values(config, self.target)
         chosen: dict = {}
         found = []
@@ -187,19 +216,19 @@ class SearchSpace:
             if value not in allowed:
                 raise Unfit(f"{describe(config)}: {knob.name} {value!r} is outside the space")
             if knob.name == moved:
-                index = allowed.index(value) + positions
-                if not 0 <= index < len(allowed):
-                    raise Unfit(f"{describe(config)}: {knob.name} has no value {positions:+d} away")
-                value = allowed[index]
+                value = move(allowed, value)
             chosen[knob.name] = value
             found.append((knob, allowed, value))
         return found
 
-    def random_config(self, rng, avoid: set[str], attempts: int = 20) -> TrialConfig | None:
-        """A config the target can run whose key (`config_key`) is not in ``avoid``, drawn
-        knob by knob (``rng``: a random.Random); None once every config was measured. A few
-        draws find one in a large space; a small one is enumerated (which also tells when it
-        is exhausted, remembered: ``avoid`` only grows)."""
+    def random_config(
+        self, rng, avoid: set[str], attempts: int = 20, fits=None
+    ) -> TrialConfig | None:
+        """A config the target can run whose key (`config_key`) is not in ``avoid`` and that
+        ``fits(config)`` accepts (where given), drawn knob by knob (``rng``: a random.Random);
+        None where none was found. A few draws find one in a large space; a small one is
+        enumerated (which also tells when every config is measured, `exhausted`, remembered:
+        ``avoid`` only grows)."""
         if self._exhausted:
             return None
         for _ in range(attempts):
@@ -213,12 +242,17 @@ class SearchSpace:
                     chosen[knob.name] = rng.choice(allowed)
             else:
                 config = self.build(backend, chosen)
-                if config_key(config) not in avoid and self.refusal(config) is None:
+                if (
+                    config_key(config) not in avoid
+                    and self.refusal(config) is None
+                    and (fits is None or fits(config))
+                ):
                     return config
         if self.size() > _ENUMERATE_UP_TO:
             return None  # unlucky draws in a large space: the sampler goes on
         left = [config for config in self.layouts() if config_key(config) not in avoid]
         self._exhausted = not left
+        left = [config for config in left if fits is None or fits(config)]
         return rng.choice(left) if left else None
 
     def layouts(self):

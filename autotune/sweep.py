@@ -70,6 +70,12 @@ _MAX_UNFIT_ASKS = 20  # suggestions in a row too long for the time left: the sea
 # more trials: a clear margin (in 4-minute sweeps on 2 vCPUs, torch's best measured 0.18-0.68x
 # llama.cpp's).
 DOMINATED = 0.5
+# On a CPU host a backend is dropped before its climb when its best is under this share of
+# the leader's fastest layout at a batch no wider: along the batch axis torch gained at most
+# x1.9 on llama.cpp per x4 step (2 vCPUs: hf/llama.cpp 0.22 at batch 1, 0.41 at 4, 0.77 at
+# 16), and a 10-minute sweep spent 2 of its 7.5 search minutes climbing hf and the pipeline
+# from x0.26 and x0.30. On a GPU batching gains far more, and nothing is dropped this early.
+_SCREEN_DOMINATED = 1 / 3
 _CLIMB = 2  # positions up the batch list per climbing step: batch x4
 # A climbing step under this share of the speed it started from ends the climb: one pass is
 # noisy (llama.cpp 2x1 at batch 4 measured 52.5, 70.2, 84.2 and 86.0 tokens/s in four sweeps
@@ -91,7 +97,6 @@ _LINEAGES = 2  # layouts whose batch climbs, per backend
 _STEP_SHARE = 0.2
 _TOP = 3
 _AGREE = 0.10  # a search figure this close to the paired median needs no note
-_DUPLICATE = "same config as trial"
 _MARGIN_S = 5.0  # kept back from every deadline for writing the outputs
 # A reference run answers the first prompts of every trial's pass (the same balanced order)
 # once, cold; the agreement of a trial is over these.
@@ -256,6 +261,7 @@ class Sweep:
         # the step started from, the key of the wider layout queued), or _CLIMBED once over.
         self.climbs: dict[tuple[str, str], tuple[float, str] | str] = {}
         self.deferred: list = []  # recipes of the other backends, queued after the climb
+        self.screened: set[str] = set()  # backends whose screened knobs were measured
         self.skipped: dict[str, str] = {}  # recipe name -> why it was not run
         self.rng = random.Random(options.seed)  # the exploration after a duplicate
         self.log = None  # trials.jsonl, open while the sweep runs
@@ -500,10 +506,14 @@ class Sweep:
             self.extra.insert(0, (fixed.config, Role(fixed.role), fixed.name))
 
     def _release_recipe(self, study) -> None:
-        """Queue the next waiting recipe that fits the search's time left (those that do not
-        are named in the summary)."""
+        """Queue the next waiting recipe that fits the search's time left (those that do not,
+        and those of a dropped backend, are named in the summary)."""
         while self.deferred:
             fixed = self.deferred.pop(0)
+            dropped = self.space.dropped.get(fixed.config.backend)
+            if dropped:
+                self.skipped[fixed.name] = f"{fixed.config.backend} was dropped: {dropped}"
+                continue
             expected, left = self.cost_s(fixed.config), self.search_left_s()
             if expected <= left:
                 self._enqueue(study, fixed)
@@ -512,8 +522,9 @@ class Sweep:
 
     def _search(self, study) -> None:
         """The fixed layouts, then, each time nothing is queued: backends dominated by a clear
-        margin are dropped, the best backends climb the batch axis, and the sampler fills the
-        rest. A suggestion too long for the time left runs at the largest batch that fits."""
+        margin are dropped, the leading backends' weights are screened, their best layouts
+        climb the batch axis, and the sampler fills the rest. A suggestion too long for the
+        time left runs at the largest batch that fits."""
         import optuna
 
         idle = unfit = 0
@@ -536,10 +547,21 @@ class Sweep:
                 # Drop first: dropping a backend renames the sampler's backend parameter, and
                 # a trial queued before that would lose its backend (the sampler would pick).
                 self._drop_dominated()
-                if not self._climb(study):
+                if not self._screen(study) and not self._climb(study):
                     self._release_recipe(study)
             candidate = self._candidate(study)
-            reason = self._why_not(candidate)
+            if self._repeated(candidate):
+                # Asked for again: no record (it says nothing new; a 10-minute sweep of the
+                # 2-vCPU model once ended in 60 of them), and a layout not measured yet that
+                # fits the time left is queued in its place, or the search is over.
+                study.tell(candidate.trial, state=optuna.trial.TrialState.FAIL)
+                idle += 1
+                if not self._explore(study):
+                    if self.space.exhausted:
+                        return  # every layout of the space is measured: on to confirming
+                    unfit += 1
+                continue
+            reason = candidate.refused
             if not reason and self._too_long(candidate):
                 # Asked for, never run: no record (a flood of "would not finish" records
                 # at the end of the budget said nothing); its narrower neighbour is queued.
@@ -551,16 +573,13 @@ class Sweep:
                 continue
             unfit = 0
             if reason:
+                # The space refused it: recorded (the reason says why), and a refusal tells
+                # the sampler nothing (it is told FAIL), so it would ask for the same region
+                # again (8-GPU simulation: 60 suggestions in a row over a GPU's memory ended
+                # a sweep at an eighth of its budget): its narrower batch, or elsewhere.
                 self._prune(study, candidate, reason)
                 idle += 1
-                if reason.startswith(_DUPLICATE):
-                    self._explore(study)
-                    if self.space.exhausted:
-                        return  # every layout of the space is measured: on to confirming
-                elif candidate.config is None or not self._fit(study, candidate.config, reason):
-                    # A refused suggestion tells the sampler nothing (it is told FAIL), and it
-                    # would ask for the same region again (8-GPU simulation: 60 suggestions in
-                    # a row over a GPU's memory ended a sweep at an eighth of its budget).
+                if candidate.config is None or not self._fit(study, candidate.config, reason):
                     self._explore(study)
                 continue
             idle = 0
@@ -581,13 +600,18 @@ class Sweep:
         except Unfit as why:
             return _Candidate(trial, why.config, role, name, refused=str(why))
 
-    def _explore(self, study) -> None:
-        """After the sampler asked for a config measured already, queue a random one not yet
-        measured: the duplicate is hidden from TPE (it is not a slow region), so without new
-        information TPE would ask for the same point again and again."""
-        config = self.space.random_config(self.rng, avoid=set(self.seen))
+    def _explore(self, study) -> bool:
+        """After the sampler asked for a config measured already (or one the space refused),
+        queue a random one not yet measured that fits `room_s`; returns whether one was. The
+        ask is hidden from TPE (it is not a slow region), so without new information TPE
+        would ask for the same point again and again."""
+        room = self.room_s()
+        config = self.space.random_config(
+            self.rng, avoid=set(self.seen), fits=lambda c: self.cost_s(c) <= room
+        )
         if config is not None:
             self._queue(study, config)
+        return config is not None
 
     def _queue(self, study, config: TrialConfig, name: str | None = None) -> None:
         """Queue ``config`` as the sampler's next search trial (``name``: why this one)."""
@@ -598,16 +622,14 @@ class Sweep:
         """Not measured yet, and expected to fit the ``left`` seconds of the search."""
         return config_key(config) not in self.seen and self.cost_s(config) <= left
 
-    def _why_not(self, candidate: _Candidate) -> str | None:
-        """Why the candidate must not run at all, or None: the one place that decides (a
-        suggestion too long for the time left is narrowed instead, `_fit`)."""
-        if candidate.refused:
-            return candidate.refused
+    def _repeated(self, candidate: _Candidate) -> bool:
+        """Whether the sampler asked for a layout measured already."""
         config = candidate.config
-        key = config_key(config)
-        if candidate.role is Role.SEARCH and key in self.seen:
-            return f"{_DUPLICATE} {self.seen[key]}"
-        return None
+        return (
+            candidate.role is Role.SEARCH
+            and not candidate.refused
+            and config_key(config) in self.seen
+        )
 
     def room_s(self) -> float:
         """The most one search trial may be expected to take now: the search's time left, and
@@ -662,6 +684,32 @@ class Sweep:
             origins += [best, rival] if rival and rival.value >= _TIE * best.value else [best]
         return origins
 
+    def _screen(self, study) -> bool:
+        """Queue, once per backend, its fastest layout at every other value of its screened
+        knobs (`Knob.screen`: the weight type or dtype), the fastest backend first; returns
+        whether any was queued. A backend under `DOMINATED` of the leader is not screened.
+        The climbs then start from the fastest weights: on 2 vCPUs q4_0 measured 1.5x the
+        embedded q4_1 at 1x2 batch 8, and a 10-minute sweep that never tried q4_0 ended at
+        x2.2 where a 5-minute one that did reached x3.8."""
+        bests = sorted(self._bests().values(), key=lambda r: r.value, reverse=True)
+        for best in bests:
+            if best.backend in self.screened or best.value < DOMINATED * bests[0].value:
+                continue
+            self.screened.add(best.backend)
+            config, room, queued = TrialConfig.from_dict(best.config), self.room_s(), False
+            for knob in self.space.spaces[best.backend].knobs:
+                if not knob.screen:
+                    continue
+                for variant in self.space.variants(config, knob.name):
+                    if self._affordable(variant, room):
+                        value = getattr(variant, knob.name)
+                        name = f"screen: trial {best.number}'s layout with {knob.name} {value}"
+                        self._queue(study, variant, name)
+                        queued = True
+            if queued:
+                return True
+        return False
+
     def _climb(self, study) -> bool:
         """Queue the next step of a batch climb; returns whether one was queued. From each
         backend's fastest layout (the fastest backend first) and a near tie of it
@@ -690,12 +738,27 @@ class Sweep:
             for positions in (_CLIMB, 1):
                 wider = self.space.step(config, "batch_size", positions)
                 if wider is not None and self._affordable(wider, room):
-                    name = f"climb: trial {origin.number}'s layout at batch {wider.batch_size}"
-                    self._queue(study, wider, name)
+                    recipe = self._waiting_recipe(wider)
+                    if recipe is not None:  # measured once, as the recipe it is
+                        self._enqueue(study, recipe)
+                    else:
+                        name = f"climb: trial {origin.number}'s layout at batch {wider.batch_size}"
+                        self._queue(study, wider, name)
                     self.climbs[lineage] = (origin.value, config_key(wider))
                     return True
             self.climbs[lineage] = _CLIMBED
         return False
+
+    def _waiting_recipe(self, config: TrialConfig) -> Fixed | None:
+        """The deferred recipe of ``config``'s very layout, taken off the waiting list (a
+        10-minute sweep measured hf batch 8 twice, as a climbing step and as seed 000's
+        recipe: 44 s of its 7.5 search minutes)."""
+        key = config_key(config)
+        for fixed in self.deferred:
+            if config_key(fixed.config) == key:
+                self.deferred.remove(fixed)
+                return fixed
+        return None
 
     def _measured(self, key: str) -> TrialRecord | None:
         """The record that measured the config of ``key``, if one did."""
@@ -704,21 +767,44 @@ class Sweep:
 
     def _drop_dominated(self) -> None:
         """Drop each backend whose climb is over and whose best is under `DOMINATED` of the
-        leader's: it gets no more trials (the reason goes to the summary)."""
+        leader's, and on a CPU host one whose best is under `_SCREEN_DOMINATED` of the
+        leading backend's fastest layout at a batch no wider, climbed or not: it gets no
+        more trials (the reason goes to the summary)."""
         bests = self._bests()
         if len(bests) < 2:
             return
         leader = max(bests.values(), key=lambda r: r.value)
         for backend, best in bests.items():
+            if backend == leader.backend:
+                continue
             climbed = self.climbs.get(_lineage(best.config)) == _CLIMBED
             if climbed and best.value < DOMINATED * leader.value:
-                reason = (
-                    f"its best, {best.value:.1f} tokens/s (trial {best.number}), is "
-                    f"x{best.value / leader.value:.2f} {leader.backend}'s {leader.value:.1f} "
-                    f"(trial {leader.number}), under x{DOMINATED}"
-                )
-                self.space.drop(backend, reason)
-                self.tell(BackendDropped(backend, reason))
+                rival, share, where = leader, DOMINATED, ""
+            else:
+                rival = None if self.target.gpus else self._fastest_within(leader.backend, best)
+                if rival is None or best.value >= _SCREEN_DOMINATED * rival.value:
+                    continue
+                share, where = _SCREEN_DOMINATED, f" at batch {best.config['batch_size']} or less"
+            reason = (
+                f"its best, {best.value:.1f} tokens/s (trial {best.number}), is "
+                f"x{best.value / rival.value:.2f} {rival.backend}'s {rival.value:.1f} "
+                f"(trial {rival.number}){where}, under x{share:.2f}"
+            )
+            self.space.drop(backend, reason)
+            self.tell(BackendDropped(backend, reason))
+
+    def _fastest_within(self, backend: str, record: TrialRecord) -> TrialRecord | None:
+        """``backend``'s fastest measured trial at a batch no wider than ``record``'s."""
+        batch = record.config["batch_size"]
+        return max(
+            (
+                r
+                for r in self._measured_trials()
+                if r.backend == backend and r.config["batch_size"] <= batch
+            ),
+            key=lambda r: r.value,
+            default=None,
+        )
 
     def _run(self, study, candidate: _Candidate) -> None:
         config, trial = candidate.config, candidate.trial

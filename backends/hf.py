@@ -211,7 +211,7 @@ class HFBackend(Backend):
             (
                 threads_knob(target.cpus, None, on_gpu),
                 Knob("batch_size", target.batch_sizes),
-                Knob("dtype", torch_dtypes(target), ordered=False),
+                Knob("dtype", torch_dtypes(target), ordered=False, screen=True),
             ),
         )
 

@@ -83,7 +83,13 @@ class LlamaCppBackend(Backend):
         knobs += [
             threads_knob(cpus, "workers", on_gpu),
             Knob("batch_size", target.batch_sizes),
-            Knob("quant", (None, *QUANTS), ordered=False, note="None: the file's own type"),
+            Knob(
+                "quant",
+                (None, *QUANTS),
+                ordered=False,
+                note="None: the file's own type",
+                screen=True,
+            ),
             Knob(
                 "pinning",
                 pinning,

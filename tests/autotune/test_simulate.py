@@ -200,6 +200,32 @@ def test_a_warm_start_measures_the_previous_studys_best_layouts_first(cli, tmp_p
     assert not (tmp_path / "third").exists() and not (tmp_path / "fourth").exists()
 
 
+def test_the_weights_are_screened_on_the_fastest_layout_before_it_climbs(cli, tmp_path):
+    assert _sweep(cli, tmp_path, "vm", "--seed", "1", machine=MACHINES / "vm_2vcpu").returncode == 0
+    records = [json.loads(line) for line in (tmp_path / "vm" / "trials.jsonl").open()]
+    first = next(i for i, r in enumerate(records) if r.get("role", "search") == "search")
+    fixed, screens = records[:first], records[first : first + 6]
+    fastest = max(fixed[1:], key=lambda r: r["value"])  # the recipes (the baseline is 1x1)
+    assert all(
+        r["name"].startswith(f"screen: trial {fastest['number']}'s layout with quant")
+        for r in screens
+    ), [r["name"] for r in screens]
+
+    def layout(record):
+        return {k: v for k, v in record["config"].items() if k != "quant"}
+
+    assert all(layout(r) == layout(fastest) for r in screens)
+    quants = {r["config"]["quant"] for r in screens}
+    assert quants == {"f16", "q8_0", "q5_k_m", "q4_k_m", "q4_1", "q4_0"} - {
+        fastest["config"]["quant"]
+    }
+    # The climb starts from the fastest weights, after every screen.
+    climbs = [i for i, r in enumerate(records) if (r.get("name") or "").startswith("climb:")]
+    assert climbs and climbs[0] == first + len(screens)
+    best = max(fixed[1:] + screens, key=lambda r: r["value"])
+    assert records[climbs[0]]["name"].startswith(f"climb: trial {best['number']}'s layout")
+
+
 def test_no_search_trial_is_expected_to_take_more_than_a_fifth_of_the_search(cli, tmp_path):
     # On the 2-vCPU machine model a batch-64 step costs minutes; a 10-minute sweep must not
     # spend a third of its search on one (it did on this machine).
