@@ -385,7 +385,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     backends = _backends(args.backends)
     model = ModelSpec.resolve(args.model)
     shape = model_shape(model)
-    target = Target(topology, shape.layers, batch_cap=args.max_batch)
+    target = Target.of(topology, shape, batch_cap=args.max_batch)
     planner = MemoryPlanner(shape, int(topology.memory_available_bytes * 0.8), topology)
     space = SearchSpace(target, backends, TrialConfig(), planner)
     plan = space.plan()

@@ -22,12 +22,19 @@ __all__ = ["BackendSpace", "Knob", "Target"]
 @dataclass(frozen=True)
 class Target:
     """What a search space depends on: the machine (possibly another one, from its
-    ``autotune detect --json``), the model's decoder layers, and the largest batch to try
-    (default: 64 on a CPU host, 512 on a GPU host, where the GPU memory planner bounds it)."""
+    ``autotune detect --json``), the model's decoder layers, the largest batch to try
+    (default: 64 on a CPU host, 512 on a GPU host, where the GPU memory planner bounds it),
+    and a GGUF's own weight type (``own_quant``: the quant knob's None already is it)."""
 
     topology: Topology
     layers: int
     batch_cap: int | None = None
+    own_quant: str | None = None
+
+    @classmethod
+    def of(cls, topology: Topology, shape, batch_cap: int | None = None) -> Target:
+        """The target of a model of ``shape`` (`autotune.memory_plan.ModelShape`)."""
+        return cls(topology, shape.layers, batch_cap, shape.weight_type)
 
     @property
     def cpus(self) -> int:

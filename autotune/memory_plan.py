@@ -37,6 +37,7 @@ class ModelShape:
     layers: int
     kv_heads: int
     head_dim: int
+    weight_type: str | None = None  # a GGUF's own type in lower case (q4_1); None for HF
 
     def kv_bytes_per_token(self, width: int) -> int:
         """Bytes of KV cache one token of one sequence takes, at ``width`` bytes a value."""
@@ -65,6 +66,7 @@ def model_shape(spec: ModelSpec) -> ModelShape:
         layers=layers,
         kv_heads=kv_heads,
         head_dim=width // max(1, heads),
+        weight_type=summary.weight_type.lower() if spec.format == "gguf" else None,
     )
 
 

@@ -245,7 +245,7 @@ class Sweep:
         self.dir = StudyDir(options.reports_dir / options.study)
         # Trials cycle the workload to keep any batch full: the batch is bounded by the space
         # and memory, not by the number of prompts.
-        self.target = Target(topology, shape.layers)
+        self.target = Target.of(topology, shape)
         limit = options.memory_limit_bytes or int(topology.memory_available_bytes * 0.8)
         self.planner = MemoryPlanner(shape, limit, topology)
         self.space = SearchSpace(self.target, options.backends, options.base, self.planner)

@@ -85,9 +85,10 @@ class LlamaCppBackend(Backend):
             Knob("batch_size", target.batch_sizes),
             Knob(
                 "quant",
-                (None, *QUANTS),
+                (None, *(q for q in QUANTS if q != target.own_quant)),
                 ordered=False,
-                note="None: the file's own type",
+                note="None: the file's own type"
+                + (f", {own}" if (own := target.own_quant) else ""),
                 screen=True,
             ),
             Knob(

@@ -141,7 +141,7 @@ def main() -> int:
             title, path, backends = MACHINES[key]
             machine = MachineModel.load(str(path), shape)
             topology = machine.topology
-            target = Target(topology, shape.layers)
+            target = Target.of(topology, shape)
             planner = MemoryPlanner(shape, int(topology.memory_available_bytes * 0.8), topology)
             space = SearchSpace(
                 target, backends.split(","), TrialConfig(max_new_tokens=32), planner

@@ -65,6 +65,10 @@ def test_the_smt_server_plan_spans_its_threads_and_siblings(cli, machine_json):
     assert "32 usable CPUs" in llamacpp["threads_per_worker"]["note"]
     assert data["size"] == sum(b["size"] for b in data["backends"].values()) > 10_000
     assert data["baseline"]["threads_per_worker"] == 16, "llama-cpp-python: half the CPUs"
+    # The embedded model is Q4_1: its own type is offered once, as the file itself (None).
+    quant = llamacpp["quant"]
+    assert quant["values"] == [None, "f16", "q8_0", "q5_k_m", "q4_k_m", "q4_0"]
+    assert quant["screen"] and quant["note"] == "None: the file's own type, q4_1"
 
 
 def test_the_gpu_node_plan_keeps_ranks_and_stages_within_its_gpus(cli, machine_json):
