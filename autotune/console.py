@@ -13,7 +13,7 @@ console = Console()
 errors = Console(stderr=True)
 
 
-_SCREENED = "screened: every value measured on the backend's fastest layout first"
+_SCREENED = "screened on a CPU host: every value measured on the backend's fastest layout first"
 
 
 def gib(value: int | None) -> str:

@@ -65,9 +65,9 @@ class Knob:
     position in ``values`` (neighbours are alike: 4 threads is close to 5); the others as
     categories. ``only_if(chosen)`` says whether the knob applies given the earlier choices;
     ``allow(chosen, value)`` keeps the values that fit them. ``note`` says both in words.
-    ``screen``: the sweep measures every value of this knob on its backend's fastest layout
-    before climbing from it (the weights: a weight type or a dtype, whose speeds no neighbour
-    predicts and one of which may be far faster than the file's own).
+    ``screen``: on a CPU host the sweep measures every value of this knob on its backend's
+    fastest layout before climbing from it (the weights: a weight type or a dtype, whose
+    speeds no neighbour predicts and one of which may be far faster than the file's own).
     """
 
     name: str

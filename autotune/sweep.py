@@ -3,14 +3,16 @@
 Order of work (`Sweep.run`):
 
 1. the naive baseline (trial 0), then the seeds' recipes, then the sampler's suggestions —
-   each one goes through `Sweep._candidate` and `Sweep._why_not`, the one path that turns a
-   suggestion into a run or into a recorded reason not to run it (the space refuses it, it
-   was measured already); runs happen in their own process with a deadline
+   each one goes through `Sweep._search`, the one path that turns a suggestion into a run, a
+   recorded reason not to run it (the space refuses it), or no record at all (measured
+   already, too long for the time left); runs happen in their own process with a deadline
    (`trial.run_in_child`, or an injected runner). Between them the budget goes where the
-   speed is: each backend's fastest layout climbs the batch axis (x4 while a step keeps
-   `_CLIMB_KEEPS` of its speed), the other backends' recipes wait for that climb, a backend
-   under `DOMINATED` of the leader gets no more trials, and a suggestion too long for the
-   time left runs at a smaller batch that fits (or is dropped unrecorded);
+   speed is: each backend's fastest layout is measured with its other weights first
+   (`Sweep._screen`, the knobs marked `Knob.screen`), then climbs the batch axis (x4 while a
+   step keeps `_CLIMB_KEEPS` of its speed), the other backends' recipes wait for that climb,
+   a backend under `DOMINATED` of the leader after its climb (on a CPU host, under
+   `_SCREEN_DOMINATED` at its batch, before) gets no more trials, and a suggestion too long
+   for the time left runs at a smaller batch that fits;
 2. the best three are re-measured side by side with the baseline, alternately (A B A B), and
    the winner is the one with the best paired speedup, reported with a confidence interval;
 3. ``best.env`` (the winner as env vars) and ``summary.json`` are written.
@@ -685,12 +687,19 @@ class Sweep:
         return origins
 
     def _screen(self, study) -> bool:
-        """Queue, once per backend, its fastest layout at every other value of its screened
-        knobs (`Knob.screen`: the weight type or dtype), the fastest backend first; returns
-        whether any was queued. A backend under `DOMINATED` of the leader is not screened.
-        The climbs then start from the fastest weights: on 2 vCPUs q4_0 measured 1.5x the
-        embedded q4_1 at 1x2 batch 8, and a 10-minute sweep that never tried q4_0 ended at
-        x2.2 where a 5-minute one that did reached x3.8."""
+        """On a CPU host, queue once per backend its fastest layout at every other value of
+        its screened knobs (`Knob.screen`: the weight type or dtype), the fastest backend
+        first; returns whether any was queued. A backend under `DOMINATED` of the leader is
+        not screened. The climbs then start from the fastest weights: on 2 vCPUs q4_0
+        measured 1.5x the embedded q4_1 at 1x2 batch 8; a 10-minute sweep that never tried
+        it ended at x2.2, one that screened first found it in 86 s and ended at x3.9. On a
+        GPU host the recipes' small batches are launch-bound and every dtype measures alike
+        there (the simulated 8-GPU node: 3 596-3 875 tokens/s for ddp 8 x batch 16 in all
+        three), so a screen would pick one by noise and climb with it (float32, whose
+        memory then halved the ranks a GPU holds: 71% of the optimum after 60 trials at
+        worst, against 92% without a screen); the search weighs dtype there."""
+        if self.target.gpus:
+            return False
         bests = sorted(self._bests().values(), key=lambda r: r.value, reverse=True)
         for best in bests:
             if best.backend in self.screened or best.value < DOMINATED * bests[0].value:

@@ -266,3 +266,7 @@ def test_refused_suggestions_on_an_8_gpu_node_do_not_end_the_search_early(cli, t
         if r["state"] == "pruned" and "compute times the layers" in (r.get("reason") or "")
     ]
     assert not refused, "the pipeline space offers no partition its validation refuses"
+    # No weights screen on a GPU host (every dtype is alike at the recipes' batches there),
+    # and no backend dropped before its climb.
+    assert not [r for r in records if (r.get("name") or "").startswith("screen:")]
+    assert not [why for why in summary["dropped"].values() if "or less, under" in why]
