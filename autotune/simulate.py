@@ -146,9 +146,9 @@ class MachineModel:
         return self.shape.parameters * _DTYPE_BYTES.get(config.dtype, 4)
 
     def _flops_per_token(self, config: TrialConfig) -> float:
-        # No --quant: the file's own type, taken as the embedded model's q4_1.
+        # No --quant: the file's own type (an unknown one costs what q4_1 does).
         cost = (
-            _QUANT_COST.get(config.quant or "q4_1", 1.1)
+            _QUANT_COST.get(config.quant or self.shape.weight_type, 1.1)
             if config.backend in ("llamacpp", "fake")
             else 1.0 / _TORCH_CPU
         )

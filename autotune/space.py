@@ -178,18 +178,16 @@ class SearchSpace:
         """``config`` with each other value its knob ``knob_name`` may take there, the other
         knobs kept (those the target refuses left out)."""
         try:
-            choices = self._choices(config)
+            choices = {knob.name: (allowed, v) for knob, allowed, v in self._choices(config)}
         except Unfit:
             return []
-        found = []
-        for knob, allowed, value in choices:
-            if knob.name == knob_name:
-                for other in allowed:
-                    if other != value:
-                        changed = self._changed(config, knob_name, lambda _, __, o=other: o)
-                        if changed is not None:
-                            found.append(changed)
-        return found
+        allowed, current = choices.get(knob_name, ((), None))
+        changed = (
+            self._changed(config, knob_name, lambda _allowed, _value, to=value: to)
+            for value in allowed
+            if value != current
+        )
+        return [config for config in changed if config is not None]
 
     def _changed(self, config: TrialConfig, knob_name: str, move) -> TrialConfig | None:
         """``config`` with knob ``knob_name``'s value replaced by ``move(allowed, value)``;

@@ -609,14 +609,19 @@ class Sweep:
         would ask for the same point again and again."""
         room = self.room_s()
         config = self.space.random_config(
-            self.rng, avoid=set(self.seen), fits=lambda c: self.cost_s(c) <= room
+            self.rng, avoid=set(self.seen), fits=lambda c: self._affordable(c, room)
         )
         if config is not None:
             self._queue(study, config)
         return config is not None
 
     def _queue(self, study, config: TrialConfig, name: str | None = None) -> None:
-        """Queue ``config`` as the sampler's next search trial (``name``: why this one)."""
+        """Queue ``config`` as the sampler's next search trial (``name``: why this one); the
+        layout of a waiting recipe runs as that recipe, once (`_waiting_recipe`)."""
+        recipe = self._waiting_recipe(config)
+        if recipe is not None:
+            self._enqueue(study, recipe)
+            return
         attrs = {"role": "search", **({"name": name} if name else {})}
         study.enqueue_trial(self.space.params(config), user_attrs=attrs)
 
@@ -694,7 +699,7 @@ class Sweep:
         measured 1.5x the embedded q4_1 at 1x2 batch 8; a 10-minute sweep that never tried
         it ended at x2.2, one that screened first found it in 86 s and ended at x3.9. On a
         GPU host the recipes' small batches are launch-bound and every dtype measures alike
-        there (the simulated 8-GPU node: 3 596-3 875 tokens/s for ddp 8 x batch 16 in all
+        there (the simulated 8-GPU node: 3 596-3 878 tokens/s for ddp 8 x batch 16 in all
         three), so a screen would pick one by noise and climb with it (float32, whose
         memory then halved the ranks a GPU holds: 71% of the optimum after 60 trials at
         worst, against 92% without a screen); the search weighs dtype there."""
@@ -747,12 +752,8 @@ class Sweep:
             for positions in (_CLIMB, 1):
                 wider = self.space.step(config, "batch_size", positions)
                 if wider is not None and self._affordable(wider, room):
-                    recipe = self._waiting_recipe(wider)
-                    if recipe is not None:  # measured once, as the recipe it is
-                        self._enqueue(study, recipe)
-                    else:
-                        name = f"climb: trial {origin.number}'s layout at batch {wider.batch_size}"
-                        self._queue(study, wider, name)
+                    name = f"climb: trial {origin.number}'s layout at batch {wider.batch_size}"
+                    self._queue(study, wider, name)
                     self.climbs[lineage] = (origin.value, config_key(wider))
                     return True
             self.climbs[lineage] = _CLIMBED
@@ -760,8 +761,8 @@ class Sweep:
 
     def _waiting_recipe(self, config: TrialConfig) -> Fixed | None:
         """The deferred recipe of ``config``'s very layout, taken off the waiting list (a
-        10-minute sweep measured hf batch 8 twice, as a climbing step and as seed 000's
-        recipe: 44 s of its 7.5 search minutes)."""
+        10-minute sweep measured hf batch 8 twice, as a climbing step and later as seed
+        000's recipe: 44 s of its 7.5 search minutes)."""
         key = config_key(config)
         for fixed in self.deferred:
             if config_key(fixed.config) == key:

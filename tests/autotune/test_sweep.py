@@ -723,12 +723,18 @@ def slowfake(monkeypatch):
     monkeypatch.setitem(backends.BACKENDS, "slowfake", ("backends.fake", "SlowFakeBackend", ""))
 
 
+def _with_slowfake(tmp_path, simulated_sweep, factor: float | None = None):
+    """A 300 s sweep of fake and slowfake, slowfake's figures times ``factor`` if given."""
+    change = _scaled("slowfake", factor) if factor is not None else None
+    options_ = options(tmp_path, budget_s=300.0, backends=["fake", "slowfake"])
+    summary, _, _ = simulated_sweep(options_, change=change)
+    return summary
+
+
 def test_other_backends_recipes_wait_for_the_baseline_backends_climb(
     tmp_path, simulated_sweep, slowfake
 ):
-    summary, _, _ = simulated_sweep(
-        options(tmp_path, budget_s=300.0, backends=["fake", "slowfake"])
-    )
+    summary = _with_slowfake(tmp_path, simulated_sweep)
     names = [r.name for r in summary.trials if r.result]
     recipe = names.index("slow recipe")
     climbs = [i for i, name in enumerate(names) if name.startswith("climb: trial 0")]
@@ -745,10 +751,7 @@ def test_other_backends_recipes_wait_for_the_baseline_backends_climb(
 def test_a_backend_under_half_the_leader_after_its_climb_gets_no_more_trials(
     tmp_path, simulated_sweep, slowfake
 ):
-    summary, _, _ = simulated_sweep(
-        options(tmp_path, budget_s=300.0, backends=["fake", "slowfake"]),
-        change=_scaled("slowfake", 0.4),
-    )
+    summary = _with_slowfake(tmp_path, simulated_sweep, 0.4)
     reason = summary.dropped["slowfake"]
     assert "x0.40 fake's" in reason and "under x0.50" in reason, reason
     assert "fake" not in summary.dropped
@@ -765,10 +768,7 @@ def test_a_backend_under_half_the_leader_after_its_climb_gets_no_more_trials(
 def test_on_a_cpu_host_a_backend_under_a_third_is_dropped_before_its_climb(
     tmp_path, simulated_sweep, slowfake
 ):
-    summary, _, _ = simulated_sweep(
-        options(tmp_path, budget_s=300.0, backends=["fake", "slowfake"]),
-        change=_scaled("slowfake", 0.15),
-    )
+    summary = _with_slowfake(tmp_path, simulated_sweep, 0.15)
     reason = summary.dropped["slowfake"]
     slow_trials = [r for r in summary.trials if r.backend == "slowfake" and r.result]
     assert [r.name for r in slow_trials] == ["slow recipe"], "no climb, no other layout"
@@ -788,9 +788,7 @@ def test_on_a_cpu_host_a_backend_under_a_third_is_dropped_before_its_climb(
 def test_a_climbing_step_that_is_a_waiting_recipe_runs_once_as_that_recipe(
     tmp_path, simulated_sweep, slowfake
 ):
-    summary, _, _ = simulated_sweep(
-        options(tmp_path, budget_s=300.0, backends=["fake", "slowfake"])
-    )
+    summary = _with_slowfake(tmp_path, simulated_sweep)
     slow = [r for r in summary.trials if r.backend == "slowfake" and r.result]
     assert [r.name for r in slow[:2]] == ["slow recipe", "slow recipe b8"], [r.name for r in slow]
     assert slow[1].role is Role.RECIPE
