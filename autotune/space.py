@@ -36,6 +36,12 @@ _MISSING = object()
 _ENUMERATE_UP_TO = 5000  # layouts; a larger space is explored by random draws only
 
 
+def _nearest(values: tuple, allowed: tuple, value):
+    """The value of ``allowed`` nearest ``value`` by position in the knob's ``values``."""
+    at = values.index(value)
+    return min(allowed, key=lambda v: (abs(values.index(v) - at), values.index(v)))
+
+
 def _category_name(name: str, values, offered) -> str:
     """The Optuna parameter for a category ``name`` of ``values`` when only ``offered`` are
     choices now: ``name``, or with the choices in it where they are fewer (an Optuna
@@ -163,8 +169,8 @@ class SearchSpace:
 
     def step(self, config: TrialConfig, knob_name: str, positions: int) -> TrialConfig | None:
         """``config`` with its ordered knob ``knob_name`` moved ``positions`` along its values
-        (batch 4 -> 16 for +2), the other knobs kept; None where that leaves the list, a later
-        knob's value no longer fits, or the target refuses the result."""
+        (batch 4 -> 16 for +2), the other knobs kept (`_changed`); None where that leaves the
+        list or the target refuses the result."""
 
         def move(allowed: tuple, value):
             index = allowed.index(value) + positions
@@ -182,16 +188,25 @@ class SearchSpace:
         except Unfit:
             return []
         allowed, current = choices.get(knob_name, ((), None))
-        changed = (
-            self._changed(config, knob_name, lambda _allowed, _value, to=value: to)
-            for value in allowed
-            if value != current
-        )
+        changed = (self.with_value(config, knob_name, v) for v in allowed if v != current)
         return [config for config in changed if config is not None]
 
+    def with_value(self, config: TrialConfig, knob_name: str, value) -> TrialConfig | None:
+        """``config`` with its knob ``knob_name`` at ``value`` (`_changed`); None where that
+        is outside the space or refused on the target."""
+
+        def move(allowed: tuple, _value):
+            if value not in allowed:
+                raise Unfit(f"{describe(config)}: {knob_name} {value!r} is outside the space")
+            return value
+
+        return self._changed(config, knob_name, move)
+
     def _changed(self, config: TrialConfig, knob_name: str, move) -> TrialConfig | None:
-        """``config`` with knob ``knob_name``'s value replaced by ``move(allowed, value)``;
-        None where that is outside the space or refused on the target."""
+        """``config`` with knob ``knob_name``'s value replaced by ``move(allowed, value)``, a
+        later ordered knob whose value no longer fits moved to the nearest that does (1 worker
+        x 2 threads on 2 CPUs, workers + 1: 2 x 1); None where that is outside the space or
+        refused on the target."""
         try:
             choices = self._choices(config, knob_name, move)
         except Unfit:
@@ -201,20 +216,25 @@ class SearchSpace:
 
     def _choices(self, config: TrialConfig, moved: str | None = None, move=None):
         """(knob, the values allowed it, its value) for each knob of ``config``'s backend that
-        applies, the knob ``moved`` given ``move(allowed, value)`` instead; Unfit where a value
-        is outside the space."""
+        applies, the knob ``moved`` given ``move(allowed, value)`` instead (and an ordered knob
+        after it the allowed value nearest its own); Unfit where a value is outside the
+        space."""
         values = backend_class(config.backend).knob_values(config, self.target)
         chosen: dict = {}
         found = []
+        after_move = False
         for knob in self.spaces[config.backend].knobs:
             if not knob.applies(chosen):
                 continue
             allowed = knob.allowed(chosen)
             value = values.get(knob.name, _MISSING)
             if value not in allowed:
-                raise Unfit(f"{describe(config)}: {knob.name} {value!r} is outside the space")
+                if not (after_move and knob.ordered and allowed and value in knob.values):
+                    raise Unfit(f"{describe(config)}: {knob.name} {value!r} is outside the space")
+                value = _nearest(knob.values, allowed, value)
             if knob.name == moved:
                 value = move(allowed, value)
+                after_move = True
             chosen[knob.name] = value
             found.append((knob, allowed, value))
         return found

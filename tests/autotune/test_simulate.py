@@ -225,6 +225,33 @@ def test_the_weights_are_screened_on_the_fastest_layout_before_it_climbs(cli, tm
     assert records[climbs[0]]["name"].startswith(f"climb: trial {best['number']}'s layout")
 
 
+def test_the_fastest_layouts_neighbours_are_measured_after_the_climbs(cli, tmp_path):
+    assert _sweep(cli, tmp_path, "n", "--seed", "1").returncode == 0
+    records = [json.loads(line) for line in (tmp_path / "n" / "trials.jsonl").open()]
+    by_number = {r["number"]: r for r in records}
+    at = [i for i, r in enumerate(records) if (r.get("name") or "").startswith("neighbour: ")]
+    assert at, [r.get("name") for r in records]
+    climbs = [i for i, r in enumerate(records) if (r.get("name") or "").startswith("climb: ")]
+    assert climbs and climbs[0] < at[0], "the climbs come first"
+    layout = ("workers", "threads_per_worker", "batch_size", "quant", "pinning")
+
+    def origin_of(record):  # "neighbour: trial 12's layout with pinning spread"
+        return by_number[int(record["name"].split()[2].removesuffix("'s"))]
+
+    for i in at:
+        record, origin = records[i], origin_of(records[i])
+        knob, value = record["name"].split()[-2:]
+        changed = {k for k in layout if record["config"][k] != origin["config"][k]}
+        assert knob in changed and str(record["config"][knob]) == value, record["name"]
+        # One knob, and a later one only where the move left it no room (workers x threads).
+        assert changed <= {knob, "threads_per_worker", "pinning"}, (changed, record["name"])
+        assert record["config"]["batch_size"] == origin["config"]["batch_size"]
+        # The origin was the fastest layout measured when its first neighbour was queued.
+        first = next(j for j in at if origin_of(records[j]) is origin)
+        earlier = [r for r in records[:first] if r.get("value") and r.get("role") != "reference"]
+        assert origin["value"] == max(r["value"] for r in earlier), record["name"]
+
+
 def test_no_search_trial_is_expected_to_take_more_than_a_fifth_of_the_search(cli, tmp_path):
     # On the 2-vCPU machine model a batch-64 step costs minutes; a 10-minute sweep must not
     # spend a third of its search on one (it did on this machine).
