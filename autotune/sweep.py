@@ -10,6 +10,7 @@ Order of work (`Sweep.run`):
    speed is: each backend's fastest layout is measured with its other weights first
    (`Sweep._screen`, the knobs marked `Knob.screen`), then climbs the batch axis (x4 while a
    step keeps `_CLIMB_KEEPS` of its speed), the other backends' recipes wait for that climb,
+   on a CPU host the fastest layout's one-knob neighbours come next (`Sweep._neighbours`),
    a backend under `DOMINATED` of the leader after its climb (on a CPU host, under
    `_SCREEN_DOMINATED` at its batch, before) gets no more trials, and a suggestion too long
    for the time left runs at a smaller batch that fits;
@@ -716,16 +717,11 @@ class Sweep:
             if best.backend in self.screened or best.value < DOMINATED * bests[0].value:
                 continue
             self.screened.add(best.backend)
-            config, room, queued = TrialConfig.from_dict(best.config), self.room_s(), False
+            config, queued = TrialConfig.from_dict(best.config), False
             for knob in self.space.spaces[best.backend].knobs:
-                if not knob.screen:
-                    continue
-                for variant in self.space.variants(config, knob.name):
-                    if self._affordable(variant, room):
-                        value = getattr(variant, knob.name)
-                        name = f"screen: trial {best.number}'s layout with {knob.name} {value}"
-                        self._queue(study, variant, name)
-                        queued = True
+                if knob.screen:
+                    variants = self.space.variants(config, knob.name)
+                    queued |= self._queue_moves(study, "screen", best, knob.name, variants)
             if queued:
                 return True
         return False
@@ -778,15 +774,15 @@ class Sweep:
         99.8% (99.0%), what it would pick from 96.2% to 98.0%. Not on a GPU host: there the
         ranks a GPU holds and the batch trade against each other through its memory, a
         one-knob step walks along the memory limit, and 60-trial sweeps of the simulated
-        8-GPU node with it picked 82% of the optimum (mean of 4 seeds; 94.5% without)."""
+        8-GPU node with it picked 82% of the optimum (mean of seeds 0-3), where without it
+        bench_search's seeds 0-2 pick 94.5%."""
         if self.target.gpus:
             return False
-        ranked = sorted(self._bests().values(), key=lambda r: r.value, reverse=True)
-        if not ranked or config_key(ranked[0].config) in self.visited:
+        best = max(self._bests().values(), key=lambda r: r.value, default=None)
+        if best is None or config_key(best.config) in self.visited:
             return False
-        best = ranked[0]
         self.visited.add(config_key(best.config))
-        config, room, queued = TrialConfig.from_dict(best.config), self.room_s(), False
+        config, queued = TrialConfig.from_dict(best.config), False
         for knob in self.space.spaces[best.backend].knobs:
             if knob.name == "batch_size" or knob.screen:
                 continue
@@ -794,12 +790,20 @@ class Sweep:
                 moved = [self.space.step(config, knob.name, positions) for positions in (-1, 1)]
             else:
                 moved = self.space.variants(config, knob.name)
-            for neighbour in moved:
-                if neighbour is not None and self._affordable(neighbour, room):
-                    value = backend_class(best.backend).knob_values(neighbour, self.target)
-                    name = f"neighbour: trial {best.number}'s layout with {knob.name} "
-                    self._queue(study, neighbour, name + str(value.get(knob.name)))
-                    queued = True
+            queued |= self._queue_moves(study, "neighbour", best, knob.name, moved)
+        return queued
+
+    def _queue_moves(self, study, why: str, origin: TrialRecord, knob_name: str, moved) -> bool:
+        """Queue each of ``moved`` (``origin``'s layout with its knob ``knob_name`` changed;
+        None: no such layout) that `_affordable` lets fit `room_s`, named ``why: trial N's
+        layout with KNOB VALUE``; returns whether any was queued."""
+        room, queued = self.room_s(), False
+        for config in moved:
+            if config is not None and self._affordable(config, room):
+                value = backend_class(config.backend).knob_values(config, self.target)
+                name = f"{why}: trial {origin.number}'s layout with {knob_name}"
+                self._queue(study, config, f"{name} {value.get(knob_name)}")
+                queued = True
         return queued
 
     def _waiting_recipe(self, config: TrialConfig) -> Fixed | None:
