@@ -34,13 +34,15 @@ def _print_json(data) -> None:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from autotune import topology
+    from autotune import models, topology
 
     topo = topology.detect()
     data = topo.to_dict()
+    verdict = _extra_buffers_verdict()
+    data["llama_extra_buffers"] = verdict.to_dict()
     roof = None
     if args.roofline:
-        from autotune import models, roofline
+        from autotune import roofline
 
         spec = models.ModelSpec.resolve(args.model)
         weights = models.weights_summary(spec)
@@ -58,10 +60,20 @@ def cmd_detect(args: argparse.Namespace) -> int:
         return 0
     from autotune import console
 
-    console.show_topology(topo)
+    console.show_topology(topo, verdict)
     if roof is not None:
         console.show_roofline(roof)
     return 0
+
+
+def _extra_buffers_verdict(backends: Sequence[str] = ("llamacpp",)):
+    """This CPU's verdict on llama.cpp's extra buffer types (`backends.llamacpp_probe`: probed
+    once, then cached), where llama.cpp is among ``backends``; else None."""
+    if "llamacpp" not in backends:
+        return None
+    from backends.llamacpp_probe import extra_buffers_verdict
+
+    return extra_buffers_verdict()
 
 
 def cmd_model(args: argparse.Namespace) -> int:
@@ -128,6 +140,18 @@ def cmd_workload(args: argparse.Namespace) -> int:
 
     console.show_summary(f"Workload {workload.name}", summary)
     return 0
+
+
+def _study_name(text: str) -> str:
+    """A --study / --warm-start value: a name (letters, digits, ``._-``), never a path, so a
+    study is always a directory right under --reports."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", text) or text in (".", ".."):
+        raise argparse.ArgumentTypeError(
+            f"a study name is letters, digits and ._- (not a path), got {text!r}"
+        )
+    return text
 
 
 def _positive(name: str, minimum: int = 1):
@@ -334,6 +358,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         seed=args.seed,
         simulated=args.machine,
         warm_start=args.warm_start,
+        # Before the first llama.cpp trial: whether its extra buffers run on this CPU.
+        extra_buffers=None if args.machine else _extra_buffers_verdict(backends),
     )
     from autotune import console
 
@@ -385,7 +411,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     backends = _backends(args.backends)
     model = ModelSpec.resolve(args.model)
     shape = model_shape(model)
-    target = Target.of(topology, shape, batch_cap=args.max_batch)
+    verdict = None if args.machine else _extra_buffers_verdict(backends)
+    target = Target.of(
+        topology,
+        shape,
+        batch_cap=args.max_batch,
+        extra_buffers=verdict.offered if verdict else (None,),
+    )
     planner = MemoryPlanner(shape, int(topology.memory_available_bytes * 0.8), topology)
     space = SearchSpace(target, backends, TrialConfig(), planner)
     plan = space.plan()
@@ -594,7 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="configs to draw with the sweep's sampler (default: 50)",
     )
-    plan.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
+    plan.add_argument(
+        "--seed", type=_positive("--seed", 0), default=0, help="sampler seed (default: 0)"
+    )
     plan.add_argument("--json", action="store_true", help="print JSON instead of tables")
     plan.set_defaults(handler=cmd_plan)
 
@@ -633,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--budget", default="30m", help="wall-clock budget: 90s, 30m, 1h30m")
     sweep.add_argument("--trials", type=_positive("--trials"), help="stop after N trials")
-    sweep.add_argument("--study", help="study name (default: sweep-DATE-TIME)")
+    sweep.add_argument("--study", type=_study_name, help="study name (default: sweep-DATE-TIME)")
     sweep.add_argument("--resume", action="store_true", help="continue --study (or the newest)")
     sweep.add_argument(
         "--storage", metavar="URL", help="Optuna RDB URL (default: sqlite in reports/STUDY/)"
@@ -680,10 +714,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         help="A B pairs when re-measuring the best three against the baseline (default: 3)",
     )
-    sweep.add_argument("--seed", type=int, help="sampler seed (for a repeatable search)")
+    sweep.add_argument(
+        "--seed", type=_positive("--seed", 0), help="sampler seed (for a repeatable search)"
+    )
     sweep.add_argument(
         "--warm-start",
         metavar="STUDY",
+        type=_study_name,
         help="measure a previous study's best three layouts right after the baseline (same "
         "machine and model, or exit 2)",
     )
@@ -703,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The winner of a sweep as the env var contract (PARALLEL_WORKERS, "
         "INFERENCE_NUM_THREADS, BATCH_SIZE, MODEL_QUANT, ...).",
     )
-    export.add_argument("--study", help="study name (default: the newest)")
+    export.add_argument("--study", type=_study_name, help="study name (default: the newest)")
     export.add_argument(
         "--format", default="env", help="env, shell, json, systemd or docker (default: env)"
     )
@@ -717,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Draws the study's figures (PNG) and writes reports/STUDY/report.md and a "
         "standalone report.html (figures embedded). Works on a study cut off midway.",
     )
-    report.add_argument("--study", help="study name (default: the newest)")
+    report.add_argument("--study", type=_study_name, help="study name (default: the newest)")
     _add_reports_dir(report)
     report.add_argument(
         "--no-roofline",

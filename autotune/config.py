@@ -34,7 +34,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 PINNING = ("none", "compact", "spread")
 PARTITIONS = ("uniform", "memory", "compute", "custom")
 # Failures the fake backend produces on request, for tests of everything above the backends.
-FAULTS = ("none", "crash", "oom", "hang", "error")
+FAULTS = ("none", "crash", "oom", "sigill", "hang", "error")
 
 
 def _field(default: Any, flag: str | None, help: str, **extra: Any):
@@ -84,6 +84,18 @@ class TrialConfig:
         "--gpu-layers",
         "llama.cpp layers offloaded to the GPU (n_gpu_layers; -1: all); needs a CUDA build "
         "of llama-cpp-python",
+    )
+    extra_buffers: bool | None = _field(
+        None,
+        None,
+        "llama.cpp's extra buffer types for the weights (AMX, CPU repack); default: on, "
+        "unless autotune's probe found that they trap on this CPU (then off)",
+        on_flag="--extra-buffers",
+        on_help="llama.cpp: load the weights into the extra buffer types (AMX, CPU repack), "
+        "as llama.cpp does by default (default: on unless they trap on this CPU)",
+        off_flag="--no-extra-buffers",
+        off_help="llama.cpp: keep the weights out of the extra buffer types (AMX, CPU repack); "
+        "the fix where the CPU advertises AMX but traps it (SIGILL)",
     )
     stages: int = _field(1, "--stages", "pipeline stages (pipeline backend)")
     partition: str = _field(
@@ -145,6 +157,9 @@ class TrialConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            # numpy's default_rng, which every llama.cpp worker seeds from it, refuses < 0.
+            raise ConfigError(f"seed must be a whole number >= 0, got {self.seed!r}")
         if self.prefill_threads is not None and (
             not isinstance(self.prefill_threads, int) or self.prefill_threads < 1
         ):
@@ -158,6 +173,10 @@ class TrialConfig:
         ):
             raise ConfigError(
                 f"gpu_layers must be -1 (all) or a whole number >= 0, got {self.gpu_layers!r}"
+            )
+        if self.extra_buffers is not None and not isinstance(self.extra_buffers, bool):
+            raise ConfigError(
+                f"extra_buffers must be true, false or unset, got {self.extra_buffers!r}"
             )
         if self.placement is not None:
             parse_placement(self.placement)  # the syntax; the devices are the machine's to check
@@ -330,6 +349,7 @@ _ENV_NAMES = {
     "partition": "PIPELINE_PARTITION",
     "boundaries": "PIPELINE_BOUNDARIES",
     "pinning": "CPU_PINNING",
+    "extra_buffers": "LLAMA_EXTRA_BUFFERS",
     "model": "MODEL_PATH",
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from autotune.failures import fix_for
 from autotune.models import ModelSpec, WeightsSummary
 from autotune.roofline import Roofline
 from autotune.topology import Topology, format_cpulist
@@ -28,8 +29,9 @@ def key_value_table(title: str) -> Table:
     return table
 
 
-def show_topology(topo: Topology) -> None:
-    """Print the machine table."""
+def show_topology(topo: Topology, extra_buffers=None) -> None:
+    """Print the machine table; ``extra_buffers``: the llama.cpp probe's verdict
+    (`backends.llamacpp_probe.ExtraBuffersVerdict`), where it ran."""
     table = key_value_table("Machine")
     table.add_row("CPU", topo.cpu_model)
     table.add_row("Sockets", str(topo.sockets))
@@ -65,6 +67,8 @@ def show_topology(topo: Topology) -> None:
             if topo.llama_gpu_offload
             else 'no: a CPU build (CMAKE_ARGS="-DGGML_CUDA=on" pip install llama-cpp-python)',
         )
+    if extra_buffers is not None:
+        table.add_row("llama.cpp extra buffers (AMX/repack)", extra_buffers.describe())
     table.add_row("Fingerprint", topo.fingerprint())
     console.print(table)
 
@@ -191,6 +195,7 @@ class SweepProgress:
         self.counts = {"complete": 0, "fail": 0, "pruned": 0}
         self.best: tuple[float, str] | None = None
         self.baseline: float | None = None
+        self._fixes_told: set[str] = set()  # failure classes whose fix was printed
 
     @staticmethod
     def _say(text: str) -> None:
@@ -236,6 +241,10 @@ class SweepProgress:
                     line += f", answers {record.agreement['identical']:.0%} identical"
             else:
                 line = f"FAILED: {record.failure_class}"
+                fix = fix_for(record.failure_class)
+                if fix and record.failure_class not in self._fixes_told:  # once a sweep
+                    self._fixes_told.add(record.failure_class)
+                    line += f" ({fix})"
             best = f" | best {self.best[0]:.1f} tok/s: {self.best[1]}" if self.best else ""
             self._say(f"{self._clock()}   trial {record.number} {line}{best}")
         elif isinstance(event, sweep.ConfirmStarted):
@@ -251,6 +260,11 @@ class SweepProgress:
             )
         elif isinstance(event, sweep.Interrupted):
             self._say(f"{self._clock()} interrupted: keeping the finished trials")
+        elif isinstance(event, sweep.LogRepaired):
+            self._say(
+                f"{self._clock()} {event.path}: cut off a torn last line ({len(event.dropped)} "
+                "characters, a sweep killed while writing it); its trial is in the study"
+            )
         elif isinstance(event, sweep.BackendDropped):
             self._say(f"{self._clock()} no more {event.backend} trials: {event.reason}")
         elif isinstance(event, sweep.SearchEnded):
@@ -273,6 +287,11 @@ def show_sweep(summary) -> None:
     failures = [r for r in summary.trials if r.state is TrialState.FAIL]
     if failures:
         table.add_row("Failures", ", ".join(f"#{r.number} {r.failure_class}" for r in failures))
+        for failure_class in sorted({r.failure_class for r in failures}):
+            if fix := fix_for(failure_class):
+                table.add_row(f"Fix ({failure_class})", fix)
+    if summary.extra_buffers:
+        table.add_row("llama.cpp extra buffers", summary.extra_buffers)
     base = summary.baseline
     if base:
         table.add_row("Naive baseline", f"{base.value:.1f} tok/s ({layout_text(base.config)})")
@@ -342,29 +361,45 @@ def show_report(study, report) -> None:
 
 
 class _Advance:
-    def __init__(self, progress, task) -> None:
-        self.progress, self.task = progress, task
+    """The callable(done, total) `progress_bar` yields: the bar appears at its first call, so
+    a job that fails before any progress (its output held by another run, a worker that will
+    not load) prints its one error line and no bar."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.progress, self.task = label, None, None
 
     def __call__(self, done: int, total: int) -> None:
+        if self.progress is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+            self.progress = Progress(
+                f"[bold]{self.label}",
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=errors,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task(self.label, total=None)
         self.progress.update(self.task, completed=done, total=total)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
 
 
 def progress_bar(label: str):
-    """A rich progress bar (on stderr); yields a callable(done, total)."""
+    """A rich progress bar (on stderr) as a context manager; yields a callable(done, total)
+    (`_Advance`)."""
     from contextlib import contextmanager
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     @contextmanager
     def bar():
-        with Progress(
-            f"[bold]{label}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=errors,
-        ) as progress:
-            yield _Advance(progress, progress.add_task(label, total=None))
+        advance = _Advance(label)
+        try:
+            yield advance
+        finally:
+            advance.stop()
 
     return bar()
 
@@ -389,14 +424,31 @@ def show_run(stats, output) -> None:
         console.print(f"the backend was restarted {stats.restarts} times (a worker died)")
 
 
+def verify_range(recorded: dict) -> tuple[float, float, str] | None:
+    """The tokens/s `autotune verify` accepts for an exported config, and why: the 95%
+    prediction interval of the paired runs' figures (their spread: where one more run of
+    the same job falls), else +-15% of the one figure recorded; None without one."""
+    from autotune.stats import prediction_interval
+
+    runs = recorded.get("paired_runs") or []
+    if len(runs) >= 2:
+        low, high = prediction_interval(runs)
+        return max(0.0, low), high, f"95% prediction interval of the {len(runs)} paired runs"
+    expected = recorded.get("paired_tokens_per_s") or recorded.get("tokens_per_s")
+    if not expected:
+        return None
+    return expected * 0.85, expected * 1.15, "+-15%: no spread recorded"
+
+
 def show_verify(recorded: dict, result, fingerprint: str) -> tuple[list[str], bool]:
     """The exported figures beside the ones measured now; returns the warnings and whether
-    the figure measured now is inside the recorded range."""
+    the figure measured now is inside the accepted range (`verify_range`)."""
     table = key_value_table("Verify: the exported config, measured here")
     summary = result.tokens_per_s_summary
+    over = "windows" if result.steady else "whole passes"
     table.add_row(
         "Measured now",
-        f"{result.tokens_per_s:.1f} tokens/s (median of {summary['n']}; "
+        f"{result.tokens_per_s:.1f} tokens/s (mean of the last {summary['n']} {over}; "
         f"{summary['min']:.1f}-{summary['max']:.1f})",
     )
     warnings = []
@@ -404,23 +456,20 @@ def show_verify(recorded: dict, result, fingerprint: str) -> tuple[list[str], bo
     # The paired runs' figure where the header has it: the search trial's is one run, the
     # best of many, and so biased high.
     expected = recorded.get("paired_tokens_per_s") or recorded.get("tokens_per_s")
-    if expected:
+    accepted = verify_range(recorded)
+    if expected and accepted:
         ratio = result.tokens_per_s / expected
         which = "paired runs" if recorded.get("paired_tokens_per_s") else "search trial"
         table.add_row(
             f"Recorded at export ({which})", f"{expected:.1f} tokens/s (now x{ratio:.2f})"
         )
-        # The recorded speedup's interval gives the tolerance; without one, +-15%.
-        low, high = 0.85, 1.15
-        if recorded.get("ci") and recorded.get("speedup"):
-            low = recorded["ci"][0] / recorded["speedup"]
-            high = recorded["ci"][1] / recorded["speedup"]
-        table.add_row("Accepted range", f"{expected * low:.1f}-{expected * high:.1f} tokens/s")
-        if not low <= ratio <= high:
+        low, high, why = accepted
+        table.add_row("Accepted range", f"{low:.1f}-{high:.1f} tokens/s ({why})")
+        if not low <= result.tokens_per_s <= high:
             inside = False
             warnings.append(
                 f"{result.tokens_per_s:.1f} tokens/s is outside the recorded range "
-                f"({expected * low:.1f}-{expected * high:.1f})"
+                f"({low:.1f}-{high:.1f}, {why})"
             )
     else:
         warnings.append("the env file records no measured tokens/s to compare with")

@@ -23,7 +23,12 @@ class ConfigError(AutotuneError):
 
 
 class BackendError(AutotuneError):
-    """A backend could not load a model or generate."""
+    """A backend could not load a model or generate; ``failure_class`` where the cause is one
+    of `autotune.failures`' classes (a worker killed by SIGILL: ``illegal-instruction``)."""
+
+    def __init__(self, message: str, failure_class: str | None = None) -> None:
+        super().__init__(message)
+        self.failure_class = failure_class
 
 
 class TrialFailed(AutotuneError):

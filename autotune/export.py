@@ -68,6 +68,8 @@ def figures(summary: dict, fingerprint: str | None) -> dict:
             if winner.paired and winner.paired.get("candidate")
             else None
         ),
+        # Each paired run's figure: their spread is what `autotune verify` accepts.
+        "paired_runs": list((winner.paired or {}).get("candidate") or []),
         "baseline_tokens_per_s": baseline.value if baseline else None,
         "confirmed": bool(winner.paired),
         "speedup": None,
@@ -79,6 +81,10 @@ def figures(summary: dict, fingerprint: str | None) -> dict:
     }
     data["chosen_among"] = None
     data["note"] = summary.get("note")
+    # Where the probe ran: whether llama.cpp's extra buffers run on the machine measured.
+    data["llama_extra_buffers"] = (
+        summary.get("llama_extra_buffers") if winner.config.get("backend") == "llamacpp" else None
+    )
     data["agreement"] = winner.agreement  # its answers against the batch-1 reference run
     data["stable"] = (winner.result or {}).get("stable")
     data["window_spread"] = (winner.result or {}).get("window_spread")
@@ -103,7 +109,8 @@ def _header(found: dict) -> list[str]:
     lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in found["versions"].items()))
     measured = f"measured: {found['tokens_per_s']:.1f} tokens/s (trial {found['trial']})"
     if found["paired_tokens_per_s"] is not None:
-        measured += f"; paired runs: {found['paired_tokens_per_s']:.1f} tokens/s (median)"
+        runs = ", ".join(f"{rate:.1f}" for rate in found["paired_runs"])
+        measured += f"; paired runs: {found['paired_tokens_per_s']:.1f} tokens/s (median of {runs})"
     if found.get("window_spread") is not None:
         measured += f"; its windows spread {found['window_spread']:.1%}" + (
             "" if found.get("stable") else " (not shown stable)"
@@ -111,6 +118,8 @@ def _header(found: dict) -> list[str]:
     lines.append(measured)
     if found.get("agreement") and found["agreement"].get("compared"):
         lines.append(f"answers against batch 1 greedy: {describe_agreement(found['agreement'])}")
+    if found.get("llama_extra_buffers"):
+        lines.append(f"llama.cpp extra buffers (AMX/repack): {found['llama_extra_buffers']}")
     if found["note"]:
         lines.append(found["note"])
     if found["confirmed"]:
@@ -125,15 +134,19 @@ def _header(found: dict) -> list[str]:
 
 def parse_header(comments: list[str]) -> dict:
     """What `_header` recorded, read back from an env file's comment lines: fingerprint,
-    tokens/s, speedup and its interval (for `autotune verify`)."""
+    tokens/s, the paired runs' figures, speedup and its interval (for `autotune verify`)."""
     found: dict = {}
     for line in comments:
         if match := re.match(r"machine fingerprint: (\S+)", line):
             found["fingerprint"] = match.group(1)
         elif match := re.match(r"measured: ([\d.]+) tokens/s", line):
             found["tokens_per_s"] = float(match.group(1))
-            if paired := re.search(r"paired runs: ([\d.]+) tokens/s", line):
+            if paired := re.search(
+                r"paired runs: ([\d.]+) tokens/s(?: \(median of ([^)]*)\))?", line
+            ):
                 found["paired_tokens_per_s"] = float(paired.group(1))
+                if paired.group(2):
+                    found["paired_runs"] = [float(x) for x in paired.group(2).split(",")]
         elif match := re.search(
             r"x([\d.]+) over (\d+) A B pairs(?:, 95% CI ([\d.]+)-([\d.]+))?", line
         ):

@@ -24,17 +24,23 @@ class Target:
     """What a search space depends on: the machine (possibly another one, from its
     ``autotune detect --json``), the model's decoder layers, the largest batch to try
     (default: 64 on a CPU host, 512 on a GPU host, where the GPU memory planner bounds it),
-    and a GGUF's own weight type (``own_quant``: the quant knob's None already is it)."""
+    a GGUF's own weight type (``own_quant``: the quant knob's None already is it), and the
+    values of llama.cpp's ``extra_buffers`` that run here (``extra_buffers``, from
+    `backends.llamacpp_probe`: (True, False) where both run, (False,) where they trap, (None,)
+    where nothing was probed: llama.cpp's default, resolved when a worker loads)."""
 
     topology: Topology
     layers: int
     batch_cap: int | None = None
     own_quant: str | None = None
+    extra_buffers: tuple = (None,)
 
     @classmethod
-    def of(cls, topology: Topology, shape, batch_cap: int | None = None) -> Target:
+    def of(
+        cls, topology: Topology, shape, batch_cap: int | None = None, extra_buffers: tuple = (None,)
+    ) -> Target:
         """The target of a model of ``shape`` (`autotune.memory_plan.ModelShape`)."""
-        return cls(topology, shape.layers, batch_cap, shape.weight_type)
+        return cls(topology, shape.layers, batch_cap, shape.weight_type, extra_buffers)
 
     @property
     def cpus(self) -> int:

@@ -168,17 +168,23 @@ class Pacing:
         return self.prompts or pass_prompts(width, ramp)
 
     def pass_of(self, workload: Workload, width: int, ramp: bool = True) -> Workload:
-        """The requests of one timed pass: ``workload`` balanced (every `MIN_WINDOW`
-        consecutive prompts short and long alike, so windows compare like with like) and
-        cycled to `pass_prompts`. The same order for every layout, so every trial answers the
-        same first prompts (the agreement compares them)."""
-        return workload.balanced(MIN_WINDOW).cycled(self.pass_prompts(width, ramp))
+        """The requests of one timed pass: the first `BALANCED_PROMPTS` of ``workload``,
+        balanced (every `MIN_WINDOW` consecutive prompts short and long alike, so windows
+        compare like with like) and cycled to `pass_prompts`. The same order for every layout,
+        so every trial answers the same first prompts (the agreement compares them)."""
+        head = workload.head(BALANCED_PROMPTS)
+        return head.balanced(MIN_WINDOW).cycled(self.pass_prompts(width, ramp))
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
         return asdict(self)
 
 
+# A pass draws its prompts from the first this many of the file, whatever the layout (so the
+# order, and the prompts every trial answers first, do not depend on it): far more than a CPU
+# layout's pass (2 x 64 + 3 x 64 requests at batch 64), and balancing them takes milliseconds
+# where balancing a 50k-line file in every trial took seconds (experiments/bench_workload.py).
+BALANCED_PROMPTS = 8192
 # A window is as long as it takes to finish one wave (at least MIN_WINDOW requests) while
 # every slot is busy; a measurement's figure is the mean of its last WINDOWS windows.
 WINDOWS = 3

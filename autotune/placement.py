@@ -8,6 +8,10 @@ places its processes itself (`default_placement`).
 
 Seed 003's rule is the default for workers and ranks: with G GPUs and W processes each gets a
 block of ``G // W`` GPUs of its own; with fewer GPUs than processes they share, round robin.
+
+GPU numbers here are torch's (`autotune.topology.detect`): positions among the GPUs this
+process sees. Under ``CUDA_VISIBLE_DEVICES=2,3`` GPU 0 is the machine's GPU 2, so a child's
+``CUDA_VISIBLE_DEVICES`` names it as the parent's list does (`cuda_visible`).
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ __all__ = [
     "MAX_SHARE",
     "Device",
     "check_placement",
+    "cuda_visible",
     "default_placement",
     "format_placement",
     "parse_placement",
     "shared_gpus",
+    "visible_entries",
 ]
 
 _DEVICE = re.compile(r"cpu|cuda:\d+(\+\d+)*")
@@ -50,11 +56,36 @@ class Device:
 
     @property
     def visible(self) -> str:
-        """``CUDA_VISIBLE_DEVICES`` for the process: its GPUs (empty: none, a CPU process)."""
-        return ",".join(str(g) for g in self.gpus)
+        """``CUDA_VISIBLE_DEVICES`` for the process: its GPUs as this process's own
+        ``CUDA_VISIBLE_DEVICES`` names them (`cuda_visible`); empty: none, a CPU process."""
+        return ",".join(cuda_visible(g) for g in self.gpus)
 
     def __str__(self) -> str:
         return "cuda:" + "+".join(str(g) for g in self.gpus) if self.gpus else "cpu"
+
+
+def visible_entries(env=None) -> list[str] | None:
+    """The entries of ``CUDA_VISIBLE_DEVICES`` (indices or UUIDs) in ``env`` (default: this
+    process's environment), or None where it is unset (every GPU visible, in order)."""
+    import os
+
+    env = os.environ if env is None else env
+    if "CUDA_VISIBLE_DEVICES" not in env:
+        return None
+    return [entry.strip() for entry in env["CUDA_VISIBLE_DEVICES"].split(",") if entry.strip()]
+
+
+def cuda_visible(gpu: int, env=None) -> str:
+    """How a child's ``CUDA_VISIBLE_DEVICES`` names this process's GPU ``gpu`` (torch's
+    number): the parent's entry at that position where it sets one, else the number."""
+    entries = visible_entries(env)
+    if entries is None:
+        return str(gpu)
+    if gpu >= len(entries):
+        raise ConfigError(
+            f"cuda:{gpu}: CUDA_VISIBLE_DEVICES={','.join(entries)} shows {len(entries)} GPUs"
+        )
+    return entries[gpu]
 
 
 def parse_placement(text: str) -> tuple[Device, ...]:

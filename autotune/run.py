@@ -5,7 +5,9 @@ prompt goes through the backend in chunks; each chunk's answers are appended to
 ``OUTPUT.partial`` as soon as the chunk is done (flushed and synced), so a crash loses at most
 the chunk in flight, and a re-run with the same output resumes from what is there. When the
 backend fails mid-chunk (a worker killed), it is restarted and the chunk's items go back to the
-queue; an item that fails on its own is written with ``success: false`` and the rest go on.
+queue; an item that fails on its own is written with ``success: false`` and the rest go on. A
+worker killed by SIGILL (an instruction the CPU traps) would die again: the job stops there
+with the fix (`autotune.failures.fix_for`), the answered lines kept for the re-run.
 At the end the partial file is renamed to OUTPUT: a file under the final name is complete.
 
 One output line per input line, in input order: every input field kept, plus ``answer``,
@@ -27,7 +29,9 @@ from pathlib import Path
 
 from autotune.config import TrialConfig
 from autotune.errors import BackendError, ConfigError
-from autotune.files import atomic_write
+from autotune.failures import fix_for
+from autotune.files import atomic_write, exclusive_lock
+from autotune.workload import line_id
 
 __all__ = ["RunStats", "config_from_env_file", "read_env_file", "run_job"]
 
@@ -99,19 +103,12 @@ def _lines(workload) -> list[list]:
     groups: list[list] = []
     index: dict[int, list] = {}
     for prompt in workload.prompts:
-        key = id(prompt.record) if "branch_index" not in prompt.record else _line_id([prompt])
+        key = id(prompt.record) if "branch_index" not in prompt.record else line_id([prompt])
         if key not in index:
             index[key] = []
             groups.append(index[key])
         index[key].append(prompt)
     return groups
-
-
-def _line_id(group) -> str:
-    """The id of the input line a group of prompts came from (branches are ``id#index``)."""
-    if "branch_index" in group[0].record:
-        return group[0].id.rsplit("#", 1)[0]
-    return group[0].id
 
 
 def request_hash(group, config: TrialConfig) -> str:
@@ -125,7 +122,7 @@ def _record(group, completions, config: TrialConfig) -> dict:
     answers = [c.text for c in completions]
     errors = [c.error for c in completions if c.error]
     record.update(
-        id=_line_id(group),
+        id=line_id(group),
         answer=answers if len(group) > 1 else answers[0],
         inference_time=round(sum(c.latency_s for c in completions), 4),
         worker_rank=completions[0].worker_rank,
@@ -146,21 +143,28 @@ def run_job(
     topology,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> RunStats:
-    """Answer every prompt of ``workload`` into ``output`` (see the module docstring)."""
+    """Answer every prompt of ``workload`` into ``output`` (see the module docstring). One
+    run per output at a time: a second is refused (ConfigError naming the first's pid)."""
+    with exclusive_lock(output.with_name(output.name + ".lock"), f"--output {output}"):
+        return _answer(config, workload, output, model, topology, on_progress)
+
+
+def _answer(config, workload, output, model, topology, on_progress) -> RunStats:
+    """`run_job` with the output held."""
     from backends import create_backend
 
     partial = output.with_name(output.name + ".partial")
     groups = _lines(workload)
-    wanted = {_line_id(g): request_hash(g, config) for g in groups}
+    wanted = {line_id(g): request_hash(g, config) for g in groups}
     # Keep the successful lines of earlier runs that answer this input with this config, once
     # each; failed ones, edited prompts and lines of another config are run again.
     kept: dict[str, str] = {}
     for path in (output, partial):
         for record, line in _read_records(path):
-            line_id = str(record.get("id"))
-            if record.get("success") and record.get("request_hash") == wanted.get(line_id):
-                kept.setdefault(line_id, line)
-    todo = [g for g in groups if _line_id(g) not in kept]
+            key = str(record.get("id"))
+            if record.get("success") and record.get("request_hash") == wanted.get(key):
+                kept.setdefault(key, line)
+    todo = [g for g in groups if line_id(g) not in kept]
     stats = RunStats(skipped=len(groups) - len(todo))
     backend = create_backend(config, model, topology)  # a bad config fails before any output
     # Each chunk is one generate call, whose last wave drains the slots with no prompt to
@@ -192,6 +196,14 @@ def run_job(
                         completions = backend.generate(prompts, config.generation)
                         break
                     except BackendError as error:
+                        if fix_for(error.failure_class):
+                            # A cause a restart meets again (an instruction the CPU traps):
+                            # stop with the fix; the answered lines stay in the partial file.
+                            raise BackendError(
+                                f"{error}; {finished} of {len(groups)} lines answered, kept in "
+                                f"{partial} (a rerun goes on from there)",
+                                error.failure_class,
+                            ) from None
                         # A worker died: start the backend again; the chunk goes back in.
                         stats.restarts += 1
                         backend.close()
@@ -217,7 +229,7 @@ def run_job(
             backend.close()
     # Complete: only now under the final name, in input order.
     answered = {str(record.get("id")): line for record, line in _read_records(partial)}
-    atomic_write(output, "".join(answered[line_id] + "\n" for line_id in wanted))
+    atomic_write(output, "".join(answered[key] + "\n" for key in wanted))
     partial.unlink()
     return stats
 

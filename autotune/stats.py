@@ -14,6 +14,7 @@ __all__ = [
     "Summary",
     "describe_speedup",
     "percentile",
+    "prediction_interval",
     "relative_spread",
     "speedup_interval",
     "summarize",
@@ -66,12 +67,17 @@ def summarize(values: Sequence[float]) -> Summary:
 
 
 def relative_spread(values: Sequence[float]) -> float:
-    """(max - min) / median: how far apart repeated measurements are (0 for none)."""
+    """(max - min) / median: how far apart repeated measurements are (0 for none, or for
+    values all equal; infinite where they differ around a median of 0, which no spread
+    relative to it can describe as stable)."""
     if len(values) == 0:
         return 0.0
     data = np.asarray(values, dtype=np.float64)
     median = float(np.median(data))
-    return float(data.max() - data.min()) / median if median else 0.0
+    spread = float(data.max() - data.min())
+    if median <= 0:
+        return 0.0 if spread == 0 else math.inf
+    return spread / median
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -143,7 +149,12 @@ def t_quantile(p: float, df: int) -> float:
 def speedup_interval(candidate: Sequence[float], baseline: Sequence[float]) -> dict:
     """Paired speedup of ``candidate`` over ``baseline`` tokens/s, measured in pairs: the
     geometric mean of the per-pair ratios, with a 95% t-interval on their logs (none for one
-    pair)."""
+    pair). Every figure must be above 0: a pass without tokens has no ratio (ValueError)."""
+    if min(candidate, default=1) <= 0 or min(baseline, default=1) <= 0:
+        raise ValueError(
+            f"speedup_interval() needs positive tokens/s, got candidate {list(candidate)}, "
+            f"baseline {list(baseline)}"
+        )
     logs = np.log(np.asarray(candidate, dtype=np.float64) / np.asarray(baseline, np.float64))
     if logs.size == 0:
         raise ValueError("speedup_interval() needs at least one pair")
@@ -159,6 +170,17 @@ def speedup_interval(candidate: Sequence[float], baseline: Sequence[float]) -> d
         half = t_quantile(0.975, logs.size - 1) * float(logs.std(ddof=1)) / math.sqrt(logs.size)
         result.update(ci_low=math.exp(mean - half), ci_high=math.exp(mean + half))
     return result
+
+
+def prediction_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Where one more measurement of what gave ``values`` falls with probability ``level``
+    (normal samples): mean +- t(df = n - 1) x stdev x sqrt(1 + 1/n). Needs two values."""
+    data = np.asarray(values, dtype=np.float64)
+    if data.size < 2:
+        raise ValueError("prediction_interval() needs at least two values")
+    half = t_quantile(0.5 + level / 2, data.size - 1) * float(data.std(ddof=1))
+    half *= math.sqrt(1 + 1 / data.size)
+    return float(data.mean()) - half, float(data.mean()) + half
 
 
 def describe_speedup(paired: dict) -> str:

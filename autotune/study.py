@@ -13,6 +13,7 @@ resumed from a shared ``--storage`` rebuilds exactly the records it wrote.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from pathlib import Path
@@ -180,6 +181,29 @@ class StudyDir:
 
     def write_json(self, path: Path, data: dict) -> None:
         atomic_write(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
+
+    def drop_torn_tail(self) -> str | None:
+        """Cut a torn last line off trials.jsonl (a sweep killed while writing it), so the
+        next record starts on a line of its own; returns what was cut, or None."""
+        if not self.trials.is_file():
+            return None
+        data = self.trials.read_bytes()
+        if data.endswith(b"\n") or not data:
+            return None  # the last write ended with its line
+        start = data.rfind(b"\n") + 1  # where the last line begins
+        last = data[start:]
+        with self.trials.open("r+b") as handle:
+            try:
+                json.loads(last)
+            except ValueError:  # not JSON (UnicodeDecodeError is one): cut off
+                handle.truncate(start)
+            else:  # whole but for its newline: keep it
+                handle.seek(0, os.SEEK_END)
+                handle.write(b"\n")
+                last = b""
+            handle.flush()
+            os.fsync(handle.fileno())
+        return last.decode(errors="replace") or None
 
     def open_log(self):
         """trials.jsonl for appending records (`append`)."""

@@ -49,6 +49,7 @@ from autotune.study import Role, StudyDir, TrialRecord, TrialState
 from autotune.trial import TrialOutcome, run_in_child
 from autotune.workload import GenerationSettings
 from backends import backend_class
+from backends.llamacpp_probe import ExtraBuffersVerdict
 
 __all__ = [
     "DOMINATED",
@@ -57,6 +58,7 @@ __all__ = [
     "ConfirmSkipped",
     "ConfirmStarted",
     "Interrupted",
+    "LogRepaired",
     "SearchEnded",
     "Sweep",
     "SweepOptions",
@@ -130,6 +132,10 @@ class SweepOptions:
     # The machine file the trials were simulated on (`autotune.simulate`), or None: measured.
     simulated: str | None = None
     warm_start: str | None = None  # a previous study whose best layouts are tried first
+    # This CPU's verdict on llama.cpp's extra buffer types (`backends.llamacpp_probe`), probed
+    # before the first llama.cpp trial; None where not probed (a simulated machine, or no
+    # llama.cpp backend searched).
+    extra_buffers: ExtraBuffersVerdict | None = None
 
 
 # ---------------------------------------------------------------- progress events
@@ -179,6 +185,12 @@ class BackendDropped:
 
 
 @dataclass(frozen=True)
+class LogRepaired:
+    path: Path
+    dropped: str  # the torn last line (a sweep killed while writing it), cut off
+
+
+@dataclass(frozen=True)
 class SearchEnded:
     reason: str  # why the search stopped before its share of the budget was spent
 
@@ -199,6 +211,7 @@ class SweepSummary:
     min_agreement: float | None = None
     dropped: dict[str, str] = field(default_factory=dict)  # backend -> why no more trials
     skipped: dict[str, str] = field(default_factory=dict)  # recipe -> why it never ran
+    extra_buffers: str | None = None  # the probe's verdict in words, where it ran
 
     @property
     def best_recipe(self) -> TrialRecord | None:
@@ -248,7 +261,10 @@ class Sweep:
         self.dir = StudyDir(options.reports_dir / options.study)
         # Trials cycle the workload to keep any batch full: the batch is bounded by the space
         # and memory, not by the number of prompts.
-        self.target = Target.of(topology, shape)
+        verdict = options.extra_buffers
+        self.target = Target.of(
+            topology, shape, extra_buffers=verdict.offered if verdict else (None,)
+        )
         limit = options.memory_limit_bytes or int(topology.memory_available_bytes * 0.8)
         self.planner = MemoryPlanner(shape, limit, topology)
         self.space = SearchSpace(self.target, options.backends, options.base, self.planner)
@@ -336,10 +352,15 @@ class Sweep:
         warm = self._warm_layouts()  # a bad --warm-start fails before anything is written
         study = self._open_study()
         self._write_machine()
+        torn = self.dir.drop_torn_tail()  # a sweep killed mid-write: append after whole lines
+        if torn:
+            self.tell(LogRepaired(self.dir.trials, torn))
         self.records = _previous_records(study)
         for record in self.records:
             self._remember(record)
-        if not self.records:  # a new study: the fixed layouts first
+        if self.options.resume:
+            self._resume_fixed(study, warm)
+        else:  # a new study: the fixed layouts first
             self._enqueue_fixed(study, warm)
         interrupted = False
         with self.dir.open_log() as log:
@@ -374,6 +395,7 @@ class Sweep:
             min_agreement=self.options.min_agreement,
             dropped=dict(self.space.dropped),
             skipped=dict(self.skipped),
+            extra_buffers=verdict.describe() if (verdict := self.options.extra_buffers) else None,
         )
         summary.uses_smt_siblings = _write_outputs(summary, self.dir, self.topology)
         return summary
@@ -407,7 +429,14 @@ class Sweep:
             load_if_exists=True,
             sampler=optuna.samplers.TPESampler(seed=self.options.seed),
         )
-        # Trials of one study are compared with each other: they must measure the same thing.
+        # Trials of one study are compared with each other: they must run on one machine...
+        machine = {"fingerprint": self.topology.fingerprint(), "simulated": self.options.simulated}
+        recorded_machine = study.user_attrs.get("machine") or self._machine_on_disk()
+        if recorded_machine is None:
+            study.set_user_attr("machine", machine)
+        elif recorded_machine != machine:
+            raise ConfigError(_machine_differs(self.options.study, recorded_machine, machine))
+        # ... and measure the same thing.
         measurement = self.measurement()
         recorded = study.user_attrs.get("measurement")
         if recorded is None:
@@ -432,6 +461,13 @@ class Sweep:
             "base": self.options.base.to_dict(),
         }
 
+    def _machine_on_disk(self) -> dict | None:
+        """The machine of a study made before the study recorded it: its machine.json."""
+        found = self.dir.read_json(self.dir.machine, "machine.json")
+        if not found:
+            return None
+        return {"fingerprint": found.get("fingerprint"), "simulated": found.get("simulated")}
+
     def _write_machine(self) -> None:
         self.dir.write_json(
             self.dir.machine,
@@ -441,6 +477,9 @@ class Sweep:
                 "model": str(self.model.path),
                 "model_embedded": bool(self.model.embedded),
                 "simulated": self.options.simulated,
+                "llama_extra_buffers": (
+                    self.options.extra_buffers.to_dict() if self.options.extra_buffers else None
+                ),
             },
         )
 
@@ -484,22 +523,54 @@ class Sweep:
                 break
         return found
 
-    def _enqueue_fixed(self, study, warm: list[Fixed] = ()) -> None:
-        """The baseline, the ``warm`` layouts (--warm-start) and the baseline backend's
-        recipes, as Optuna trials with their parameters (so the sampler learns from them).
-        The other backends' recipes wait until nothing else is queued and no climb goes on
-        (`_release_recipe`): the baseline's backend is the one expected fastest here
-        (`baseline_priority`), and its batch climb is where a short budget finds the most
-        speed."""
+    def _fixed_layouts(self, warm: list[Fixed] = ()) -> tuple[list[Fixed], list[Fixed]]:
+        """(queued first, waiting): the baseline, the ``warm`` layouts (--warm-start) and the
+        baseline backend's recipes; the other backends' recipes, which wait until nothing
+        else is queued and no climb goes on (`_release_recipe`): the baseline's backend is
+        the one expected fastest here (`baseline_priority`), and its batch climb is where a
+        short budget finds the most speed."""
         baseline = self.space.baseline()
-        self._enqueue(study, baseline)
-        for fixed in warm:
-            self._enqueue(study, fixed)
+        first, waiting = [baseline, *warm], []
         for fixed in self.space.recipes():
-            if fixed.config.backend == baseline.config.backend:
+            (first if fixed.config.backend == baseline.config.backend else waiting).append(fixed)
+        return first, waiting
+
+    def _enqueue_fixed(self, study, warm: list[Fixed] = ()) -> None:
+        """A new study's fixed layouts (`_fixed_layouts`), queued as Optuna trials with their
+        parameters (so the sampler learns from them), or waiting."""
+        first, waiting = self._fixed_layouts(warm)
+        for fixed in first:
+            self._enqueue(study, fixed)
+        self.deferred.extend(waiting)
+
+    def _resume_fixed(self, study, warm: list[Fixed] = ()) -> None:
+        """A resumed study goes on with exactly the fixed layouts left: those with no record,
+        no trial queued and no trial running in a live sweep (several may share a study).
+        A trial its sweep was killed in is failed (it has no record) and its layout queued
+        again, ahead of the queue it was taken from, so the baseline is still measured
+        first; the waiting recipes are rebuilt."""
+        import optuna
+
+        states = optuna.trial.TrialState
+        for trial in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
+            if _abandoned(trial):
+                study.tell(trial.number, state=states.FAIL)
+        pending = study.get_trials(deepcopy=False, states=(states.WAITING, states.RUNNING))
+        covered = {(r.role.value, r.name) for r in self.records}
+        covered |= {(t.user_attrs.get("role"), t.user_attrs.get("name")) for t in pending}
+        first, waiting = self._fixed_layouts(warm)
+        missing = [fixed for fixed in first if (fixed.role, fixed.name) not in covered]
+        if missing:
+            # Optuna asks its queue in order: the queued trials step out and line up again
+            # behind what was queued before them.
+            queued = [t for t in pending if t.state is states.WAITING]
+            for _ in queued:
+                study.tell(study.ask(), state=states.FAIL)
+            for fixed in missing:
                 self._enqueue(study, fixed)
-            else:
-                self.deferred.append(fixed)
+            for trial in queued:
+                study.enqueue_trial(trial.system_attrs["fixed_params"], user_attrs=trial.user_attrs)
+        self.deferred.extend(f for f in waiting if (f.role, f.name) not in covered)
 
     def _enqueue(self, study, fixed) -> None:
         """Queue a fixed layout; one outside the space is injected as it is."""
@@ -578,7 +649,10 @@ class Sweep:
                 room = self.room_s()
                 cost = self.cost_s(candidate.config)
                 why = f"expected {cost:.1f} s, over the {room:.1f} s a trial may take"
-                unfit = 0 if self._fit(study, candidate.config, why) else unfit + 1
+                # Else another layout that fits, not measured yet: a sampler that keeps asking
+                # for long layouts must not end the search with most of its budget left.
+                queued = self._fit(study, candidate.config, why) or self._explore(study)
+                unfit = 0 if queued else unfit + 1
                 continue
             unfit = 0
             if reason:
@@ -598,10 +672,13 @@ class Sweep:
     def _candidate(self, study) -> _Candidate:
         """The next thing to try: an injected config while no fixed layout waits, else the
         sampler's (or the queue's) next trial."""
-        if self.extra and not _waiting(study):
-            config, role, name = self.extra.pop(0)
-            return _Candidate(study.ask(), config, role, name)
+        injected = self.extra and not _waiting(study)  # before the ask takes a queued trial
         trial = study.ask()
+        # Which sweep runs it: a resumed sweep fails the trials of a sweep that is gone.
+        trial.set_user_attr("worker", WORKER)
+        if injected:
+            config, role, name = self.extra.pop(0)
+            return _Candidate(trial, config, role, name)
         role = Role(trial.user_attrs.get("role", Role.SEARCH.value))
         name = trial.user_attrs.get("name", "")
         try:
@@ -888,7 +965,7 @@ class Sweep:
             duration_s=round(outcome.duration_s, 3),
             ended_s=round(self.elapsed_s(), 3),
             # Which sweep process ran it: several machines may share one study (--storage).
-            worker=f"{socket.gethostname()}:{os.getpid()}",
+            worker=WORKER,
         )
         if outcome.state == "complete":
             result = outcome.result
@@ -1026,7 +1103,12 @@ class Sweep:
             if outcome.state != "complete":
                 self.tell(ConfirmFailed(record.number, outcome.failure_class))
                 continue
-            rates = outcome.result
+            rates = {side: outcome.result[side] for side in ("candidate", "baseline")}
+            failed = sum((outcome.result.get("failed_requests") or {}).values())
+            if failed or min(rates["candidate"] + rates["baseline"]) <= 0:
+                # Not the same job on both sides (or no tokens at all): no ratio to claim.
+                self.tell(ConfirmFailed(record.number, "requests"))
+                continue
             stats = speedup_interval(rates["candidate"], rates["baseline"])
             confirmed.append(record.with_(paired={**stats, **rates}, confirmed=True))
         if not confirmed:
@@ -1100,6 +1182,19 @@ _FLAGS = {
 }
 
 
+def _machine_differs(study: str, recorded: dict, now: dict) -> str:
+    """One line naming the machine a study ran on and the one a resumed sweep runs on."""
+
+    def machine(found: dict) -> str:
+        how = f"simulated from {found['simulated']}" if found.get("simulated") else "measured"
+        return f"{found.get('fingerprint')} ({how})"
+
+    return (
+        f"--resume {study}: its trials ran on machine {machine(recorded)}, this sweep on "
+        f"{machine(now)}; a resumed study continues on the same machine only: name a new study"
+    )
+
+
 def _measurement_differs(study: str, recorded: dict, now: dict) -> str:
     """One line naming what a resumed sweep would measure differently from its study."""
     changes = []
@@ -1158,6 +1253,25 @@ def _simulated_note(machine: str | None, note: str | None) -> str | None:
         "machine, not a measurement"
     )
     return f"{simulated}. {note}" if note else simulated
+
+
+# This sweep process: host and pid, so that several sweeps sharing a study (--storage) are
+# told apart, and a resumed one can tell a trial left running by a killed sweep.
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _abandoned(trial) -> bool:
+    """Whether a RUNNING Optuna trial belongs to no live sweep: it names no sweep process, or
+    one of this host that is gone (or is this very process, which runs one sweep at a
+    time). A sweep on another host is taken to be alive."""
+    host, _, pid = str(trial.user_attrs.get("worker") or "").rpartition(":")
+    if not host or not pid.isdigit():
+        return True
+    if host != socket.gethostname():
+        return False
+    import psutil
+
+    return int(pid) == os.getpid() or not psutil.pid_exists(int(pid))
 
 
 def _previous_records(study) -> list[TrialRecord]:
@@ -1225,6 +1339,7 @@ def _write_outputs(summary: SweepSummary, directory: StudyDir, topology) -> bool
         "min_agreement": summary.min_agreement,
         "dropped": summary.dropped,
         "skipped_recipes": summary.skipped,
+        "llama_extra_buffers": summary.extra_buffers,
         "winner": summary.winner,
         "baseline": summary.baseline,
         "counts": {state.value: summary.count(state) for state in TrialState},

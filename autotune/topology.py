@@ -489,8 +489,27 @@ def detect(root: str | Path = "/", *, probe_gpus: bool | None = None) -> Topolog
     )
 
 
+def _check_types(data: dict, kind) -> None:
+    """TypeError naming the first field of ``data`` whose value is not of the scalar type
+    ``kind`` (a dataclass) declares: a count given as "8" fails here, not deep in the search."""
+    scalars = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+    for f in fields(kind):
+        if f.name not in data:
+            continue
+        value, names = data[f.name], [t.strip() for t in str(f.type).split("|")]
+        allowed = tuple(t for name in names for t in scalars.get(name, ()))
+        if not allowed or (value is None and "None" in names):
+            continue  # a tuple or a nested type: checked where it is built
+        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+            raise TypeError(f"{f.name} must be {' or '.join(names)}, got {value!r}")
+
+
 def topology_from_dict(data: dict) -> Topology:
-    """Inverse of `Topology.to_dict` (extra keys, such as the roofline's, are ignored)."""
+    """Inverse of `Topology.to_dict` (extra keys, such as the roofline's, are ignored); a
+    TypeError or KeyError names what is not as `Topology.to_dict` writes it."""
+    if not isinstance(data, dict):
+        raise TypeError(f"expected a JSON object, got a {type(data).__name__}")
+    _check_types(data, Topology)
     known = {f.name for f in fields(Topology)}
     given = {k: v for k, v in data.items() if k in known}
     given["smt_siblings"] = tuple(tuple(g) for g in given["smt_siblings"])

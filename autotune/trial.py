@@ -9,6 +9,8 @@ and writes the RunResult as JSON. The parent sleeps in a blocking wait on the ch
 - ``timeout``: past the deadline (the child and everything it started are killed);
 - ``oom``: killed by SIGKILL (the kernel's OOM killer), a MemoryError, or a worker of the trial
   killed by SIGKILL;
+- ``illegal-instruction``: killed by SIGILL, or a worker of it (a CPU that advertises AMX but
+  traps it; `autotune.failures.fix_for` names the fix);
 - ``invalid``: the child refused the config (exit code 2, a ConfigError);
 - ``crash``: any other non-zero exit.
 
@@ -32,6 +34,8 @@ from pathlib import Path
 
 import psutil
 
+from autotune.failures import classify
+
 __all__ = ["TrialOutcome", "run_in_child"]
 
 _STDERR_TAIL = 2000
@@ -42,7 +46,7 @@ class TrialOutcome:
     """What became of one trial process."""
 
     state: str  # "complete" or "fail"
-    failure_class: str | None = None  # oom, crash, timeout, invalid, interrupted
+    failure_class: str | None = None  # `autotune.failures`' classes, timeout, interrupted
     result: dict | None = None
     stderr_tail: str = ""
     duration_s: float = 0.0
@@ -64,14 +68,6 @@ def _kill_tree(process: subprocess.Popen) -> None:
     psutil.wait_procs(tree, timeout=5)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=5)
-
-
-def _classify(returncode: int, stderr: str) -> str:
-    if returncode == -signal.SIGKILL or "MemoryError" in stderr or "SIGKILL" in stderr:
-        return "oom"
-    if returncode == 2:
-        return "invalid"
-    return "crash"
 
 
 def run_in_child(spec: dict, deadline_s: float) -> TrialOutcome:
@@ -123,7 +119,7 @@ def run_in_child(spec: dict, deadline_s: float) -> TrialOutcome:
             )
         return TrialOutcome(
             "fail",
-            _classify(process.returncode, tail),
+            classify(process.returncode, tail),
             stderr_tail=tail,
             duration_s=duration,
             extra={"returncode": process.returncode},
@@ -155,7 +151,8 @@ def _measure(spec: dict) -> dict:
 
 def _paired(spec, candidate, workload, pacing, model, topology) -> dict:
     """Load the baseline and the candidate side by side and time them alternately (A B, B A,
-    ...), each pass measured as a trial measures its passes (`autotune.measure.pass_figure`)."""
+    ...), each pass measured as a trial measures its passes (`autotune.measure.pass_figure`);
+    with each side's failed requests (a pair is only a comparison when both answered all)."""
     from autotune.config import TrialConfig
     from autotune.measure import pass_figure, refills, timed_pass, warm_up, width_of
     from backends import create_backend
@@ -166,6 +163,7 @@ def _paired(spec, candidate, workload, pacing, model, topology) -> dict:
         name: pacing.pass_of(workload, width_of(c), refills(c)) for name, c in configs.items()
     }
     rates: dict[str, list[float]] = {"baseline": [], "candidate": []}
+    failed = {"baseline": 0, "candidate": 0}  # requests without an answer, per side
     try:
         for name, backend in backends.items():
             backend.load()
@@ -175,12 +173,15 @@ def _paired(spec, candidate, workload, pacing, model, topology) -> dict:
             # Alternate which goes first (A B, B A, ...): whatever drifts over the pairs (the
             # machine warming up, a neighbour starting) then favours neither side.
             for name, backend in order if pair % 2 == 0 else order[::-1]:
-                sample, _ = timed_pass(backend, passes[name], configs[name], topology.usable_cpus)
+                sample, answers = timed_pass(
+                    backend, passes[name], configs[name], topology.usable_cpus
+                )
                 rates[name].append(pass_figure(sample))
+                failed[name] += sum(c.error is not None for c in answers)
     finally:
         for backend in backends.values():
             backend.close()
-    return rates
+    return {**rates, "failed_requests": failed}
 
 
 def main(argv: list[str]) -> int:

@@ -63,6 +63,7 @@ _LABELS = {
     "prefill_threads": "prefill:{}",
     "kv_cache": "kv:{}",
     "fault": "fault:{}",
+    "extra_buffers": lambda on: "xbuf:" + ("on" if on else "off"),
 }
 
 
@@ -269,7 +270,7 @@ class Backend(ABC):
         for name, label in _LABELS.items():
             value = config.get(name, field_default(name))
             if name in cls.reads and value != field_default(name):
-                text += " " + label.format(value)
+                text += " " + (label(value) if callable(label) else label.format(value))
         return text
 
     # ------------------------------------------------------------ instances

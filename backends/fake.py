@@ -9,8 +9,10 @@ latency following from that; the generate call sleeps for the modelled time, so 
 tokens/s follow the model.
 
 ``fault`` makes it fail on purpose: ``crash`` exits with code 3, ``oom`` kills itself with
-SIGKILL as the kernel's OOM killer would, ``hang`` sleeps forever, ``error`` raises the
-BackendError a backend raises when it cannot generate.
+SIGKILL as the kernel's OOM killer would, ``sigill`` with SIGILL as a CPU that traps an
+instruction does (`die_by_sigill` is such a process body, for where a llama.cpp worker runs),
+``hang`` sleeps forever, ``error`` raises the BackendError a backend raises when it cannot
+generate.
 
 `SimulatedTrials` runs whole trials without a process or a sleep: it computes each trial's
 outcome from the same speed model and moves a `FakeClock` on by the time it would have
@@ -30,14 +32,32 @@ import time
 from collections.abc import Sequence
 
 from autotune.errors import BackendError
+from autotune.failures import classify
 from autotune.knobs import BackendSpace, Knob, Target
 from autotune.workload import GenerationSettings, Prompt
 from backends.base import Backend, Completion, threads_knob
 
-__all__ = ["FakeBackend", "FakeClock", "SimulatedTrials", "modelled_tokens_per_s"]
+__all__ = [
+    "FakeBackend",
+    "FakeClock",
+    "SimulatedTrials",
+    "die_by_sigill",
+    "modelled_tokens_per_s",
+]
 
 # Tokens/s of one worker with one thread at batch 1; high so tests stay fast.
 BASE_TOKENS_PER_S = 4000.0
+
+
+# How each fault ends a real trial process (exit code, or minus the signal).
+_FAULT_EXITS = {"crash": 3, "oom": -signal.SIGKILL, "sigill": -signal.SIGILL, "error": 1}
+
+
+def die_by_sigill(*_args) -> None:
+    """Die as a process does whose CPU traps an instruction (SIGILL, the default action). Any
+    arguments are ignored, so tests can start it where a llama.cpp worker would run."""
+    signal.signal(signal.SIGILL, signal.SIG_DFL)  # faulthandler may have taken it over
+    os.kill(os.getpid(), signal.SIGILL)
 
 
 def modelled_tokens_per_s(
@@ -119,6 +139,8 @@ class FakeBackend(Backend):
             os._exit(3)
         if fault == "oom":
             os.kill(os.getpid(), signal.SIGKILL)
+        if fault == "sigill":
+            die_by_sigill()
         if fault == "hang":
             while True:
                 time.sleep(3600)
@@ -245,8 +267,8 @@ class SimulatedTrials:
         if config.fault == "hang":
             self.clock.advance(deadline_s)
             return TrialOutcome("fail", "timeout", duration_s=deadline_s)
-        if config.fault in ("crash", "oom", "error"):  # error: a traceback, exit 1
-            failure = "crash" if config.fault == "error" else config.fault
+        if config.fault in ("crash", "oom", "sigill", "error"):  # error: a traceback, exit 1
+            failure = classify(_FAULT_EXITS[config.fault], "")
             self.clock.advance(self._load_s(config))
             return TrialOutcome("fail", failure, stderr_tail=f"fake {config.fault}")
         pacing = Pacing(**spec["pacing"])

@@ -17,11 +17,13 @@ from multiprocessing.connection import wait
 
 from autotune.config import PINNING, QUANTS
 from autotune.errors import BackendError, ConfigError
+from autotune.failures import killed_by, signal_class
 from autotune.knobs import BackendSpace, Knob, Target
 from autotune.pinning import cpu_sets
 from autotune.placement import MAX_SHARE, default_placement
 from autotune.workload import GenerationSettings, Prompt
 from backends.base import Backend, Completion, gpu_threads, threads_knob
+from backends.llamacpp_probe import resolve_extra_buffers
 from backends.llamacpp_quant import gguf_variant
 from backends.llamacpp_worker import worker_main
 
@@ -53,6 +55,7 @@ class LlamaCppBackend(Backend):
             "prefill_threads",
             "gpu_layers",
             "placement",
+            "extra_buffers",
         }
     )
     first_guess_load_s = 2.0
@@ -99,7 +102,23 @@ class LlamaCppBackend(Backend):
                 note="pinning only when workers > 1",
             ),
         ]
+        if len(target.extra_buffers) > 1:  # both run here: the repacked weights are a knob
+            knobs.append(
+                Knob(
+                    "extra_buffers",
+                    target.extra_buffers,
+                    ordered=False,
+                    note="llama.cpp's extra buffer types (AMX, CPU repack): on, off",
+                    screen=True,
+                )
+            )
         return BackendSpace(cls.name, tuple(knobs))
+
+    @classmethod
+    def config_changes(cls, chosen: dict, target: Target) -> dict:
+        # Where the knob is not searched, every layout runs the one value that runs here
+        # (off where the probe found that the extra buffers trap).
+        return {"extra_buffers": target.extra_buffers[0], **chosen}
 
     @classmethod
     def baseline_priority(cls, target: Target) -> int:
@@ -144,6 +163,7 @@ class LlamaCppBackend(Backend):
             "threads_per_worker": threads,
             "prefill_threads": logical,
             "batch_size": 1,
+            "extra_buffers": target.extra_buffers[0],  # llama.cpp's own default, where it runs
         }
 
     @classmethod
@@ -155,7 +175,12 @@ class LlamaCppBackend(Backend):
             found.append(
                 (
                     f"seed 001: {workers} workers x {threads} threads",
-                    {"workers": workers, "threads_per_worker": threads, "batch_size": 1},
+                    {
+                        "workers": workers,
+                        "threads_per_worker": threads,
+                        "batch_size": 1,
+                        "extra_buffers": target.extra_buffers[0],
+                    },
                 )
             )
             workers *= 2
@@ -169,6 +194,7 @@ class LlamaCppBackend(Backend):
                         "threads_per_worker": gpu_threads(target.cpus, target.gpus),
                         "gpu_layers": -1,
                         "batch_size": 8,
+                        "extra_buffers": target.extra_buffers[0],
                     },
                 )
             )
@@ -203,6 +229,7 @@ class LlamaCppBackend(Backend):
         self._tasks = None
         self.pids: list[int] = []
         self.load_times_s: list[float] = []
+        self._extra_buffers: bool | None = None  # what the workers load with (`load`)
 
     def load(self) -> None:
         path = gguf_variant(self.model, self.config.quant)
@@ -210,6 +237,9 @@ class LlamaCppBackend(Backend):
             self.topology, self.config.workers, self.config.threads_per_worker, self.config.pinning
         )
         engine_kwargs = engine_settings(self.config)
+        # Unset: on, unless this CPU's verdict (probed now where none is cached) says trap.
+        engine_kwargs["extra_buffers"] = resolve_extra_buffers(self.config.extra_buffers)
+        self._extra_buffers = engine_kwargs["extra_buffers"]
         devices = self.placement(self.config, self.topology)
         # spawn, not fork: a fresh interpreter per worker, no inherited threads or locks.
         context = multiprocessing.get_context("spawn")
@@ -243,6 +273,11 @@ class LlamaCppBackend(Backend):
             ready[rank] = payload
         self.pids = [ready[rank][0] for rank in range(self.config.workers)]
         self.load_times_s = [ready[rank][1] for rank in range(self.config.workers)]
+
+    def details(self) -> dict:
+        """Whether the weights went into llama.cpp's extra buffer types (the config may leave
+        it to this machine's verdict)."""
+        return {"extra_buffers": self._extra_buffers}
 
     def _messages(self, expect: int):
         """Yield (kind, rank, payload) until ``expect`` ready/done messages have arrived.
@@ -282,8 +317,10 @@ class LlamaCppBackend(Backend):
                             yield kind, rank_, payload
                     process = self._processes[rank]
                     process.join(1)
+                    code, why = process.exitcode, _exit_reason(process)
                     raise BackendError(
-                        f"llamacpp worker {rank} (pid {process.pid}) died ({_exit_reason(process)})"
+                        f"llamacpp worker {rank} (pid {process.pid}) died ({why})",
+                        failure_class=signal_class(-code) if code and code < 0 else None,
                     )
                 if ready not in open_conns:
                     continue
@@ -370,6 +407,7 @@ def engine_settings(config) -> dict:
         "n_batch": config.n_batch,
         "workers": config.workers,
         "gpu_layers": config.gpu_layers,
+        "extra_buffers": config.extra_buffers,
     }
 
 
@@ -378,7 +416,5 @@ def _exit_reason(process: multiprocessing.Process) -> str:
     if code is None:
         return "still running"
     if code < 0:
-        import signal
-
-        return f"killed by signal {signal.Signals(-code).name}"
+        return killed_by(-code)
     return f"exit code {code}"

@@ -104,6 +104,7 @@ class LlamaEngine:
         n_batch: int,
         workers: int = 1,
         gpu_layers: int = 0,
+        extra_buffers: bool = True,
     ) -> None:
         silence_llama_logs()
         llama_cpp.llama_backend_init()
@@ -113,6 +114,9 @@ class LlamaEngine:
         # above any layer count, as llama-cpp-python's Llama(n_gpu_layers=-1) passes it; the
         # layers split over the GPUs the worker sees (CUDA_VISIBLE_DEVICES).
         model_params.n_gpu_layers = 0x7FFFFFFF if gpu_layers == -1 else gpu_layers
+        # The extra buffer types (AMX tiles, repacked q4_0/q4_1/q8_0): faster where the CPU
+        # runs them, SIGILL where it advertises AMX but traps it (`backends.llamacpp_probe`).
+        model_params.use_extra_bufts = extra_buffers
         self.model = llama_cpp.llama_model_load_from_file(model_path.encode(), model_params)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {model_path}")

@@ -36,6 +36,7 @@ import psutil
 
 from autotune.config import TrialConfig
 from autotune.errors import BackendError, ConfigError
+from autotune.failures import killed_by, signal_class
 from autotune.workload import GenerationSettings, Prompt
 from backends.base import Backend, Completion
 
@@ -203,10 +204,10 @@ class RankGroup:
                 return exits[rank][0]
             return self.pids[rank] if rank < len(self.pids) else None
 
-        culprit = None
+        culprit, failure_class = None, None
         for rank, (pid, code) in sorted(exits.items()):
             if code < 0 and -code != signal.SIGTERM:
-                culprit = rank, pid, f"killed by signal {_signal_name(-code)}"
+                culprit, failure_class = (rank, pid, killed_by(-code)), signal_class(-code)
                 break
         if culprit is None:
             for rank, text in errors.items():
@@ -231,7 +232,7 @@ class RankGroup:
             )
         rank, pid, what = culprit
         who = f"rank {rank}" + (f" (pid {pid})" if pid is not None else "")
-        raise BackendError(f"{self.name} {who} failed {when}: {what}")
+        raise BackendError(f"{self.name} {who} failed {when}: {what}", failure_class)
 
     # ------------------------------------------------------------------ close
 
@@ -274,13 +275,6 @@ class RankGroup:
 
 # What a rank's error says when the fault is another rank's (see torch_rank.recv_object).
 _PEER_MARK = "hung or died"
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return str(number)
 
 
 def _last_line(text: str) -> str:

@@ -107,3 +107,32 @@ def test_model_json_describes_the_embedded_default(cli, tmp_path):
     data = json.loads(result.stdout)
     assert data["embedded"] is True and data["weight_type"] == "Q4_1"
     assert str(tmp_path) in data["hf_cache"] and "missing" in data["hf_cache"]
+
+
+@pytest.mark.parametrize(
+    ("args", "word"),
+    [
+        (["bench", "--backend", "fake", "--seed", "-1"], "seed must be a whole number >= 0"),
+        (["sweep", "--seed", "-1", "--budget", "1m", "--reports", "R"], "--seed must be >= 0"),
+        (["plan", "--seed", "-3"], "--seed must be >= 0"),
+        (["sweep", "--study", "../x", "--budget", "1m", "--reports", "R"], "not a path"),
+        (["sweep", "--warm-start", "a/b", "--budget", "1m", "--reports", "R"], "not a path"),
+        (["export", "--study", "..", "--reports", "R"], "not a path"),
+        (["report", "--study", "/tmp/x", "--reports", "R"], "not a path"),
+    ],
+)
+def test_bad_seeds_and_study_paths_are_one_line_exit_2(cli, tmp_path, args, word):
+    result = cli(*(str(tmp_path / "R") if a == "R" else a for a in args))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and word in result.stderr, result.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "R").exists()
+
+
+def test_a_negative_seed_in_the_env_is_refused_before_any_run(cli, tmp_path):
+    env = tmp_path / "best.env"
+    env.write_text("AUTOTUNE_BACKEND=fake\nAUTOTUNE_SEED=-5\n")
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"id": "a", "prompt": "hi"}\n')
+    result = cli("run", "--env", str(env), "--input", str(data), "--output", str(tmp_path / "o"))
+    assert result.returncode == 2 and "seed must be a whole number >= 0" in result.stderr
+    assert result.stderr.count("\n") == 1

@@ -10,7 +10,7 @@ import pytest
 
 from autotune.config import TrialConfig
 from autotune.measure import Pacing, TreeSampler, benchmark, tree_memory
-from autotune.workload import TINY_WORKLOAD, load_workload
+from autotune.workload import DEFAULT_WORKLOAD, TINY_WORKLOAD, load_workload
 from backends.fake import modelled_tokens_per_s
 
 
@@ -222,3 +222,55 @@ def test_bench_settles_until_the_passes_agree(cli):
     assert data["stable"] is True and data["window_spread"] <= 0.05 and data["steady"]
     assert all(s["steady_tokens_per_s"] for s in data["samples"])
     assert len({s["prefill_tokens"] for s in data["samples"]}) == 1
+
+
+def quadratic_balanced(prompts, block):
+    """The first `Workload.balanced`: every block scanned for each prompt (the reference)."""
+    blocks = [[] for _ in range(-(-len(prompts) // block))]
+    text = [0] * len(blocks)
+    for prompt in sorted(prompts, key=lambda p: -len(p.text)):
+        room = [i for i, members in enumerate(blocks) if len(members) < block]
+        lightest = min(room, key=lambda i: text[i])
+        blocks[lightest].append(prompt)
+        text[lightest] += len(prompt.text)
+    return [p.id for members in blocks for p in members]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_balancing_keeps_the_order_of_the_quadratic_reference(seed):
+    import random
+    from dataclasses import replace
+
+    from autotune.workload import Prompt, Workload
+
+    rng = random.Random(seed)
+    # Many ties (lengths from a short range), blocks left part-full at the end.
+    prompts = tuple(
+        Prompt(id=str(i), text="x" * rng.randint(1, 12), record={})
+        for i in range(rng.randint(1, 300))
+    )
+    workload = replace(load_workload(DEFAULT_WORKLOAD), prompts=prompts)
+    for block in (1, 3, 4, 16):
+        assert [p.id for p in Workload.balanced(workload, block).prompts] == quadratic_balanced(
+            prompts, block
+        )
+
+
+def test_a_pass_draws_from_the_head_of_a_long_file_the_same_for_every_width():
+    from dataclasses import replace
+
+    from autotune.measure import BALANCED_PROMPTS
+    from autotune.workload import Prompt
+
+    prompts = tuple(
+        Prompt(id=f"p{i}", text="word " * (1 + i % 97), record={})
+        for i in range(BALANCED_PROMPTS * 3)
+    )
+    workload = replace(load_workload(DEFAULT_WORKLOAD), prompts=prompts)
+    head = {p.id for p in prompts[:BALANCED_PROMPTS]}
+    firsts = []
+    for width in (1, 8, 64):
+        drawn = Pacing().pass_of(workload, width).prompts
+        assert {p.id.split("~")[0] for p in drawn} <= head, "only the file's head is balanced"
+        firsts.append([p.id for p in drawn[:8]])
+    assert firsts[0] == firsts[1] == firsts[2], "every layout answers the same first prompts"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 
 import psutil
@@ -243,3 +244,47 @@ def test_plan_shows_the_gpu_memory_of_each_example(cli, node, tmp_path):
     for example in data["examples"]:
         if any(device.startswith("cuda") for device in example["devices"]):
             assert example["predicted_gpu_memory_bytes"]["0"] > 0
+
+
+FAKE_SMI = """#!/bin/sh
+case "$1" in
+  --query-gpu=*) printf '%s\\n' '0, GPU-aaaa, 10' '1, GPU-bbbb, 20' '2, GPU-cccc, 30' \\
+    '3, GPU-dddd, 40' ;;
+  --query-compute-apps=*) printf '%s\\n' '4242, GPU-cccc, 1000' '4242, GPU-dddd, 2000' \\
+    '7, GPU-aaaa, 5' ;;
+esac
+"""
+
+
+@pytest.fixture
+def fake_nvidia_smi(tmp_path, monkeypatch):
+    """An nvidia-smi on PATH that reports 4 GPUs; process 4242 holds memory on GPUs 2 and 3."""
+    tool = tmp_path / "bin" / "nvidia-smi"
+    tool.parent.mkdir()
+    tool.write_text(FAKE_SMI)
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tool.parent}:{os.environ['PATH']}")
+
+
+@pytest.mark.parametrize("visible", ["2,3", "GPU-cccc,GPU-dddd", "GPU-cc,3"])
+def test_gpu_numbers_follow_cuda_visible_devices(fake_nvidia_smi, monkeypatch, visible):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    # torch sees 2 GPUs, numbered 0 and 1: a worker placed on torch's GPU 0 must be given the
+    # machine's GPU 2, named as the parent's list names it, not physical GPU 0.
+    assert Device((0,)).visible == visible.split(",")[0]
+    assert Device((0, 1)).visible == visible
+    reading = gpu_usage.sample({4242})
+    assert reading.memory == {0: 1000 * 2**20, 1: 2000 * 2**20}, "keyed by torch's numbers"
+    assert reading.utilisation == {0: 30.0, 1: 40.0}
+
+
+def test_without_cuda_visible_devices_numbers_are_the_machines(fake_nvidia_smi, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert Device((2, 3)).visible == "2,3"
+    assert gpu_usage.sample({4242}).memory == {2: 1000 * 2**20, 3: 2000 * 2**20}
+
+
+def test_a_gpu_beyond_cuda_visible_devices_is_refused(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    with pytest.raises(ConfigError, match="shows 2 GPUs"):
+        _ = Device((2,)).visible

@@ -124,3 +124,22 @@ def test_a_bad_machine_file_is_one_line_and_exit_2(cli, tmp_path, text, word):
 def test_detect_json_round_trips(machine):
     topology = detect(machine("dual_socket_numa"), probe_gpus=False)
     assert topology_from_dict(json.loads(json.dumps(topology.to_dict()))) == topology
+
+
+@pytest.mark.parametrize(
+    ("change", "word"),
+    [
+        (lambda data: [data], "expected a JSON object, got a list"),
+        (lambda data: {**data, "usable_cpus": "8"}, "usable_cpus must be int, got '8'"),
+        (lambda data: {**data, "cpu_quota": "2"}, "cpu_quota must be float or None"),
+    ],
+)
+def test_a_machine_file_of_the_wrong_types_is_one_line_and_exit_2(
+    cli, tmp_path, machine_json, change, word
+):
+    data = json.loads(machine_json("vm_2vcpu").read_text())
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(change(data)))
+    result = cli("plan", "--machine", str(path))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and word in result.stderr, result.stderr

@@ -227,15 +227,40 @@ def test_verify_checks_against_the_paired_figure_and_passes_inside_it(cli, tmp_p
     )
     rate = json.loads(measured.stdout)["tokens_per_s"]
     # The paired figure is what the machine does; the search trial claimed 10x more. The
-    # accepted range (+-50%, from the interval) is wide: fake passes last milliseconds.
+    # accepted range (the paired runs' spread) is wide: fake passes last milliseconds.
+    runs = f"{rate * 0.7:.1f}, {rate:.1f}, {rate * 1.3:.1f}"
     header = (
         f"# measured: {rate * 10:.1f} tokens/s (trial 3); paired runs: {rate:.1f} tokens/s "
-        "(median)\n# speedup over the naive baseline: x2.00 over 3 A B pairs, 95% CI 1.00-3.00\n"
+        f"(median of {runs})\n# speedup over the naive baseline: x2.00 over 3 A B pairs, "
+        "95% CI 1.99-2.01\n"
     )
     env = write_env(tmp_path / "best.env", config, header)
-    result = cli("verify", "--env", str(env), "--limit", "4", "--repeats", "3")
+    result = cli(
+        "verify", "--env", str(env), "--limit", "4", "--repeats", "3", env={"COLUMNS": "200"}
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Recorded at export (paired runs)" in result.stdout
+    assert "95% prediction interval of the 3 paired runs" in result.stdout
+    assert "mean of the last" in result.stdout and "median of" not in result.stdout
+
+
+def test_the_accepted_range_comes_from_the_spread_of_the_paired_runs():
+    from autotune.console import verify_range
+    from autotune.export import parse_header
+
+    # Paired runs 76-84 tokens/s, a tight speedup interval (the baseline moved with them):
+    # the interval applied to one figure would accept only 79.6-80.4.
+    recorded = parse_header(
+        [
+            "measured: 90.0 tokens/s (trial 3); paired runs: 80.0 tokens/s (median of 80.0, "
+            "84.0, 76.0)",
+            "speedup over the naive baseline: x2.00 over 3 A B pairs, 95% CI 1.99-2.01",
+        ]
+    )
+    assert recorded["paired_runs"] == [80.0, 84.0, 76.0]
+    low, high, why = verify_range(recorded)
+    assert low < 76 and high > 84 and why == "95% prediction interval of the 3 paired runs"
+    assert verify_range({"tokens_per_s": 100.0})[:2] == pytest.approx((85.0, 115.0))
 
 
 def test_resume_answers_edited_prompts_again_drops_removed_lines_keeps_input_order(cli, tmp_path):
@@ -284,3 +309,35 @@ def test_an_output_that_is_a_directory_is_refused_before_any_work(cli, tmp_path,
     result = cli(*args, "--output", str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "is a directory" in result.stderr
+
+
+def test_a_branch_line_and_a_plain_line_with_one_id_are_refused(cli, tmp_path):
+    # Both would be written as id "a": two input lines, one output line.
+    env = write_env(tmp_path / "best.env", TrialConfig(backend="fake"))
+    data = tmp_path / "in.jsonl"
+    data.write_text(
+        '{"id": "a", "main": "Topic.", "branches": ["Why?", "How?"]}\n'
+        '{"id": "a", "prompt": "Hello"}\n'
+    )
+    out = tmp_path / "out.jsonl"
+    result = cli("run", "--env", str(env), "--input", str(data), "--output", str(out))
+    assert result.returncode == 2, result.stderr
+    assert 'in.jsonl:2: duplicate id "a" (first on line 1)' in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert not out.exists() and not (tmp_path / "out.jsonl.partial").exists()
+
+
+def test_a_second_run_on_one_output_is_refused_while_the_first_holds_it(cli, tmp_path):
+    from autotune.files import exclusive_lock
+
+    env = write_env(tmp_path / "best.env", TrialConfig(backend="fake"))
+    data = write_input(tmp_path / "in.jsonl", 3)
+    out = tmp_path / "out.jsonl"
+    with exclusive_lock(tmp_path / "out.jsonl.lock", "--output out.jsonl"):
+        result = cli("run", "--env", str(env), "--input", str(data), "--output", str(out))
+        assert result.returncode == 2, result.stderr
+        assert f"pid {os.getpid()}" in result.stderr and result.stderr.count("\n") == 1
+        assert not out.exists()
+    result = cli("run", "--env", str(env), "--input", str(data), "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    assert len(outputs(out)) == 3 and not (tmp_path / "out.jsonl.lock").exists()

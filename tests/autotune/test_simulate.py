@@ -297,3 +297,214 @@ def test_refused_suggestions_on_an_8_gpu_node_do_not_end_the_search_early(cli, t
     # and no backend dropped before its climb.
     assert not [r for r in records if (r.get("name") or "").startswith("screen:")]
     assert not [why for why in summary["dropped"].values() if "or less, under" in why]
+
+
+def _sweep_with_verdict(tmp_path, works: bool):
+    """A simulated 10-minute llama.cpp sweep of the 2-vCPU VM given the probe's verdict."""
+    from autotune.memory_plan import model_shape
+    from autotune.models import ModelSpec
+    from autotune.sweep import SweepOptions, run_sweep
+    from backends.llamacpp_probe import ExtraBuffersVerdict
+
+    model = ModelSpec.resolve()
+    shape = model_shape(model)
+    machine = MachineModel.load(str(MACHINES / "vm_2vcpu"), shape)
+    verdict = ExtraBuffersVerdict(works, "the test's verdict", "key")
+    options = SweepOptions(
+        study="xbuf",
+        reports_dir=tmp_path,
+        budget_s=600.0,
+        backends=["llamacpp"],
+        seed=1,
+        simulated=str(MACHINES / "vm_2vcpu"),
+        extra_buffers=verdict,
+    )
+    run_sweep(options, topology=machine.topology, model=model, shape=shape, **machine.simulation(1))
+    directory = tmp_path / "xbuf"
+    records = [json.loads(line) for line in (directory / "trials.jsonl").open()]
+    machine_json = json.loads((directory / "machine.json").read_text())
+    return records, (directory / "best.env").read_text(), machine_json
+
+
+def test_where_the_extra_buffers_trap_every_layout_runs_without_them(tmp_path):
+    records, best_env, machine_json = _sweep_with_verdict(tmp_path, works=False)
+    configs = [r["config"] for r in records if r.get("config")]
+    assert configs and all(c["extra_buffers"] is False for c in configs)
+    assert "LLAMA_EXTRA_BUFFERS=0" in best_env.splitlines()
+    assert "# llama.cpp extra buffers (AMX/repack): trap here (the test's verdict), off" in best_env
+    assert machine_json["llama_extra_buffers"]["works"] is False, "recorded in the study"
+
+
+def test_where_both_run_the_extra_buffers_are_screened(tmp_path):
+    records, best_env, _ = _sweep_with_verdict(tmp_path, works=True)
+    assert records[0]["config"]["extra_buffers"] is True, "the baseline: llama.cpp's default"
+    screens = [r for r in records if (r.get("name") or "").startswith("screen: ")]
+    assert any(r["name"].endswith("with extra_buffers False") for r in screens), [
+        r["name"] for r in screens
+    ]
+    assert any(line.startswith("LLAMA_EXTRA_BUFFERS=") for line in best_env.splitlines())
+
+
+def test_the_search_ends_only_when_no_unmeasured_layout_fits(tmp_path):
+    """Long trials (256 new tokens on the 2-vCPU VM): the sampler keeps asking for layouts too
+    long for a trial's share of the budget; the search explores the ones that fit instead of
+    ending (it ended at 321 s of 1800 with 66 layouts of 44-52 s unmeasured)."""
+    from autotune.memory_plan import model_shape
+    from autotune.models import ModelSpec
+    from autotune.space import config_key
+    from autotune.sweep import SearchEnded, Sweep, SweepOptions
+
+    model = ModelSpec.resolve()
+    shape = model_shape(model)
+    machine = MachineModel.load(str(MACHINES / "vm_2vcpu"), shape)
+    options = SweepOptions(
+        study="long",
+        reports_dir=tmp_path,
+        budget_s=1800.0,
+        backends=["llamacpp", "hf"],
+        seed=1,
+        simulated=str(MACHINES / "vm_2vcpu"),
+        base=TrialConfig(max_new_tokens=256),
+    )
+    left_when_ended = []
+
+    def on_event(event):
+        if isinstance(event, SearchEnded):
+            room = sweep.room_s()
+            left_when_ended.extend(
+                config
+                for config in sweep.space.layouts()
+                if config_key(config) not in sweep.seen and sweep.cost_s(config) <= room
+            )
+
+    sweep = Sweep(
+        options,
+        topology=machine.topology,
+        model=model,
+        shape=shape,
+        on_event=on_event,
+        **machine.simulation(1),
+    )
+    summary = sweep.run()
+    assert summary.elapsed_s > 900, "most of the search's share of the budget was used"
+    assert left_when_ended == [], f"{len(left_when_ended)} layouts that fit were never tried"
+
+
+def _vm_sweep(tmp_path, *, resume=False, stop_at=None):
+    """A simulated 10-minute llama.cpp + hf sweep of the 2-vCPU VM; with ``stop_at`` the sweep
+    process dies (as by SIGKILL: nothing of it runs on) when its trial number ``stop_at`` runs."""
+    from autotune.memory_plan import model_shape
+    from autotune.models import ModelSpec
+    from autotune.sweep import Sweep, SweepOptions
+
+    model = ModelSpec.resolve()
+    shape = model_shape(model)
+    machine = MachineModel.load(str(MACHINES / "vm_2vcpu"), shape)
+    simulation = machine.simulation(1)
+    runner, calls = simulation["runner"], []
+
+    def dies(spec, deadline_s):
+        calls.append(spec)
+        if stop_at is not None and len(calls) > stop_at:
+            raise SystemExit("killed")
+        return runner(spec, deadline_s)
+
+    options = SweepOptions(
+        study="r",
+        reports_dir=tmp_path,
+        budget_s=600.0,
+        backends=["llamacpp", "hf"],
+        seed=1,
+        simulated=str(MACHINES / "vm_2vcpu"),
+        resume=resume,
+    )
+    sweep = Sweep(
+        options,
+        topology=machine.topology,
+        model=model,
+        shape=shape,
+        clock=simulation["clock"],
+        runner=dies,
+    )
+    return sweep.run(), sweep
+
+
+@pytest.mark.parametrize("stop_at", [0, 2])
+def test_a_resumed_sweep_runs_each_fixed_layout_once_baseline_first(tmp_path, stop_at):
+    with pytest.raises(SystemExit):
+        _vm_sweep(tmp_path, stop_at=stop_at)
+    summary, sweep = _vm_sweep(tmp_path, resume=True)
+    fixed = [r for r in summary.trials if r.role.value in ("baseline", "recipe")]
+    assert fixed[0].role.value == "baseline" and summary.trials[0] is fixed[0], "baseline first"
+    names = [r.name for r in fixed]
+    assert len(names) == len(set(names)), f"a fixed layout ran twice: {names}"
+    from backends import backend_class
+
+    hf_recipes = {name for name, _ in backend_class("hf").recipes(sweep.target)}
+    assert hf_recipes
+    # Every recipe of the other backend is measured or named as not run, never forgotten.
+    assert hf_recipes <= set(names) | set(summary.skipped), (names, summary.skipped)
+
+
+def test_resume_on_another_machine_is_refused_and_changes_nothing(cli, tmp_path):
+    def sweep(machine, *extra):
+        return cli(
+            "sweep",
+            "--machine",
+            str(MACHINES / machine),
+            "--backends",
+            "fake",
+            "--budget",
+            "5m",
+            "--study",
+            "s1",
+            "--reports",
+            str(tmp_path),
+            *extra,
+        )
+
+    assert sweep("vm_2vcpu").returncode == 0
+    before = (tmp_path / "s1" / "machine.json").read_text()
+    result = sweep("desktop_8c16t", "--resume")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "the same machine only" in result.stderr
+    old = json.loads(before)["fingerprint"]
+    new = load_machine(MACHINES / "desktop_8c16t").fingerprint()
+    assert old in result.stderr and new in result.stderr, result.stderr
+    assert (tmp_path / "s1" / "machine.json").read_text() == before, "machine.json untouched"
+
+
+def test_a_torn_last_line_is_cut_before_resuming(cli, tmp_path):
+    def sweep(*extra):
+        return cli(
+            "sweep",
+            "--machine",
+            str(MACHINES / "vm_2vcpu"),
+            "--backends",
+            "fake",
+            "--trials",
+            "4",
+            "--budget",
+            "5m",
+            "--study",
+            "t",
+            "--reports",
+            str(tmp_path),
+            *extra,
+        )
+
+    assert sweep().returncode == 0
+    log = tmp_path / "t" / "trials.jsonl"
+    whole = log.read_text().splitlines()
+    with log.open("a") as handle:
+        handle.write('{"number": 99, "state": "compl')  # killed mid-write
+    result = sweep("--trials", "6", "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "cut off a torn last line" in result.stdout
+    lines = log.read_text().splitlines()
+    assert lines[: len(whole)] == whole and len(lines) > len(whole)
+    assert all(json.loads(line) for line in lines), "every line a record"
+    assert sweep("--trials", "8", "--resume").returncode == 0
+    assert (
+        cli("report", "--study", "t", "--reports", str(tmp_path), "--no-roofline").returncode == 0
+    )

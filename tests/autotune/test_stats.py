@@ -80,3 +80,17 @@ def test_one_pair_has_no_interval():
     stats = speedup_interval([30.0], [10.0])
     assert stats["speedup"] == pytest.approx(3.0) and stats["ci_low"] is None
     assert describe_speedup(stats) == "x3.00 over 1 A B pairs"
+
+
+def test_a_zero_median_with_spread_reads_as_unstable():
+    from autotune.stats import relative_spread
+
+    assert relative_spread([0, 0, 100]) == float("inf"), "not 0: that would read as stable"
+    assert relative_spread([0, 0, 0]) == 0.0 and relative_spread([]) == 0.0
+
+
+def test_a_pair_without_tokens_has_no_speedup():
+    with pytest.raises(ValueError, match="positive tokens/s"):
+        speedup_interval([10, 10], [0, 5])
+    with pytest.raises(ValueError, match="positive tokens/s"):
+        speedup_interval([0, 10], [5, 5])

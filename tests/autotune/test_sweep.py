@@ -52,18 +52,19 @@ def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_crash_oom_and_hang_are_recorded_with_their_class_and_the_sweep_goes_on(
+def test_crash_oom_sigill_and_hang_are_recorded_with_their_class_and_the_sweep_goes_on(
     tmp_path, topology, tiny_gguf
 ):
     # The real trial runner: each fault happens in a real child process.
-    faults = [TrialConfig(backend="fake", fault=f) for f in ("crash", "oom", "hang")]
+    faults = [TrialConfig(backend="fake", fault=f) for f in ("crash", "oom", "sigill", "hang")]
     summary = sweep(
-        topology, tiny_gguf, options(tmp_path, trials=7, trial_timeout_s=4), extra=faults
+        topology, tiny_gguf, options(tmp_path, trials=8, trial_timeout_s=4), extra=faults
     )
     failed = {r.config["fault"]: r for r in summary.trials if r.state is TrialState.FAIL}
     assert {k: r.failure_class for k, r in failed.items()} == {
         "crash": "crash",
         "oom": "oom",
+        "sigill": "illegal-instruction",
         "hang": "timeout",
     }
     assert failed["crash"].stderr_tail is not None
@@ -607,7 +608,8 @@ def test_min_agreement_prunes_measured_layouts_that_disagree(tmp_path, simulated
     assert all("under --min-agreement 0.9" in r.reason and r.result["tokens_per_s"] for r in low)
     assert summary.winner.config["batch_size"] < DRIFTING_BATCH
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 's' / 'study.db'}")
-    states = {t.user_attrs["record"]["number"]: t.state for t in study.trials if t.user_attrs}
+    records = [t for t in study.trials if "record" in t.user_attrs]  # not every ask has one
+    states = {t.user_attrs["record"]["number"]: t.state for t in records}
     assert all(states[r.number] == optuna.trial.TrialState.PRUNED for r in low)
     saved = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert saved["min_agreement"] == 0.9
@@ -819,3 +821,36 @@ def test_a_climbing_step_that_is_a_waiting_recipe_runs_once_as_that_recipe(
     assert len(keys) == len(set(keys)), "batch 8 was measured once"
     # The climb went on from the recipe's figure (batch 8 -> 32).
     assert any(r.name == f"climb: trial {slow[1].number}'s layout at batch 32" for r in slow)
+
+
+@pytest.mark.parametrize("fault", ["no tokens", "failed requests"])
+def test_a_paired_run_without_every_answer_confirms_nothing(tmp_path, simulated_sweep, fault):
+    def change(spec, outcome):
+        if spec.get("paired") and outcome.state == "complete":
+            if fault == "no tokens":
+                outcome.result["baseline"][0] = 0.0  # its speedup would be infinite
+            else:
+                outcome.result["failed_requests"] = {"candidate": 3, "baseline": 0}
+
+    summary, _, _ = simulated_sweep(options(tmp_path, budget_s=60), change=change)
+    assert summary.winner is not None and summary.winner.confirmed is False
+    assert not summary.winner.paired, "no speedup is claimed from such pairs"
+
+
+def test_paired_passes_count_their_failed_requests(tiny_gguf):
+    from autotune.trial import _measure
+
+    # A context too small for any prompt: every request of the candidate fails.
+    spec = {
+        "config": TrialConfig(
+            backend="fake", ctx_per_sequence=8, model=str(tiny_gguf.path)
+        ).to_dict(),
+        "paired": TrialConfig(backend="fake", model=str(tiny_gguf.path)).to_dict(),
+        "pairs": 1,
+        "workload": None,
+        "limit": 4,
+        "pacing": Pacing().to_dict(),
+    }
+    result = _measure(spec)
+    assert result["failed_requests"]["candidate"] > 0
+    assert result["failed_requests"]["baseline"] == 0
