@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.console import Console
 from rich.table import Table
 
@@ -366,7 +368,9 @@ class _Advance:
     not load) prints its one error line and no bar."""
 
     def __init__(self, label: str) -> None:
-        self.label, self.progress, self.task = label, None, None
+        self.label = label
+        self.progress: Any = None  # a rich Progress, from the first call
+        self.task: Any = None
 
     def __call__(self, done: int, total: int) -> None:
         if self.progress is None:

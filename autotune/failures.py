@@ -43,7 +43,7 @@ def fix_for(failure_class: str | None) -> str | None:
 def signal_class(number: int) -> str | None:
     """The failure class of a process killed by signal ``number``: SIGKILL is the OOM
     killer's (or a user's), SIGILL an illegal instruction; None for the others (a crash)."""
-    return {signal.SIGKILL: OOM, signal.SIGILL: ILLEGAL_INSTRUCTION}.get(number)
+    return {int(signal.SIGKILL): OOM, int(signal.SIGILL): ILLEGAL_INSTRUCTION}.get(number)
 
 
 def killed_by(number: int) -> str:

@@ -233,10 +233,10 @@ def windows(completions: Sequence[Completion], width: int, ramp: bool = True) ->
         return []
     spans = [(_first_token_at(c), c.finished_at, len(c.token_ids)) for c in answered]
     step = (ended - began) / count
-    rates = []
+    rates: list[float] = []
     for index in range(count):
         low, high = began + index * step, began + (index + 1) * step
-        rates.append(sum(_tokens_between(span, low, high) for span in spans) / step)
+        rates.append(sum((_tokens_between(span, low, high) for span in spans), 0.0) / step)
     return rates
 
 

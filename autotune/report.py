@@ -81,7 +81,7 @@ def load_study(reports_dir: Path, study: str | None) -> Study:
 # ---------------------------------------------------------------- figures
 
 
-def _speedup_ci(study: Study, trial: dict) -> tuple[float, float, float] | None:
+def _speedup_ci(study: Study, trial: TrialRecord) -> tuple[float, float, float] | None:
     """(speedup, low, high) of a trial against the baseline: the paired interval where the
     trial was re-measured, else the spread of its own samples."""
     base = study.baseline

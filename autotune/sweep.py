@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from autotune.agreement import agreement, answer_family, family_reference, is_reference
 from autotune.config import TrialConfig
@@ -224,7 +225,7 @@ class SweepSummary:
 
 @dataclass
 class _Candidate:
-    trial: object  # optuna.trial.Trial
+    trial: Any  # optuna.trial.Trial
     config: TrialConfig | None
     role: Role
     name: str
@@ -673,9 +674,7 @@ class Sweep:
         """The next thing to try: an injected config while no fixed layout waits, else the
         sampler's (or the queue's) next trial."""
         injected = self.extra and not _waiting(study)  # before the ask takes a queued trial
-        trial = study.ask()
-        # Which sweep runs it: a resumed sweep fails the trials of a sweep that is gone.
-        trial.set_user_attr("worker", WORKER)
+        trial = _ask(study)
         if injected:
             config, role, name = self.extra.pop(0)
             return _Candidate(trial, config, role, name)
@@ -814,7 +813,7 @@ class Sweep:
         for origin in self._origins():
             lineage = _lineage(origin.config)
             state = self.climbs.get(lineage)
-            if state == _CLIMBED:
+            if isinstance(state, str):  # _CLIMBED
                 continue
             if state is None:
                 started = sum(backend == origin.backend for backend, _ in self.climbs)
@@ -947,7 +946,7 @@ class Sweep:
             # Every trial's answers are compared with the reference run of its family (batch
             # 1, the model's own weights, greedy): measure that first, once.
             reference = family_reference(family, self.target, self.options.base)
-            self._run(study, _Candidate(study.ask(), reference, Role.REFERENCE, "reference"))
+            self._run(study, _Candidate(_ask(study), reference, Role.REFERENCE, "reference"))
         deadline = self.trial_deadline_s(config, candidate.role)
         self.tell(TrialStarted(trial.number, config, candidate.role, candidate.name, deadline))
         if candidate.role is Role.REFERENCE:
@@ -1258,6 +1257,14 @@ def _simulated_note(machine: str | None, note: str | None) -> str | None:
 # This sweep process: host and pid, so that several sweeps sharing a study (--storage) are
 # told apart, and a resumed one can tell a trial left running by a killed sweep.
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _ask(study):
+    """The study's next trial, marked with this sweep process (`WORKER`): a resumed sweep
+    fails the running trials of a sweep that is gone, and only those."""
+    trial = study.ask()
+    trial.set_user_attr("worker", WORKER)
+    return trial
 
 
 def _abandoned(trial) -> bool:

@@ -248,11 +248,11 @@ def load_workload(
                 if key in seen:
                     raise ValueError(f'duplicate id "{key}" (first on line {seen[key]})')
         except UnicodeDecodeError:
-            error = LineError(path=str(path), line=number, reason="not valid UTF-8")
+            bad = LineError(path=str(path), line=number, reason="not valid UTF-8")
         except json.JSONDecodeError as exc:
-            error = LineError(path=str(path), line=number, reason=f"malformed JSON ({exc.msg})")
+            bad = LineError(path=str(path), line=number, reason=f"malformed JSON ({exc.msg})")
         except ValueError as exc:
-            error = LineError(path=str(path), line=number, reason=str(exc))
+            bad = LineError(path=str(path), line=number, reason=str(exc))
         else:
             for key in {line_id(new), *(prompt.id for prompt in new)}:
                 seen[key] = number
@@ -260,8 +260,8 @@ def load_workload(
             shapes[shape] = shapes.get(shape, 0) + 1
             continue
         if strict:
-            raise ConfigError(f"{error} (--strict)")
-        errors.append(error)
+            raise ConfigError(f"{bad} (--strict)")
+        errors.append(bad)
 
     if not prompts:
         if errors:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from autotune.config import TrialConfig, env_name, field_default
 from autotune.errors import ConfigError
@@ -52,8 +52,9 @@ COMMON_FIELDS = frozenset(
     }
 )
 
-# The fields `Backend.describe` shows, in order, where not at their default: how each reads.
-_LABELS = {
+# The fields `Backend.describe` shows, in order, where not at their default: how each reads
+# (a format string, or a function of the value).
+_LABELS: dict[str, str | Callable[[Any], str]] = {
     "quant": "{}",
     "dtype": "{}",
     "boundaries": "{}",
@@ -270,7 +271,7 @@ class Backend(ABC):
         for name, label in _LABELS.items():
             value = config.get(name, field_default(name))
             if name in cls.reads and value != field_default(name):
-                text += " " + (label(value) if callable(label) else label.format(value))
+                text += " " + (label.format(value) if isinstance(label, str) else label(value))
         return text
 
     # ------------------------------------------------------------ instances
@@ -279,6 +280,12 @@ class Backend(ABC):
         self.config = config
         self.model = model
         self.topology = topology
+
+    @property
+    def pids(self) -> list[int]:
+        """The pids of the processes the backend started (workers, ranks), once loaded; empty
+        for a backend that computes in the caller's process."""
+        return []
 
     @classmethod
     def validate(cls, config: TrialConfig, topology: Topology) -> None:

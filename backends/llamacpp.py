@@ -14,6 +14,7 @@ import multiprocessing
 import time
 from collections.abc import Sequence
 from multiprocessing.connection import wait
+from typing import Any
 
 from autotune.config import PINNING, QUANTS
 from autotune.errors import BackendError, ConfigError
@@ -226,8 +227,8 @@ class LlamaCppBackend(Backend):
         super().__init__(config, model, topology)
         self._processes: list[multiprocessing.Process] = []
         self._conns = []
-        self._tasks = None
-        self.pids: list[int] = []
+        self._tasks: Any = None  # the shared task queue (a spawn context's Queue), from load()
+        self._pids: list[int] = []
         self.load_times_s: list[float] = []
         self._extra_buffers: bool | None = None  # what the workers load with (`load`)
 
@@ -271,8 +272,13 @@ class LlamaCppBackend(Backend):
             if kind != "ready":
                 raise BackendError(f"llamacpp worker {rank}: unexpected message {kind!r}")
             ready[rank] = payload
-        self.pids = [ready[rank][0] for rank in range(self.config.workers)]
+        self._pids = [ready[rank][0] for rank in range(self.config.workers)]
         self.load_times_s = [ready[rank][1] for rank in range(self.config.workers)]
+
+    @property
+    def pids(self) -> list[int]:
+        """The workers' process ids, rank order (empty before load)."""
+        return self._pids
 
     def details(self) -> dict:
         """Whether the weights went into llama.cpp's extra buffer types (the config may leave

@@ -18,6 +18,7 @@ import ctypes
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -159,7 +160,7 @@ class LlamaEngine:
         self._shared_prefix: dict[bool, int] = {}
         template = llama_cpp.llama_model_chat_template(self.model, None)
         self.chat_template = template.decode() if template else None
-        self._formatter = None
+        self._formatter: Any = None  # llama_cpp's Jinja2ChatFormatter, built when first used
 
     # ------------------------------------------------------------------ text <-> tokens
 

@@ -109,8 +109,8 @@ def balanced(costs: StageCosts, stages: int) -> list[range]:
     n = len(costs.layers)
     _check_counts(n, stages)
     prefix = [0.0]
-    for cost in costs.layers:
-        prefix.append(prefix[-1] + cost)
+    for layer_cost in costs.layers:
+        prefix.append(prefix[-1] + layer_cost)
 
     def cost(stage: int, start: int, stop: int) -> float:
         total = prefix[stop] - prefix[start]

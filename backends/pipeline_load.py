@@ -17,6 +17,7 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 from autotune.files import atomic_write
 
@@ -138,7 +139,10 @@ def measure_profile(model_dir: str, *, dtype: str, device: str, batch_size: int)
         return pre, post
 
     handles = []
-    watched = [(model.model.embed_tokens, "first", None), (model.lm_head, "last", None)]
+    watched: list[tuple[Any, str, int | None]] = [
+        (model.model.embed_tokens, "first", None),
+        (model.lm_head, "last", None),
+    ]
     watched += [(layer, "layers", i) for i, layer in enumerate(model.model.layers)]
     for module, name, index in watched:
         pre, post = timer(name, index)

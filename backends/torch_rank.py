@@ -234,6 +234,7 @@ def run_rank(spec: dict, requests=None, on_result=None) -> None:
         source = iter(requests) if requests is not None else None
         posted: list = []
         while True:
+            message: tuple  # ("generate", prompts, settings) or ("close",)
             if rank == 0:
                 if source is not None:
                     message = next(source, ("close",))
@@ -299,8 +300,11 @@ def _by_hand(argv: list[str]) -> None:
         workload = load_workload(args.workload) if rank == 0 else None
         from autotune.topology import detect
         from backends import backend_class
+        from backends.torchrun import RankGroupBackend
 
         cls = backend_class(config.backend)
+        if not issubclass(cls, RankGroupBackend):
+            raise AutotuneError(f"--backend {config.backend} does not run under torchrun")
         topology = detect()
         cls.validate(config, topology)
         spec = cls.rank_spec(config, str(hf_dir(model)), topology)

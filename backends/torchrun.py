@@ -31,6 +31,7 @@ import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -76,7 +77,6 @@ class RankGroup:
         self.process: subprocess.Popen | None = None
         self.conn: Connection | None = None
         self.rundir: Path | None = None
-        self.pids: list[int] = []
         self.load_times_s: list[float] = []
         self.info: dict = {}
         self._ranks: list[psutil.Process] = []
@@ -160,7 +160,7 @@ class RankGroup:
             raise BackendError(f"{self.name}: rank 0 sent {kind!r} instead of a result")
         return payload
 
-    def _receive(self, when: str) -> tuple[str, object]:
+    def _receive(self, when: str) -> tuple[str, Any]:
         """The next message from rank 0; a failure anywhere in the group raises BackendError."""
         ready = wait([self.conn, self._exit_fd])
         if self.conn in ready:

@@ -258,7 +258,9 @@ def test_the_accepted_range_comes_from_the_spread_of_the_paired_runs():
         ]
     )
     assert recorded["paired_runs"] == [80.0, 84.0, 76.0]
-    low, high, why = verify_range(recorded)
+    accepted = verify_range(recorded)
+    assert accepted is not None
+    low, high, why = accepted
     assert low < 76 and high > 84 and why == "95% prediction interval of the 3 paired runs"
     assert verify_range({"tokens_per_s": 100.0})[:2] == pytest.approx((85.0, 115.0))
 

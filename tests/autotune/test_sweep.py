@@ -616,12 +616,13 @@ def test_min_agreement_prunes_measured_layouts_that_disagree(tmp_path, simulated
 
 
 def test_a_family_without_a_reference_gets_its_reference_run_first(tmp_path, simulated_sweep):
+    failed = []
+
     def baseline_fails(spec, outcome):
-        if not baseline_fails.done:  # the first trial: the naive baseline, also the reference
-            baseline_fails.done = True
+        if not failed:  # the first trial: the naive baseline, also the reference
+            failed.append(spec)
             outcome.state, outcome.failure_class, outcome.result = "fail", "crash", None
 
-    baseline_fails.done = False
     summary, _, _ = simulated_sweep(
         options(tmp_path, trials=4),
         extra=[TrialConfig(backend="fake", batch_size=4)],

@@ -73,7 +73,7 @@ def test_pipeline_matches_hf(tiny_gguf, topology, reference, changes):
     config = TrialConfig(backend="pipeline", threads_per_worker=1, batch_size=2, **changes)
     with create_backend(config, tiny_gguf, topology) as backend:
         completions = backend.generate(PROMPTS, SETTINGS)
-        boundaries = backend.boundaries
+        boundaries = backend.details()["boundaries"]
     assert [c.token_ids for c in completions] == reference
     if "boundaries" in changes:
         assert boundaries == changes["boundaries"]

@@ -66,7 +66,7 @@ def test_a_pipeline_over_the_gpu_and_the_cpu(tiny_gguf, topology, on_gpu):
 
 def test_gpu_memory_is_measured_and_corrects_the_planner(tiny_gguf, topology):
     config = TrialConfig(backend="hf", threads_per_worker=1, batch_size=4, max_new_tokens=8)
-    workload = Workload("gpu-test", PROMPTS)
+    workload = Workload(name="gpu-test", prompts=PROMPTS)
     result = benchmark(config, workload, tiny_gguf, topology, Pacing(prompts=9, warmup=0))
     measured = result.peak_gpu_memory_bytes
     assert set(measured) == {"0"} and measured["0"] > 100 * 2**20  # a CUDA context at least
@@ -84,7 +84,7 @@ def test_llamacpp_offloads_every_layer(tiny_gguf, topology):
     cpu = TrialConfig(backend="llamacpp", threads_per_worker=1, batch_size=2)
     config = cpu.replace(gpu_layers=-1)
     assert backend_class("llamacpp").devices(config, topology)[0].startswith("cuda:")
-    workload = Workload("gpu-test", PROMPTS)
+    workload = Workload(name="gpu-test", prompts=PROMPTS)
     result = benchmark(config, workload, tiny_gguf, topology, Pacing(prompts=9, warmup=0))
     assert result.peak_gpu_memory_bytes, "the worker holds memory on its GPU"
     assert identical(answers(config, tiny_gguf, topology), answers(cpu, tiny_gguf, topology)) >= 7
