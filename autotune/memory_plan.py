@@ -22,9 +22,12 @@ from autotune.models import ModelSpec, read_gguf_header, weights_summary
 from autotune.topology import Topology
 from backends import backend_class
 
-__all__ = ["MemoryPlanner", "ModelShape", "model_shape"]
+__all__ = ["MemoryPlanner", "ModelShape", "memory_limit", "model_shape"]
 
 _HARNESS = 60 * 2**20  # the trial process itself
+# The share of the available memory the layouts of a search may use, where --memory-limit
+# does not say: the rest is the machine's other work and the planner's error.
+_DEFAULT_SHARE = 0.8
 _GPU_USABLE = 0.9  # of a GPU's memory: the driver and fragmentation keep the rest
 
 
@@ -68,6 +71,12 @@ def model_shape(spec: ModelSpec) -> ModelShape:
         head_dim=width // max(1, heads),
         weight_type=summary.weight_type.lower() if spec.format == "gguf" else None,
     )
+
+
+def memory_limit(topology, given: int | None = None) -> int:
+    """What a layout may use on ``topology``: ``given`` (--memory-limit), else
+    `_DEFAULT_SHARE` of the available memory."""
+    return given or int(topology.memory_available_bytes * _DEFAULT_SHARE)
 
 
 class MemoryPlanner:

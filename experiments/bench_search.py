@@ -94,7 +94,7 @@ def sweep(
 def confirmed(measured: list[tuple[object, float]], machine, rng: random.Random) -> float:
     """The noise-free tokens/s of the layout a search that measured ``measured`` (config,
     its noisy figure) would pick: its `TOP` fastest, each measured `PAIRS` times more, the
-    fastest mean (the sweep's re-measurement, `Sweep._confirm`)."""
+    fastest mean (the sweep's re-measurement, `autotune.sweep.confirm`)."""
     top = sorted(measured, key=lambda pair: pair[1], reverse=True)[:TOP]
     best = max(
         (config for config, _ in top),

@@ -370,11 +370,12 @@ def test_the_search_ends_only_when_no_unmeasured_layout_fits(tmp_path):
 
     def on_event(event):
         if isinstance(event, SearchEnded):
-            room = sweep.room_s()
+            room = sweep.budget.room_s()
             left_when_ended.extend(
                 config
                 for config in sweep.space.layouts()
-                if config_key(config) not in sweep.seen and sweep.cost_s(config) <= room
+                if config_key(config) not in sweep.ledger.seen
+                and sweep.budget.cost_s(config) <= room
             )
 
     sweep = Sweep(

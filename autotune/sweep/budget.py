@@ -1,0 +1,114 @@
+"""A sweep's time: the clock, the shares of the budget, and what a trial is expected to cost.
+
+The budget is split in two: the search may spend all but `CONFIRM_SHARE` of it, which is kept
+for re-measuring the best layouts against the baseline (`autotune.sweep.confirm`). A trial's
+expected cost comes from what its backend's measured trials took (`Ledger.costs`), so a wider
+layout (more tokens a pass) is priced by its width.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+
+from autotune.agreement import answer_family, family_reference, is_reference
+from autotune.config import TrialConfig
+from autotune.measure import Pacing, refills, width_of
+from autotune.space import config_key
+from autotune.study import Role
+from backends import backend_class
+
+__all__ = ["CONFIRM_SHARE", "MARGIN_S", "REFERENCE_PACING", "REFERENCE_PROMPTS", "Budget"]
+
+CONFIRM_SHARE = 0.25  # of the budget kept for the paired re-measurement
+MARGIN_S = 5.0  # kept back from every deadline for writing the outputs
+# A backend not measured yet is priced at this many times its first guess when deciding what
+# fits the time left: the guess is one number for every machine (hf on 2 vCPUs: 9.6-23.6
+# tokens/s at batch 1-4 where it guesses 25), and a trial that overruns eats the time kept for
+# re-measuring.
+_UNMEASURED = 2.0
+# The most one search trial may be expected to take, as a share of the search's part of the
+# budget: a 10-minute sweep spent a third of its search on one climb step to batch 64.
+_STEP_SHARE = 0.2
+# A reference run answers the first prompts of every trial's pass (the same balanced order)
+# once, cold; the agreement of a trial is over these.
+REFERENCE_PROMPTS = 8
+REFERENCE_PACING = Pacing(prompts=REFERENCE_PROMPTS, warmup=0)
+
+
+class Budget:
+    """The clock of one sweep and its shares; what trials are expected to cost, from the
+    ``ledger``'s measured costs (`autotune.sweep.ledger.Ledger`)."""
+
+    def __init__(self, options, clock: Callable[[], float], ledger, target) -> None:
+        self.options = options
+        self.clock = clock
+        self.ledger = ledger
+        self.target = target
+        self.started = clock()
+
+    def elapsed_s(self) -> float:
+        return self.clock() - self.started
+
+    def time_left_s(self) -> float:
+        """Seconds left of the whole budget."""
+        return self.options.budget_s - self.elapsed_s()
+
+    def search_left_s(self) -> float:
+        """Seconds left for the search: the budget less the share kept for confirming."""
+        return self.time_left_s() - self.options.budget_s * CONFIRM_SHARE
+
+    def room_s(self) -> float:
+        """The most one search trial may be expected to take now: the search's time left, and
+        never more than `_STEP_SHARE` of the search's part of the budget."""
+        search = self.options.budget_s * (1 - CONFIRM_SHARE)
+        return min(self.search_left_s(), _STEP_SHARE * search)
+
+    def planned_tokens(self, config: TrialConfig, pacing: Pacing | None = None) -> int:
+        """Tokens a trial of ``config`` generates at least: its warmup waves and its timed
+        passes, each sized by the pacing (the sweep's unless given) for the layout's width."""
+        pacing, width = pacing or self.options.pacing, width_of(config)
+        one_pass = pacing.pass_prompts(width, refills(config))
+        requests = pacing.warmup * width + pacing.repeats * one_pass
+        return requests * config.max_new_tokens
+
+    def expected_s(self, config: TrialConfig, pacing: Pacing | None = None) -> float:
+        """What a trial of ``config`` is expected to take: its backend's load time and seconds
+        per generated token as measured so far (else the backend's first guess), times the
+        tokens the trial generates (more for a wider layout). The seconds per token are the
+        backend's best so far: a wide layout is worth trying only if it is at least that
+        fast (the naive and the recipes' batch-1 layouts would price it at twice its cost)."""
+        seen = self.ledger.costs.get(config.backend)
+        if seen:
+            load = statistics.fmean(load for load, _ in seen)
+            per_token = min(per for _, per in seen)
+        else:
+            guess = backend_class(config.backend)
+            load, per_token = guess.first_guess_load_s, 1.0 / guess.first_guess_tokens_per_s
+        return load + per_token * self.planned_tokens(config, pacing)
+
+    def cost_s(self, config: TrialConfig) -> float:
+        """What running ``config`` now is expected to take: its trial, and first its answer
+        family's reference run where that has not run yet; `_UNMEASURED` times that for a
+        backend with no measured trial."""
+        family = answer_family(config)
+        cost = self.expected_s(config)
+        if family not in self.ledger.references and not is_reference(config):
+            reference = family_reference(family, self.target, self.options.base)
+            cost += self.expected_s(reference, REFERENCE_PACING)
+        return cost if config.backend in self.ledger.costs else _UNMEASURED * cost
+
+    def affordable(self, config: TrialConfig, left: float) -> bool:
+        """Not measured yet, and expected to fit the ``left`` seconds of the search."""
+        return config_key(config) not in self.ledger.seen and self.cost_s(config) <= left
+
+    def trial_deadline_s(self, config: TrialConfig, role: Role) -> float:
+        """How long one trial may run: never into the confirmation share's last seconds, never
+        more than 4x its expected cost (the baseline, which every speedup needs, up to 10 min)."""
+        room = self.time_left_s() - MARGIN_S
+        limit = max(5.0, min(room, 4 * self.expected_s(config) + 30))
+        if role is Role.BASELINE:
+            limit = max(limit, min(room, 600.0))
+        if self.options.trial_timeout_s:
+            limit = min(limit, self.options.trial_timeout_s)
+        return limit

@@ -1,0 +1,206 @@
+"""A sweep's trials as they are recorded: the one place a trial's record is kept.
+
+Every trial, finished, failed or pruned, is a `TrialRecord`: a line in ``trials.jsonl``
+(synced as it ends) and the same record in the Optuna study (``study.db``, or any
+``--storage`` URL, so several machines can share one study), from which a resumed sweep
+rebuilds its records (`previous_records`). `Ledger.keep` writes both and tells Optuna the
+trial's state; the ledger remembers what was measured (``seen``), the reference runs' answers
+(``references``) and what trials cost (``costs``, for `autotune.sweep.budget.Budget`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+
+from autotune.agreement import answer_family
+from autotune.config import TrialConfig
+from autotune.measure import width_of
+from autotune.space import config_key
+from autotune.study import Role, StudyDir, TrialRecord, TrialState
+from autotune.sweep.events import TrialEnded
+
+__all__ = [
+    "RESULT_KEYS",
+    "WORKER",
+    "Ledger",
+    "abandoned",
+    "ask",
+    "previous_records",
+    "unanswered",
+    "waiting",
+]
+
+# What a trial record keeps of a RunResult (the raw samples are kept beside it).
+RESULT_KEYS = (
+    "tokens_per_s",
+    "windows",
+    "steady",
+    "pass_tokens_per_s",
+    "window_spread",
+    "stable",
+    "prompts",
+    "requests_per_s",
+    "latency_p50_s",
+    "latency_p95_s",
+    "ttft_p50_s",
+    "ttft_p95_s",
+    "tpot_p50_s",
+    "prefill_tokens_per_s",
+    "load_time_s",
+    "peak_memory_bytes",
+    "peak_gpu_memory_bytes",
+    "gpu_utilisation",
+    "failed_requests",
+    "cpu_utilisation",
+    "tokens_per_s_summary",
+    "warnings",
+    "details",
+)
+
+# This sweep process: host and pid, so that several sweeps sharing a study (--storage) are
+# told apart, and a resumed one can tell a trial left running by a killed sweep.
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Ledger:
+    """The records of one sweep, and what follows from them. ``warmup``: the warmup waves of
+    a trial (the sweep's pacing), counted in its cost; ``tell``: the sweep's event sink."""
+
+    def __init__(self, warmup: int, tell: Callable[[object], None]) -> None:
+        self.warmup = warmup
+        self.tell = tell
+        self.records: list[TrialRecord] = []
+        self.seen: dict[str, int] = {}  # config key -> the number of the trial that ran it
+        # Per answer family (`autotune.agreement.answer_family`): the reference run's answers,
+        # or None where the reference failed (agreement unknown for that family).
+        self.references: dict[str, dict | None] = {}
+        # Per backend, (load seconds, seconds per generated token) of its measured trials.
+        self.costs: dict[str, list[tuple[float, float]]] = {}
+        self.log = None  # trials.jsonl, open while the sweep runs
+
+    def resume(self, records: list[TrialRecord]) -> None:
+        """Take the records a study already holds (a resumed sweep)."""
+        for record in records:
+            self.records.append(record)
+            self.remember(record)
+
+    def keep(self, study, trial, record: TrialRecord) -> None:
+        """Record a trial everywhere: Optuna's storage, trials.jsonl, this ledger."""
+        import optuna
+
+        trial.set_user_attr("record", record.to_dict())
+        if record.complete and record.role is not Role.REFERENCE:
+            study.tell(trial, record.value)
+        elif record.state is TrialState.PRUNED and record.result is not None:
+            # Measured, then pruned for its answers: a region the user does not want.
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            # A trial that never ran is FAIL to Optuna, not PRUNED: TPE counts pruned trials in
+            # its "bad" group, which would mark the region of a duplicate or of a config asked
+            # for too late as slow; failed trials it leaves out. The record says what happened.
+            # A reference run, measured on a short pass of its own, is left out the same way.
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        StudyDir.append(self.log, record)
+        self.records.append(record)
+        self.remember(record)
+        self.tell(TrialEnded(record))
+
+    def remember(self, record: TrialRecord) -> None:
+        """What a record tells later trials: its layout was measured, its family's reference
+        answers, its backend's cost."""
+        if record.config is None or (record.state is TrialState.PRUNED and not record.result):
+            return  # never ran
+        self.seen[config_key(record.config)] = record.number
+        if record.answers is not None:
+            self.references[answer_family(TrialConfig.from_dict(record.config))] = record.answers
+        cost = trial_cost(record, 0 if record.role is Role.REFERENCE else self.warmup)
+        if cost is not None:
+            self.costs.setdefault(record.backend, []).append(cost)
+
+    def measured(self, key: str) -> TrialRecord | None:
+        """The record that measured the config of ``key``, if one did."""
+        number = self.seen.get(key)
+        return next((r for r in self.records if r.number == number and r.result), None)
+
+    def measured_trials(self) -> list[TrialRecord]:
+        """The trials measured as candidates (complete, not a reference run)."""
+        return [r for r in self.records if r.complete and r.role is not Role.REFERENCE]
+
+    def bests(self, backends) -> dict[str, TrialRecord]:
+        """Per backend of ``backends`` (those still searched), its fastest measured trial."""
+        found: dict[str, TrialRecord] = {}
+        for record in self.measured_trials():
+            if record.backend in backends and (
+                record.backend not in found or record.value > found[record.backend].value
+            ):
+                found[record.backend] = record
+        return found
+
+
+def trial_cost(record: TrialRecord, warmup: int) -> tuple[float, float] | None:
+    """(load seconds, seconds per generated token) of a measured trial, or None; the tokens
+    are its timed passes' and its ``warmup`` waves' (as `Budget.planned_tokens` counts them)."""
+    result = record.result or {}
+    samples = record.samples or []
+    generated = sum(s.get("generated_tokens") or 0 for s in samples)
+    if not result.get("tokens_per_s") or not generated or not result.get("prompts"):
+        return None
+    per_request = samples[0]["generated_tokens"] / result["prompts"]
+    width = width_of(TrialConfig.from_dict(record.config))
+    generated += warmup * width * per_request
+    load = result.get("load_time_s") or 0.0
+    return load, max(0.0, record.duration_s - load) / generated
+
+
+def unanswered(result: dict) -> str | None:
+    """Why a measured trial cannot count: requests it failed, or no token at all."""
+    failed = result.get("failed_requests") or 0
+    if failed:
+        first = next((w for w in result.get("warnings") or () if "requests failed" in w), "")
+        return f"{failed} requests failed" + (f" ({first})" if first else "")
+    if not result.get("tokens_per_s"):
+        return "generated no tokens"
+    return None
+
+
+# ---------------------------------------------------------------- the Optuna study
+
+
+def ask(study):
+    """The study's next trial, marked with this sweep process (`WORKER`): a resumed sweep
+    fails the running trials of a sweep that is gone, and only those."""
+    trial = study.ask()
+    trial.set_user_attr("worker", WORKER)
+    return trial
+
+
+def abandoned(trial) -> bool:
+    """Whether a RUNNING Optuna trial belongs to no live sweep: it names no sweep process, or
+    one of this host that is gone (or is this very process, which runs one sweep at a
+    time). A sweep on another host is taken to be alive."""
+    host, _, pid = str(trial.user_attrs.get("worker") or "").rpartition(":")
+    if not host or not pid.isdigit():
+        return True
+    if host != socket.gethostname():
+        return False
+    import psutil
+
+    return int(pid) == os.getpid() or not psutil.pid_exists(int(pid))
+
+
+def waiting(study) -> bool:
+    """Whether enqueued fixed layouts are still to be asked for."""
+    import optuna
+
+    return bool(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+
+
+def previous_records(study) -> list[TrialRecord]:
+    """The records of a resumed study, exactly as its sweeps stored them."""
+    return [
+        TrialRecord.from_dict(trial.user_attrs["record"])
+        for trial in study.get_trials(deepcopy=False)
+        if "record" in trial.user_attrs
+    ]

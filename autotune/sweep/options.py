@@ -1,0 +1,69 @@
+"""What a sweep is asked to do (`SweepOptions`) and what it found (`SweepSummary`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from autotune.config import TrialConfig
+from autotune.measure import Pacing
+from autotune.study import Role, TrialRecord, TrialState
+from backends.llamacpp_probe import ExtraBuffersVerdict
+
+__all__ = ["SweepOptions", "SweepSummary"]
+
+
+@dataclass
+class SweepOptions:
+    """Everything `autotune sweep` was asked to do."""
+
+    study: str
+    reports_dir: Path
+    budget_s: float
+    trials: int | None = None
+    storage: str | None = None
+    resume: bool = False
+    backends: list[str] = field(default_factory=list)
+    workload: str | None = None
+    limit: int | None = None  # only the first N prompts of the workload
+    pacing: Pacing = field(default_factory=Pacing)
+    min_agreement: float | None = None  # layouts whose answers agree less are pruned
+    memory_limit_bytes: int | None = None
+    trial_timeout_s: float | None = None
+    base: TrialConfig = field(default_factory=TrialConfig)
+    pairs: int = 3
+    seed: int | None = None
+    # The machine file the trials were simulated on (`autotune.simulate`), or None: measured.
+    simulated: str | None = None
+    warm_start: str | None = None  # a previous study whose best layouts are tried first
+    # This CPU's verdict on llama.cpp's extra buffer types (`backends.llamacpp_probe`), probed
+    # before the first llama.cpp trial; None where not probed (a simulated machine, or no
+    # llama.cpp backend searched).
+    extra_buffers: ExtraBuffersVerdict | None = None
+
+
+@dataclass
+class SweepSummary:
+    """What the sweep found."""
+
+    study: str
+    directory: Path
+    trials: list[TrialRecord]
+    winner: TrialRecord | None
+    baseline: TrialRecord | None
+    elapsed_s: float
+    interrupted: bool = False
+    uses_smt_siblings: bool = False
+    note: str | None = None
+    min_agreement: float | None = None
+    dropped: dict[str, str] = field(default_factory=dict)  # backend -> why no more trials
+    skipped: dict[str, str] = field(default_factory=dict)  # recipe -> why it never ran
+    extra_buffers: str | None = None  # the probe's verdict in words, where it ran
+
+    @property
+    def best_recipe(self) -> TrialRecord | None:
+        recipes = [r for r in self.trials if r.role is Role.RECIPE and r.complete]
+        return max(recipes, key=lambda r: r.value, default=None)
+
+    def count(self, state: TrialState) -> int:
+        return sum(r.state is state for r in self.trials)

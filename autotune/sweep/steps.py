@@ -1,0 +1,331 @@
+"""The search's steps between the fixed layouts and the sampler's draws: where the budget goes.
+
+Each time nothing is queued, `Steps.propose` drops the backends dominated by a clear margin,
+then queues the first of these that has something to queue: the screen of the leading
+backends' weights (`screen`), the next step of a batch climb (`climb`), a recipe that waited
+for the climbs (`release_recipe`), the fastest layout's one-knob neighbours (`neighbours`).
+When none has, the sampler (Optuna's TPE) draws. `explore` and `fit` answer a draw that cannot
+run (measured already, refused, too long): a layout not measured yet that fits, or the same
+layout at a narrower batch. A new policy is a method here and its line in `propose`.
+The reasons for each step, and the runs that measured them: docs/sweep.md.
+"""
+
+from __future__ import annotations
+
+import random
+
+from autotune.config import TrialConfig
+from autotune.space import Fixed, config_key
+from autotune.study import TrialRecord
+from autotune.sweep.events import BackendDropped
+from autotune.sweep.ledger import waiting
+from backends import backend_class
+
+__all__ = ["DOMINATED", "Queue", "Steps", "lineage"]
+
+# A backend whose best, after its batch climb, is under this share of the leader's gets no
+# more trials: a clear margin (docs/sweep.md).
+DOMINATED = 0.5
+# On a CPU host a backend is dropped before its climb when its best is under this share of
+# the leader's fastest layout at a batch no wider (docs/sweep.md: torch gained at most x1.9
+# on llama.cpp per x4 batch step on 2 vCPUs). On a GPU batching gains far more: not there.
+_SCREEN_DOMINATED = 1 / 3
+_CLIMB = 2  # positions up the batch list per climbing step: batch x4
+# A climbing step under this share of the speed it started from ends the climb: one pass is
+# noisy (docs/sweep.md).
+_CLIMB_KEEPS = 0.8
+_CLIMBED = "climbed"
+# Another layout of a backend within this share of the backend's best climbs too, one only
+# (a tie inside one pass's noise; docs/sweep.md).
+_TIE = 0.9
+_LINEAGES = 2  # layouts whose batch climbs, per backend
+
+
+def lineage(config: dict) -> tuple[str, str]:
+    """A layout but its batch, (its backend, the key of the rest): the trials of one batch
+    climb share it."""
+    return config["backend"], config_key({**config, "batch_size": None})
+
+
+class Queue:
+    """What runs next besides the sampler's draws: Optuna's queue of layouts (asked for in
+    order, before the sampler draws), the configs injected as they are (``extra``: (config,
+    role, name)), and the other backends' recipes waiting for the climbs (``deferred``)."""
+
+    def __init__(self, space, extra: list) -> None:
+        self.space = space
+        self.extra = extra
+        self.deferred: list[Fixed] = []
+
+    def empty(self, study) -> bool:
+        """Nothing injected and nothing queued: the steps or the sampler choose next."""
+        return not self.extra and not waiting(study)
+
+    def fixed(self, study, fixed: Fixed) -> None:
+        """Queue a fixed layout; one outside the space is injected as it is."""
+        from autotune.space import Unfit
+        from autotune.study import Role
+
+        attrs = {"role": fixed.role, "name": fixed.name}
+        try:
+            study.enqueue_trial(self.space.params(fixed.config), user_attrs=attrs)
+        except Unfit:
+            self.extra.insert(0, (fixed.config, Role(fixed.role), fixed.name))
+
+    def layout(self, study, config: TrialConfig, name: str | None = None) -> None:
+        """Queue ``config`` as the sampler's next search trial (``name``: why this one); the
+        layout of a waiting recipe runs as that recipe, once (`waiting_recipe`)."""
+        recipe = self.waiting_recipe(config)
+        if recipe is not None:
+            self.fixed(study, recipe)
+            return
+        attrs = {"role": "search", **({"name": name} if name else {})}
+        study.enqueue_trial(self.space.params(config), user_attrs=attrs)
+
+    def waiting_recipe(self, config: TrialConfig) -> Fixed | None:
+        """The deferred recipe of ``config``'s very layout, taken off the waiting list (a
+        10-minute sweep measured hf batch 8 twice, as a climbing step and later as seed
+        000's recipe: 44 s of its 7.5 search minutes)."""
+        key = config_key(config)
+        for fixed in self.deferred:
+            if config_key(fixed.config) == key:
+                self.deferred.remove(fixed)
+                return fixed
+        return None
+
+
+class Steps:
+    """The policies of one sweep and their state. ``budget`` prices a layout
+    (`autotune.sweep.budget.Budget`), ``ledger`` holds what was measured, ``queue`` is where
+    they put what runs next, ``tell`` the sweep's event sink."""
+
+    def __init__(self, *, space, target, ledger, budget, queue: Queue, tell, seed=None) -> None:
+        self.space = space
+        self.target = target
+        self.ledger = ledger
+        self.budget = budget
+        self.queue = queue
+        self.tell = tell
+        # Per layout climbing the batch axis (`lineage`: its config but the batch): (tokens/s
+        # the step started from, the key of the wider layout queued), or _CLIMBED once over.
+        self.climbs: dict[tuple[str, str], tuple[float, str] | str] = {}
+        self.screened: set[str] = set()  # backends whose screened knobs were measured
+        self.visited: set[str] = set()  # keys of the layouts whose neighbours were queued
+        self.skipped: dict[str, str] = {}  # recipe name -> why it was not run
+        self.rng = random.Random(seed)  # the exploration after a duplicate
+
+    def propose(self, study) -> None:
+        """The steps in their order, until one queues something (none may)."""
+        # Drop first: dropping a backend renames the sampler's backend parameter, and a trial
+        # queued before that would lose its backend (the sampler would pick).
+        self.drop_dominated()
+        (
+            self.screen(study)
+            or self.climb(study)
+            or self.release_recipe(study)
+            or self.neighbours(study)
+        )
+
+    # ------------------------------------------------------------ the steps
+
+    def screen(self, study) -> bool:
+        """On a CPU host, queue once per backend its fastest layout at every other value of
+        its screened knobs (`Knob.screen`: the weight type or dtype, llama.cpp's extra
+        buffers), the fastest backend first; returns whether any was queued. A backend under
+        `DOMINATED` of the leader is not screened. The climbs then start from the fastest
+        weights. Not on a GPU host, where the recipes' small batches are launch-bound and a
+        screen would pick a dtype by noise (docs/sweep.md)."""
+        if self.target.gpus:
+            return False
+        bests = sorted(self._bests().values(), key=lambda r: r.value, reverse=True)
+        for best in bests:
+            if best.backend in self.screened or best.value < DOMINATED * bests[0].value:
+                continue
+            self.screened.add(best.backend)
+            config, queued = TrialConfig.from_dict(best.config), False
+            for knob in self.space.spaces[best.backend].knobs:
+                if knob.screen:
+                    variants = self.space.variants(config, knob.name)
+                    queued |= self._queue_moves(study, "screen", best, knob.name, variants)
+            if queued:
+                return True
+        return False
+
+    def climb(self, study) -> bool:
+        """Queue the next step of a batch climb; returns whether one was queued. From each
+        backend's fastest layout (the fastest backend first) and a near tie of it
+        (`_origins`), the same layout at batch x4 (x2 where that does not fit `room_s`), and
+        on from there while a step keeps `_CLIMB_KEEPS` of the speed it started from. Batch
+        moves tokens/s the most, and a sampler drawing it at random spends a short budget
+        before trying a wide one."""
+        for origin in self._origins():
+            line = lineage(origin.config)
+            state = self.climbs.get(line)
+            if isinstance(state, str):  # _CLIMBED
+                continue
+            if state is None:
+                started = sum(backend == origin.backend for backend, _ in self.climbs)
+                if started >= _LINEAGES:
+                    continue
+            else:
+                started_at, key = state
+                step = self.ledger.measured(key)
+                if step is None or not step.complete or step.value < _CLIMB_KEEPS * started_at:
+                    self.climbs[line] = _CLIMBED
+                    continue
+                origin = step
+            config, room = TrialConfig.from_dict(origin.config), self.budget.room_s()
+            for positions in (_CLIMB, 1):
+                wider = self.space.step(config, "batch_size", positions)
+                if wider is not None and self.budget.affordable(wider, room):
+                    name = f"climb: trial {origin.number}'s layout at batch {wider.batch_size}"
+                    self.queue.layout(study, wider, name)
+                    self.climbs[line] = (origin.value, config_key(wider))
+                    return True
+            self.climbs[line] = _CLIMBED
+        return False
+
+    def release_recipe(self, study) -> bool:
+        """Queue the next waiting recipe that fits the search's time left (those that do not,
+        and those of a dropped backend, are named in the summary); returns whether one was."""
+        while self.queue.deferred:
+            fixed = self.queue.deferred.pop(0)
+            dropped = self.space.dropped.get(fixed.config.backend)
+            if dropped:
+                self.skipped[fixed.name] = f"{fixed.config.backend} was dropped: {dropped}"
+                continue
+            expected, left = self.budget.cost_s(fixed.config), self.budget.search_left_s()
+            if expected <= left:
+                self.queue.fixed(study, fixed)
+                return True
+            self.skipped[fixed.name] = f"expected {expected:.0f} s with {left:.0f} s left"
+        return False
+
+    def neighbours(self, study) -> bool:
+        """On a CPU host, queue the neighbours of the fastest layout measured so far, once per
+        layout; returns whether any was queued. A neighbour differs in one knob: an ordered
+        one a position either way (workers 24 -> 23 and 25; `SearchSpace.step`), another one
+        every other value (pinning); never the batch (the climb's) or the screened knobs (the
+        screen's). Where a neighbour is faster, its own neighbours come next: a hill climb,
+        before the sampler's draws. Not on a GPU host (docs/sweep.md)."""
+        if self.target.gpus:
+            return False
+        best = max(self._bests().values(), key=lambda r: r.value, default=None)
+        if best is None or config_key(best.config) in self.visited:
+            return False
+        self.visited.add(config_key(best.config))
+        config, queued = TrialConfig.from_dict(best.config), False
+        for knob in self.space.spaces[best.backend].knobs:
+            if knob.name == "batch_size" or knob.screen:
+                continue
+            if knob.ordered:
+                moved = [self.space.step(config, knob.name, positions) for positions in (-1, 1)]
+            else:
+                moved = self.space.variants(config, knob.name)
+            queued |= self._queue_moves(study, "neighbour", best, knob.name, moved)
+        return queued
+
+    def drop_dominated(self) -> None:
+        """Drop each backend whose climb is over and whose best is under `DOMINATED` of the
+        leader's, and on a CPU host one whose best is under `_SCREEN_DOMINATED` of the
+        leading backend's fastest layout at a batch no wider, climbed or not: it gets no
+        more trials (the reason goes to the summary)."""
+        bests = self._bests()
+        if len(bests) < 2:
+            return
+        leader = max(bests.values(), key=lambda r: r.value)
+        for backend, best in bests.items():
+            if backend == leader.backend:
+                continue
+            climbed = self.climbs.get(lineage(best.config)) == _CLIMBED
+            if climbed and best.value < DOMINATED * leader.value:
+                rival, share, where = leader, DOMINATED, ""
+            else:
+                rival = None if self.target.gpus else self._fastest_within(leader.backend, best)
+                if rival is None or best.value >= _SCREEN_DOMINATED * rival.value:
+                    continue
+                share, where = _SCREEN_DOMINATED, f" at batch {best.config['batch_size']} or less"
+            reason = (
+                f"its best, {best.value:.1f} tokens/s (trial {best.number}), is "
+                f"x{best.value / rival.value:.2f} {rival.backend}'s {rival.value:.1f} "
+                f"(trial {rival.number}){where}, under x{share:.2f}"
+            )
+            self.space.drop(backend, reason)
+            self.tell(BackendDropped(backend, reason))
+
+    # ------------------------------------------------------------ a draw that cannot run
+
+    def explore(self, study) -> bool:
+        """After the sampler asked for a config measured already (or one the space refused,
+        or one too long), queue a random one not yet measured that fits `room_s`; returns
+        whether one was. The ask is hidden from TPE (it is not a slow region), so without new
+        information TPE would ask for the same point again and again."""
+        room = self.budget.room_s()
+        config = self.space.random_config(
+            self.rng,
+            avoid=set(self.ledger.seen),
+            fits=lambda c: self.budget.affordable(c, room),
+        )
+        if config is not None:
+            self.queue.layout(study, config)
+        return config is not None
+
+    def fit(self, study, config: TrialConfig, why: str) -> bool:
+        """Queue the widest narrower batch of ``config``'s layout that the space allows, is
+        not measured yet and fits the time left (``why``: why ``config`` itself did not run);
+        False where none does."""
+        room = self.budget.room_s()
+        for positions in range(1, len(self.target.batch_sizes)):
+            narrower = self.space.step(config, "batch_size", -positions)
+            if narrower is not None and self.budget.affordable(narrower, room):
+                name = f"fitted: asked for batch {config.batch_size}, {why}"
+                self.queue.layout(study, narrower, name)
+                return True
+        return False
+
+    # ------------------------------------------------------------ helpers
+
+    def _bests(self) -> dict[str, TrialRecord]:
+        return self.ledger.bests(self.space.backends)
+
+    def _origins(self) -> list[TrialRecord]:
+        """Where batch climbs start, the fastest backend first: each backend's fastest layout,
+        then its fastest other layout (`lineage`) if that is within `_TIE` of it."""
+        fastest: dict[tuple[str, str], TrialRecord] = {}  # per lineage, its fastest trial
+        for record in self.ledger.measured_trials():
+            line = lineage(record.config)
+            if line not in fastest or record.value > fastest[line].value:
+                fastest[line] = record
+        origins = []
+        for best in sorted(self._bests().values(), key=lambda r: r.value, reverse=True):
+            own = lineage(best.config)
+            others = [r for key, r in fastest.items() if key[0] == best.backend and key != own]
+            rival = max(others, key=lambda r: r.value, default=None)
+            origins += [best, rival] if rival and rival.value >= _TIE * best.value else [best]
+        return origins
+
+    def _queue_moves(self, study, why: str, origin: TrialRecord, knob_name: str, moved) -> bool:
+        """Queue each of ``moved`` (``origin``'s layout with its knob ``knob_name`` changed;
+        None: no such layout) that fits `room_s`, named ``why: trial N's layout with KNOB
+        VALUE``; returns whether any was queued."""
+        room, queued = self.budget.room_s(), False
+        for config in moved:
+            if config is not None and self.budget.affordable(config, room):
+                value = backend_class(config.backend).knob_values(config, self.target)
+                name = f"{why}: trial {origin.number}'s layout with {knob_name}"
+                self.queue.layout(study, config, f"{name} {value.get(knob_name)}")
+                queued = True
+        return queued
+
+    def _fastest_within(self, backend: str, record: TrialRecord) -> TrialRecord | None:
+        """``backend``'s fastest measured trial at a batch no wider than ``record``'s."""
+        batch = record.config["batch_size"]
+        return max(
+            (
+                r
+                for r in self.ledger.measured_trials()
+                if r.backend == backend and r.config["batch_size"] <= batch
+            ),
+            key=lambda r: r.value,
+            default=None,
+        )
