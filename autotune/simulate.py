@@ -2,9 +2,11 @@
 
 `MachineModel` turns a layout (`TrialConfig`) into tokens/s on a machine described by its
 ``autotune detect --json`` (`autotune.topology.load_machine`), for a model of a given shape.
-`autotune sweep --machine F` runs every trial on it (`backends.fake.SimulatedTrials`, a fake
-clock), so a 30-minute sweep of a 32-thread server or an 8-GPU node takes seconds, and
-``experiments/bench_search.py`` compares the search with the exhaustive grid on it.
+`autotune sweep --machine F` runs every trial on it (`SimulatedTrials`, on a `FakeClock`), so a
+30-minute sweep of a 32-thread server or an 8-GPU node takes seconds, and
+``experiments/bench_search.py`` compares the search with the exhaustive grid on it. Without a
+machine model, `SimulatedTrials` runs the fake backend's layouts: tests of the sweep's budget
+and bookkeeping are exact and take no time.
 
 The model is rough on purpose, and what it says is stated here, so nobody reads its figures
 as measurements:
@@ -23,7 +25,10 @@ as measurements:
   `THREAD_GB_S`. Unpinned processes on a NUMA machine read part of their memory remotely.
 - **Batch.** A step costs max(memory, compute) plus a fixed overhead, so batching helps
   while the step is memory- or overhead-bound and flattens once it is compute-bound.
-- **GPUs.** A process on a GPU pays a kernel-launch cost per layer and step (`GPU_LAUNCH_S`:
+- **What a layout is.** Each backend declares its layout's terms (`Backend.speed_terms`): the
+  weights it reads, its arithmetic's cost on a CPU, its launch gap on a GPU, a pipeline's
+  stage shares, llama.cpp's offloaded share; nothing here names a backend.
+- **GPUs.** A process on a GPU pays a kernel-launch cost per layer and step (its speed terms':
   eager transformers is launch-bound on small models, 2 080-2 840 tokens/s at batch 48 for a
   1 B model on the lent H100), then max(weights and KV over the GPU's bandwidth, flops over
   its compute). Processes sharing a GPU overlap their launch gaps but split its bandwidth and
@@ -41,13 +46,22 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 from dataclasses import dataclass
 
 from autotune.config import TrialConfig
+from autotune.failures import classify
 from autotune.memory_plan import ModelShape
 from autotune.topology import Topology
+from backends.fake import (
+    FAULT_EXITS,
+    FakeBackend,
+    fake_answer,
+    fake_answer_length,
+    modelled_tokens_per_s,
+)
 
-__all__ = ["MachineModel"]
+__all__ = ["FakeClock", "MachineModel", "SimulatedTrials"]
 
 CORE_GFLOPS = 16.0  # one physical core, llama.cpp's quantised matrix-vector kernels
 SMT_GAIN = 0.2  # what a busy core's second hardware thread adds
@@ -61,14 +75,6 @@ CONTEXT_TOKENS = 160  # KV cache a sequence holds on average (prompt and answer)
 NOISE = 0.05
 SLOW_PASS = 0.04
 
-# Bits per weight and the dequantisation cost of each GGUF weight type (None: the file's own).
-_QUANT_BITS = {"f16": 16.0, "q8_0": 8.5, "q5_k_m": 5.7, "q4_k_m": 4.9, "q4_1": 5.0, "q4_0": 4.5}
-_QUANT_COST = {"f16": 1.6, "q8_0": 1.0, "q5_k_m": 1.35, "q4_k_m": 1.25, "q4_1": 1.1, "q4_0": 1.05}
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# Torch on a CPU runs eager kernels in fp32/bf16: measured on 2 vCPUs at 0.2-0.7x llama.cpp.
-_TORCH_CPU = 0.35
-
-GPU_LAUNCH_S = {"llamacpp": 0.00008, "hf": 0.0011, "ddp": 0.0011, "pipeline": 0.0012}
 GPU_SEQUENCE_S = 0.00002  # per sequence and step: sampling and bookkeeping on the host
 _GPU_SHARE_LOSS = 0.1  # per extra process on a GPU: context switches
 _LINK_S = 0.002  # a pipeline boundary through host memory, per step
@@ -110,9 +116,7 @@ class MachineModel:
 
     def simulation(self, seed: int | None = None) -> dict:
         """What a `autotune.sweep.Sweep` takes to run on this model instead of measuring:
-        its ``clock`` (simulated) and ``runner`` (`backends.fake.SimulatedTrials`)."""
-        from backends.fake import FakeClock, SimulatedTrials
-
+        its ``clock`` (simulated) and ``runner`` (`SimulatedTrials`)."""
         clock = FakeClock()
         return {"clock": clock, "runner": SimulatedTrials(clock, self.topology, self, seed)}
 
@@ -122,10 +126,12 @@ class MachineModel:
         """Generated tokens/s of ``config`` in the steady state, without noise."""
         from backends import backend_class
 
-        devices = backend_class(config.backend).placement(config, self.topology)
+        backend = backend_class(config.backend)
+        devices = backend.placement(config, self.topology)
+        terms = backend.speed_terms(config, self.shape)
         if any(device.is_gpu for device in devices):
-            return self._gpu_rate(config, devices)
-        return self._cpu_rate(config)
+            return self._gpu_rate(config, terms, devices)
+        return self._cpu_rate(config, terms)
 
     def measured(self, config: TrialConfig, rng: random.Random) -> float:
         """One measurement of ``config``: the modelled figure with a real machine's noise."""
@@ -134,53 +140,32 @@ class MachineModel:
 
     def load_s(self, config: TrialConfig) -> float:
         """Seconds to start the layout's processes and read the weights (in parallel)."""
-        return 0.5 + self._weight_bytes(config) / 2e9
+        from backends import backend_class
+
+        return (
+            0.5 + backend_class(config.backend).speed_terms(config, self.shape).weight_bytes / 2e9
+        )
 
     # ------------------------------------------------------------ CPU
 
-    def _weight_bytes(self, config: TrialConfig) -> float:
-        if config.backend in ("llamacpp", "fake"):
-            if config.quant in _QUANT_BITS:
-                return self.shape.parameters * _QUANT_BITS[config.quant] / 8
-            return float(self.shape.file_bytes)
-        return self.shape.parameters * _DTYPE_BYTES.get(config.dtype, 4)
-
-    def _flops_per_token(self, config: TrialConfig) -> float:
-        # No --quant: the file's own type (an unknown one costs what q4_1 does).
-        cost = (
-            _QUANT_COST.get(config.quant or self.shape.weight_type, 1.1)
-            if config.backend in ("llamacpp", "fake")
-            else 1.0 / _TORCH_CPU
-        )
-        return 2.0 * self.shape.parameters * cost * (1 + PREFILL_SHARE)
-
-    def _stage_shares(self, config: TrialConfig) -> list[float]:
-        """The share of the layers each pipeline stage holds: its boundaries where given,
-        else a uniform split."""
-        from backends.partition import parse_boundaries, uniform
-
-        layers = self.shape.layers
-        if config.partition == "custom" and config.boundaries:
-            ranges = parse_boundaries(config.boundaries, layers, config.stages)
-        else:
-            ranges = uniform(layers, config.stages)
-        return [len(r) / layers for r in ranges]
+    def _flops_per_token(self, terms) -> float:
+        return 2.0 * self.shape.parameters * terms.cpu_cost * (1 + PREFILL_SHARE)
 
     def _kv_bytes(self, batch: int) -> float:
         return batch * CONTEXT_TOKENS * self.shape.kv_bytes_per_token(2)
 
-    def _cpu_rate(self, config: TrialConfig) -> float:
+    def _cpu_rate(self, config: TrialConfig, terms) -> float:
         """Processes x threads on the host's cores, sharing its memory bandwidth. A pipeline's
-        stages each run 1/stages of the layers, one after the other per token (micro-batches
-        overlap them): its figure is its slowest stage's."""
-        if config.backend == "pipeline":
-            shares = self._stage_shares(config)
-            step = max(self._cpu_step_s(config, len(shares), share) for share in shares)
+        stages each run their share of the layers, one after the other per token
+        (micro-batches overlap them): its figure is its slowest stage's."""
+        if terms.stage_shares:
+            shares = terms.stage_shares
+            step = max(self._cpu_step_s(config, terms, len(shares), s) for s in shares)
             return config.batch_size / (step + _LINK_S / 4)
-        step = self._cpu_step_s(config, config.workers, 1.0)
+        step = self._cpu_step_s(config, terms, config.workers, 1.0)
         return config.workers * config.batch_size / step
 
-    def _cpu_step_s(self, config: TrialConfig, processes: int, share: float) -> float:
+    def _cpu_step_s(self, config: TrialConfig, terms, processes: int, share: float) -> float:
         """Seconds per decode step of one of ``processes`` CPU processes of ``config``, each
         computing ``share`` of the layers for its batch."""
         topo = self.topology
@@ -204,8 +189,8 @@ class MachineModel:
         remote = 1 - 1 / nodes
         local = 1.0 if config.pinning != "none" or nodes == 1 else 1 - 0.4 * remote
         bandwidth = min(threads * THREAD_GB_S, self.bandwidth_gb_s * local / processes) * 1e9
-        memory_s = (self._weight_bytes(config) + self._kv_bytes(batch)) * share / bandwidth
-        compute_s = batch * self._flops_per_token(config) * share / compute
+        memory_s = (terms.weight_bytes + self._kv_bytes(batch)) * share / bandwidth
+        compute_s = batch * self._flops_per_token(terms) * share / compute
         step = max(memory_s, compute_s) + 0.15 * min(memory_s, compute_s)
         return step + STEP_OVERHEAD_S * (1 + 0.1 * threads)
 
@@ -215,22 +200,22 @@ class MachineModel:
         name = self.topology.gpus[gpu].name if gpu < len(self.topology.gpus) else ""
         return next((f for key, f in _GPUS.items() if key in name), _OTHER_GPU)
 
-    def _gpu_step_s(self, config, device, sharers: int, layers_share: float) -> float:
+    def _gpu_step_s(self, config, terms, device, sharers: int, layers_share: float) -> float:
         """One decode step of a process on ``device`` computing ``layers_share`` of the
         layers, its GPU shared by ``sharers`` processes."""
         bandwidth, tflops = self._gpu_figures(device.gpus[0])
-        if config.dtype == "float32" and config.backend != "llamacpp":
+        if terms.fp32_on_gpu:
             tflops /= 6  # no bf16 tensor cores
         batch = config.batch_size
-        launch = GPU_LAUNCH_S.get(config.backend, 0.001) * self.shape.layers * layers_share
-        weights = self._weight_bytes(config) * layers_share
+        launch = terms.gpu_launch_s * self.shape.layers * layers_share
+        weights = terms.weight_bytes * layers_share
         memory_s = (weights + self._kv_bytes(batch) * layers_share) / (bandwidth * 1e9)
         compute_s = batch * 2.0 * self.shape.parameters * layers_share / (tflops * 1e12)
         # Sharers overlap their launch gaps; bandwidth and compute are split between them.
         busy = max(memory_s, compute_s) * sharers * (1 + _GPU_SHARE_LOSS * (sharers - 1))
         return max(launch, busy) + 0.2 * min(launch, busy) + GPU_SEQUENCE_S * batch
 
-    def _gpu_rate(self, config: TrialConfig, devices) -> float:
+    def _gpu_rate(self, config: TrialConfig, terms, devices) -> float:
         users: dict[int, int] = {}
         for device in devices:
             for gpu in device.gpus:
@@ -240,20 +225,171 @@ class MachineModel:
             return max((users[g] for g in device.gpus), default=1)
 
         batch = config.batch_size
-        if config.backend == "pipeline":
+        if terms.stage_shares:
             steps = [
-                self._gpu_step_s(config, d, sharers(d), share)
+                self._gpu_step_s(config, terms, d, sharers(d), share)
                 if d.is_gpu
-                else self._cpu_step_s(config, 1, share)
-                for d, share in zip(devices, self._stage_shares(config), strict=True)
+                else self._cpu_step_s(config, terms, 1, share)
+                for d, share in zip(devices, terms.stage_shares, strict=True)
             ]
             return batch / (max(steps) + _LINK_S)
-        if config.backend == "llamacpp" and config.gpu_layers != -1:
-            offloaded = min(1.0, config.gpu_layers / max(1, self.shape.layers))
-            total = 0.0
+        if terms.gpu_share is not None:  # some layers offloaded: GPU and CPU time in turn
+            offloaded, total = terms.gpu_share, 0.0
             for device in devices:
-                step = self._gpu_step_s(config, device, sharers(device), offloaded)
-                step += self._cpu_step_s(config, len(devices), 1 - offloaded)
+                step = self._gpu_step_s(config, terms, device, sharers(device), offloaded)
+                step += self._cpu_step_s(config, terms, len(devices), 1 - offloaded)
                 total += batch / step
             return total
-        return sum(batch / self._gpu_step_s(config, d, sharers(d), 1.0) for d in devices)
+        return sum(batch / self._gpu_step_s(config, terms, d, sharers(d), 1.0) for d in devices)
+
+
+# ---------------------------------------------------------------- simulated trials
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told: ``clock()`` reads it, ``advance`` moves it."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += max(0.0, seconds)
+
+
+class SimulatedTrials:
+    """Runs a sweep's trial specs (see `autotune.trial.run_in_child`) on the fake backend's
+    speed model (`backends.fake.modelled_tokens_per_s`): no process, no sleep; the clock
+    moves by each trial's modelled duration.
+
+    Faults behave as the real child's would: ``crash``, ``oom`` and ``sigill`` fail at once
+    with their class, ``hang`` runs into its deadline.
+
+    With ``machine`` (a `autotune.simulate.MachineModel`), each figure is that model's for the
+    layout, one noisy draw per measurement (``seed``), and loading takes the model's time:
+    the fake backend's own toy rates are for tests of the bookkeeping, too fast to say
+    anything of a machine.
+    """
+
+    LOAD_S = 0.5
+
+    def __init__(self, clock: FakeClock, topology, machine=None, seed: int | None = None) -> None:
+        import random
+
+        self.clock = clock
+        self.topology = topology
+        self.machine = machine
+        self.rng = random.Random(seed)
+        self.calls: list[dict] = []
+
+    def _load_s(self, config) -> float:
+        return self.machine.load_s(config) if self.machine else self.LOAD_S
+
+    def _peak_bytes(self, config) -> int:
+        """The fake's processes; on a machine model, what the planner predicts (a simulated
+        trial has no process to measure, and must not correct the planner down)."""
+        if self.machine is None:
+            return config.workers * FakeBackend.process_overhead_bytes
+        from backends import backend_class
+
+        return int(backend_class(config.backend).predict_memory_bytes(config, self.machine.shape))
+
+    def _rate(self, config) -> float:
+        if self.machine is not None:
+            return self.machine.measured(config, self.rng)
+        return modelled_tokens_per_s(
+            config.workers,
+            config.threads_per_worker,
+            config.batch_size,
+            self.topology.usable_cpus,
+            self.topology.physical_cores,
+        )
+
+    def __call__(self, spec: dict, deadline_s: float):
+        from autotune.config import TrialConfig
+        from autotune.measure import Pacing, refills, width_of
+        from autotune.stats import summarize
+        from autotune.trial import TrialOutcome
+        from autotune.workload import load_workload
+
+        self.calls.append(spec)
+        config = TrialConfig.from_dict(spec["config"])
+        if config.fault == "hang":
+            self.clock.advance(deadline_s)
+            return TrialOutcome("fail", "timeout", duration_s=deadline_s)
+        if config.fault in ("crash", "oom", "sigill", "error"):  # error: a traceback, exit 1
+            failure = classify(FAULT_EXITS[config.fault], "")
+            self.clock.advance(self._load_s(config))
+            return TrialOutcome("fail", failure, stderr_tail=f"fake {config.fault}")
+        pacing = Pacing(**spec["pacing"])
+        workload = load_workload(spec.get("workload"))
+        if spec.get("limit"):
+            workload = workload.head(spec["limit"])
+
+        def one_pass(layout):  # (its prompts, its generated tokens) as a trial sizes them
+            prompts = pacing.pass_of(workload, width_of(layout), refills(layout)).prompts
+            return prompts, sum(fake_answer_length(p.text, layout.generation) for p in prompts)
+
+        def warmup_tokens(layout, prompts) -> int:
+            wave = prompts[: width_of(layout)]
+            return pacing.warmup * sum(fake_answer_length(p.text, layout.generation) for p in wave)
+
+        prompts, tokens = one_pass(config)
+        rate = self._rate(config)
+        if spec.get("paired"):
+            baseline = TrialConfig.from_dict(spec["paired"])
+            base_prompts, base_tokens = one_pass(baseline)
+            rates = {
+                "candidate": [rate, *(self._rate(config) for _ in range(spec["pairs"] - 1))],
+                "baseline": [self._rate(baseline) for _ in range(spec["pairs"])],
+            }
+            duration = (
+                self._load_s(config)
+                + self._load_s(baseline)
+                + (warmup_tokens(config, prompts) + spec["pairs"] * tokens)
+                / statistics.fmean(rates["candidate"])
+                + (warmup_tokens(baseline, base_prompts) + spec["pairs"] * base_tokens)
+                / statistics.fmean(rates["baseline"])
+            )
+            return self._finish(duration, deadline_s, rates)
+        load = self._load_s(config)
+        duration = load + (warmup_tokens(config, prompts) + pacing.repeats * tokens) / rate
+        result = {
+            "tokens_per_s": rate,
+            "windows": [rate] * 3,
+            "steady": True,
+            "pass_tokens_per_s": rate,
+            "window_spread": 0.0,
+            "stable": True,
+            "prompts": len(prompts),
+            "requests_per_s": rate / max(1, tokens / len(prompts)),
+            "latency_p50_s": None,
+            "latency_p95_s": None,
+            "ttft_p50_s": None,
+            "load_time_s": load,
+            "peak_memory_bytes": self._peak_bytes(config),
+            "failed_requests": 0,
+            "cpu_utilisation": 1.0,
+            "tokens_per_s_summary": summarize([rate] * 3).to_dict(),
+            "warnings": [],
+            "details": {},
+            "samples": [{"tokens_per_s": rate, "generated_tokens": tokens}] * pacing.repeats,
+            "answers": {
+                p.id: fake_answer(
+                    p.text, fake_answer_length(p.text, config.generation), config.batch_size
+                )
+                for p in prompts
+            },
+        }
+        return self._finish(duration, deadline_s, result)
+
+    def _finish(self, duration: float, deadline_s: float, result: dict):
+        from autotune.trial import TrialOutcome
+
+        if duration > deadline_s:
+            self.clock.advance(deadline_s)
+            return TrialOutcome("fail", "timeout", duration_s=deadline_s)
+        self.clock.advance(duration)
+        return TrialOutcome("complete", result=result, duration_s=duration)

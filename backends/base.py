@@ -32,6 +32,7 @@ __all__ = [
     "GPU_THREADS",
     "Backend",
     "Completion",
+    "SpeedTerms",
     "gpu_threads",
     "threads_knob",
 ]
@@ -66,6 +67,23 @@ _LABELS: dict[str, str | Callable[[Any], str]] = {
     "fault": "fault:{}",
     "extra_buffers": lambda on: "xbuf:" + ("on" if on else "off"),
 }
+
+
+@dataclass(frozen=True)
+class SpeedTerms:
+    """What `autotune.simulate` models of one layout, as its backend declares it
+    (`Backend.speed_terms`): the bytes of weights a process reads per decode step; the
+    relative cost of its arithmetic on a CPU (1.0: llama.cpp's q8_0 kernels); the kernel
+    launch gap per layer and step on a GPU; whether it computes in fp32 there (no tensor
+    cores); each stage's share of the layers where it runs a pipeline (None: data parallel);
+    the share of the layers on the GPU where only some are offloaded (None: all, or none)."""
+
+    weight_bytes: float
+    cpu_cost: float
+    gpu_launch_s: float = 0.001
+    fp32_on_gpu: bool = False
+    stage_shares: tuple[float, ...] | None = None
+    gpu_share: float | None = None
 
 
 # A CUDA context, cuBLAS workspace and the caching allocator's slack, per process and GPU.
@@ -255,6 +273,12 @@ class Backend(ABC):
             for gpu in device.gpus:
                 per_gpu[gpu] = per_gpu.get(gpu, 0.0) + data / len(device.gpus) + CUDA_CONTEXT_BYTES
         return per_gpu
+
+    @classmethod
+    def speed_terms(cls, config: TrialConfig, shape: ModelShape) -> SpeedTerms:
+        """What `autotune.simulate`'s speed model needs of a layout of this backend, so the
+        simulator names no backend; a backend without them cannot be simulated."""
+        raise NotImplementedError(f"backend {cls.name} declares no speed terms")
 
     @classmethod
     def gpu_process_bytes(cls, config: TrialConfig, shape: ModelShape) -> float:

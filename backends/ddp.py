@@ -13,7 +13,7 @@ from autotune.config import PINNING, TrialConfig
 from autotune.knobs import BackendSpace, Knob, Target
 from autotune.placement import MAX_SHARE
 from backends.base import Completion, gpu_threads, threads_knob
-from backends.hf import torch_dtypes, torch_memory_bytes
+from backends.hf import torch_dtypes, torch_memory_bytes, torch_speed_terms
 from backends.torchrun import RankGroupBackend, collective_timeout_s
 
 __all__ = ["DDPBackend", "DDPRank", "rank_limit"]
@@ -87,6 +87,10 @@ class DDPBackend(RankGroupBackend):
         ranks = config.workers
         data = torch_memory_bytes(config, shape, weight_copies=ranks, kv_copies=ranks)
         return data + (ranks + 1) * cls.process_overhead_bytes
+
+    @classmethod
+    def speed_terms(cls, config, shape):
+        return torch_speed_terms(config, shape, gpu_launch_s=0.0011)
 
     @classmethod
     def gpu_process_bytes(cls, config, shape) -> float:

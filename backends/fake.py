@@ -14,11 +14,8 @@ instruction does (`die_by_sigill` is such a process body, for where a llama.cpp 
 ``hang`` sleeps forever, ``error`` raises the BackendError a backend raises when it cannot
 generate.
 
-`SimulatedTrials` runs whole trials without a process or a sleep: it computes each trial's
-outcome from the same speed model and moves a `FakeClock` on by the time it would have
-taken, so tests of the sweep's budget and bookkeeping are exact and take no time. Given a
-`autotune.simulate.MachineModel` instead, it runs any backend's layouts on that model of
-another machine, with a real machine's noise (`autotune sweep --machine F`).
+`autotune.simulate.SimulatedTrials` runs whole trials of it without a process or a sleep, from
+the same speed model (`modelled_tokens_per_s`), on a fake clock.
 """
 
 from __future__ import annotations
@@ -27,20 +24,18 @@ import hashlib
 import math
 import os
 import signal
-import statistics
 import time
 from collections.abc import Sequence
 
 from autotune.errors import BackendError
-from autotune.failures import classify
 from autotune.knobs import BackendSpace, Knob, Target
 from autotune.workload import GenerationSettings, Prompt
-from backends.base import Backend, Completion, threads_knob
+from backends.base import Backend, Completion, SpeedTerms, threads_knob
+from backends.llamacpp_quant import QUANT_COST
 
 __all__ = [
+    "FAULT_EXITS",
     "FakeBackend",
-    "FakeClock",
-    "SimulatedTrials",
     "die_by_sigill",
     "modelled_tokens_per_s",
 ]
@@ -50,7 +45,7 @@ BASE_TOKENS_PER_S = 4000.0
 
 
 # How each fault ends a real trial process (exit code, or minus the signal).
-_FAULT_EXITS = {"crash": 3, "oom": -signal.SIGKILL, "sigill": -signal.SIGILL, "error": 1}
+FAULT_EXITS = {"crash": 3, "oom": -signal.SIGKILL, "sigill": -signal.SIGILL, "error": 1}
 
 
 def die_by_sigill(*_args) -> None:
@@ -117,6 +112,16 @@ class FakeBackend(Backend):
                 threads_knob(cpus, "workers"),
                 Knob("batch_size", target.batch_sizes),
             ),
+        )
+
+    @classmethod
+    def speed_terms(cls, config, shape) -> SpeedTerms:
+        # The model file read as it is, at the cost of its own weight type (as llama.cpp
+        # would run it); fp32 on a GPU, its dtype.
+        return SpeedTerms(
+            weight_bytes=float(shape.file_bytes),
+            cpu_cost=QUANT_COST.get(shape.weight_type or "", QUANT_COST["q4_1"]),
+            fp32_on_gpu=config.dtype == "float32",
         )
 
     @classmethod
@@ -190,154 +195,3 @@ class FakeBackend(Backend):
             )
         time.sleep(max(slots) - started)
         return completions
-
-
-# ---------------------------------------------------------------- simulated trials
-
-
-class FakeClock:
-    """A monotonic clock that moves only when told: ``clock()`` reads it, ``advance`` moves it."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += max(0.0, seconds)
-
-
-class SimulatedTrials:
-    """Runs a sweep's trial specs (see `autotune.trial.run_in_child`) on the fake backend's
-    speed model: no process, no sleep; the clock moves by each trial's modelled duration.
-
-    Faults behave as the real child's would: ``crash`` and ``oom`` fail at once with their
-    class, ``hang`` runs into its deadline.
-
-    With ``machine`` (a `autotune.simulate.MachineModel`), each figure is that model's for the
-    layout, one noisy draw per measurement (``seed``), and loading takes the model's time:
-    the fake backend's own toy rates are for tests of the bookkeeping, too fast to say
-    anything of a machine.
-    """
-
-    LOAD_S = 0.5
-
-    def __init__(self, clock: FakeClock, topology, machine=None, seed: int | None = None) -> None:
-        import random
-
-        self.clock = clock
-        self.topology = topology
-        self.machine = machine
-        self.rng = random.Random(seed)
-        self.calls: list[dict] = []
-
-    def _load_s(self, config) -> float:
-        return self.machine.load_s(config) if self.machine else self.LOAD_S
-
-    def _peak_bytes(self, config) -> int:
-        """The fake's processes; on a machine model, what the planner predicts (a simulated
-        trial has no process to measure, and must not correct the planner down)."""
-        if self.machine is None:
-            return config.workers * FakeBackend.process_overhead_bytes
-        from backends import backend_class
-
-        return int(backend_class(config.backend).predict_memory_bytes(config, self.machine.shape))
-
-    def _rate(self, config) -> float:
-        if self.machine is not None:
-            return self.machine.measured(config, self.rng)
-        return modelled_tokens_per_s(
-            config.workers,
-            config.threads_per_worker,
-            config.batch_size,
-            self.topology.usable_cpus,
-            self.topology.physical_cores,
-        )
-
-    def __call__(self, spec: dict, deadline_s: float):
-        from autotune.config import TrialConfig
-        from autotune.measure import Pacing, refills, width_of
-        from autotune.stats import summarize
-        from autotune.trial import TrialOutcome
-        from autotune.workload import load_workload
-
-        self.calls.append(spec)
-        config = TrialConfig.from_dict(spec["config"])
-        if config.fault == "hang":
-            self.clock.advance(deadline_s)
-            return TrialOutcome("fail", "timeout", duration_s=deadline_s)
-        if config.fault in ("crash", "oom", "sigill", "error"):  # error: a traceback, exit 1
-            failure = classify(_FAULT_EXITS[config.fault], "")
-            self.clock.advance(self._load_s(config))
-            return TrialOutcome("fail", failure, stderr_tail=f"fake {config.fault}")
-        pacing = Pacing(**spec["pacing"])
-        workload = load_workload(spec.get("workload"))
-        if spec.get("limit"):
-            workload = workload.head(spec["limit"])
-
-        def one_pass(layout):  # (its prompts, its generated tokens) as a trial sizes them
-            prompts = pacing.pass_of(workload, width_of(layout), refills(layout)).prompts
-            return prompts, sum(fake_answer_length(p.text, layout.generation) for p in prompts)
-
-        def warmup_tokens(layout, prompts) -> int:
-            wave = prompts[: width_of(layout)]
-            return pacing.warmup * sum(fake_answer_length(p.text, layout.generation) for p in wave)
-
-        prompts, tokens = one_pass(config)
-        rate = self._rate(config)
-        if spec.get("paired"):
-            baseline = TrialConfig.from_dict(spec["paired"])
-            base_prompts, base_tokens = one_pass(baseline)
-            rates = {
-                "candidate": [rate, *(self._rate(config) for _ in range(spec["pairs"] - 1))],
-                "baseline": [self._rate(baseline) for _ in range(spec["pairs"])],
-            }
-            duration = (
-                self._load_s(config)
-                + self._load_s(baseline)
-                + (warmup_tokens(config, prompts) + spec["pairs"] * tokens)
-                / statistics.fmean(rates["candidate"])
-                + (warmup_tokens(baseline, base_prompts) + spec["pairs"] * base_tokens)
-                / statistics.fmean(rates["baseline"])
-            )
-            return self._finish(duration, deadline_s, rates)
-        load = self._load_s(config)
-        duration = load + (warmup_tokens(config, prompts) + pacing.repeats * tokens) / rate
-        result = {
-            "tokens_per_s": rate,
-            "windows": [rate] * 3,
-            "steady": True,
-            "pass_tokens_per_s": rate,
-            "window_spread": 0.0,
-            "stable": True,
-            "prompts": len(prompts),
-            "requests_per_s": rate / max(1, tokens / len(prompts)),
-            "latency_p50_s": None,
-            "latency_p95_s": None,
-            "ttft_p50_s": None,
-            "load_time_s": load,
-            "peak_memory_bytes": self._peak_bytes(config),
-            "failed_requests": 0,
-            "cpu_utilisation": 1.0,
-            "tokens_per_s_summary": summarize([rate] * 3).to_dict(),
-            "warnings": [],
-            "details": {},
-            "samples": [{"tokens_per_s": rate, "generated_tokens": tokens}] * pacing.repeats,
-            "answers": {
-                p.id: fake_answer(
-                    p.text, fake_answer_length(p.text, config.generation), config.batch_size
-                )
-                for p in prompts
-            },
-        }
-        return self._finish(duration, deadline_s, result)
-
-    def _finish(self, duration: float, deadline_s: float, result: dict):
-        from autotune.trial import TrialOutcome
-
-        if duration > deadline_s:
-            self.clock.advance(deadline_s)
-            return TrialOutcome("fail", "timeout", duration_s=deadline_s)
-        self.clock.advance(duration)
-        return TrialOutcome("complete", result=result, duration_s=duration)

@@ -15,7 +15,7 @@ from autotune.knobs import BackendSpace, Knob, Target
 from autotune.models import hf_dir
 from autotune.placement import default_placement
 from autotune.workload import GenerationSettings, Prompt
-from backends.base import Backend, Completion, threads_knob
+from backends.base import Backend, Completion, SpeedTerms, threads_knob
 
 __all__ = [
     "DTYPE_BYTES",
@@ -28,6 +28,7 @@ __all__ = [
     "stop_token_ids",
     "torch_dtypes",
     "torch_memory_bytes",
+    "torch_speed_terms",
 ]
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -42,6 +43,24 @@ def torch_dtypes(target: Target) -> tuple[str, ...]:
     if flags & {"avx512_bf16", "amx_bf16"}:
         return ("float32", "bfloat16")
     return ("float32",)
+
+
+# Torch on a CPU runs eager kernels in fp32/bf16: measured on 2 vCPUs at 0.2-0.7x llama.cpp.
+_CPU_SPEED = 0.35
+
+
+def torch_speed_terms(config, shape, *, gpu_launch_s: float, **more) -> SpeedTerms:
+    """The speed model's terms of a torch layout (`Backend.speed_terms`): the weights at the
+    dtype, eager kernels at `_CPU_SPEED` of llama.cpp's on a CPU, ``gpu_launch_s`` per layer
+    and step on a GPU (eager transformers is launch-bound on small models), fp32 without
+    tensor cores; ``more``: the layout's own terms (a pipeline's stage shares)."""
+    return SpeedTerms(
+        weight_bytes=shape.parameters * DTYPE_BYTES[config.dtype],
+        cpu_cost=1.0 / _CPU_SPEED,
+        gpu_launch_s=gpu_launch_s,
+        fp32_on_gpu=config.dtype == "float32",
+        **more,
+    )
 
 
 def torch_memory_bytes(config, shape, *, weight_copies: float, kv_copies: int) -> float:
@@ -235,6 +254,10 @@ class HFBackend(Backend):
     def predict_memory_bytes(cls, config, shape) -> float:
         data = torch_memory_bytes(config, shape, weight_copies=1, kv_copies=1)
         return data + cls.process_overhead_bytes
+
+    @classmethod
+    def speed_terms(cls, config, shape) -> SpeedTerms:
+        return torch_speed_terms(config, shape, gpu_launch_s=0.0011)
 
     @classmethod
     def gpu_process_bytes(cls, config, shape) -> float:

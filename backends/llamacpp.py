@@ -23,16 +23,14 @@ from autotune.knobs import BackendSpace, Knob, Target
 from autotune.pinning import cpu_sets
 from autotune.placement import MAX_SHARE, default_placement
 from autotune.workload import GenerationSettings, Prompt
-from backends.base import Backend, Completion, gpu_threads, threads_knob
+from backends.base import Backend, Completion, SpeedTerms, gpu_threads, threads_knob
 from backends.llamacpp_probe import resolve_extra_buffers
-from backends.llamacpp_quant import gguf_variant
+from backends.llamacpp_quant import QUANT_BITS, QUANT_COST, gguf_variant
 from backends.llamacpp_worker import worker_main
 
 __all__ = ["LlamaCppBackend", "engine_settings", "offload_steps"]
 
 _CLOSE_GRACE_S = 5.0
-# Bits per weight of llama.cpp's types, for the size of a --quant variant before it exists.
-_QUANT_BITS = {"f16": 16.0, "q8_0": 8.5, "q5_k_m": 5.7, "q4_k_m": 4.9, "q4_1": 5.0, "q4_0": 4.5}
 
 
 def offload_steps(layers: int) -> tuple[int, ...]:
@@ -204,9 +202,7 @@ class LlamaCppBackend(Backend):
     @classmethod
     def predict_memory_bytes(cls, config, shape) -> float:
         # The GGUF is mmapped: N workers share its pages, so it counts once.
-        weights = shape.file_bytes
-        if config.quant:
-            weights = shape.parameters * _QUANT_BITS[config.quant] / 8
+        weights = _weight_bytes(config, shape)
         kv = shape.kv_bytes_per_token(2) * config.ctx_per_sequence  # f16 cache
         kv *= config.batch_size * config.workers
         return weights + kv + config.workers * cls.process_overhead_bytes
@@ -217,11 +213,21 @@ class LlamaCppBackend(Backend):
         if config.gpu_layers == 0:
             return 0.0
         share = 1.0 if config.gpu_layers == -1 else min(1.0, config.gpu_layers / shape.layers)
-        weights = shape.file_bytes
-        if config.quant:
-            weights = shape.parameters * _QUANT_BITS[config.quant] / 8
         kv = shape.kv_bytes_per_token(2) * config.ctx_per_sequence * config.batch_size
-        return (weights + kv) * share
+        return (_weight_bytes(config, shape) + kv) * share
+
+    @classmethod
+    def speed_terms(cls, config, shape) -> SpeedTerms:
+        # Its int8 kernels, a type's dequantisation cost on top; short launch gaps on a GPU
+        # (its CUDA graphs), where only the offloaded share of the layers runs.
+        return SpeedTerms(
+            weight_bytes=_weight_bytes(config, shape),
+            cpu_cost=QUANT_COST.get(config.quant or shape.weight_type or "", QUANT_COST["q4_1"]),
+            gpu_launch_s=0.00008,
+            gpu_share=None
+            if config.gpu_layers == -1
+            else min(1.0, config.gpu_layers / max(1, shape.layers)),
+        )
 
     def __init__(self, config, model, topology) -> None:
         super().__init__(config, model, topology)
@@ -401,6 +407,14 @@ class LlamaCppBackend(Backend):
             self._tasks.cancel_join_thread()  # never block exit on undelivered tasks
             self._tasks.close()
         self._processes, self._conns, self._tasks = [], [], None
+
+
+def _weight_bytes(config, shape) -> float:
+    """The weights a worker reads: the file's, or the --quant variant's at its bits per weight
+    (before the variant exists)."""
+    if config.quant:
+        return shape.parameters * QUANT_BITS[config.quant] / 8
+    return float(shape.file_bytes)
 
 
 def engine_settings(config) -> dict:

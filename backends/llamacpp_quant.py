@@ -15,10 +15,15 @@ from autotune.cache import cache_root, cached_build
 from autotune.errors import BackendError
 from autotune.models import ModelSpec, weights_summary
 
-__all__ = ["FTYPES", "gguf_variant"]
+__all__ = ["FTYPES", "QUANT_BITS", "QUANT_COST", "gguf_variant"]
 
 # QUANTS names -> llama_ftype values (llama.h)
 FTYPES = {"f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17}
+# Bits per weight of each type, for a variant's size before it exists.
+QUANT_BITS = {"f16": 16.0, "q8_0": 8.5, "q5_k_m": 5.7, "q4_k_m": 4.9, "q4_1": 5.0, "q4_0": 4.5}
+# The arithmetic of each type relative to q8_0's on a CPU (its dequantisation), for the speed
+# model (`autotune.simulate`); a type not listed costs what q4_1 does.
+QUANT_COST = {"f16": 1.6, "q8_0": 1.0, "q5_k_m": 1.35, "q4_k_m": 1.25, "q4_1": 1.1, "q4_0": 1.05}
 
 
 def _quantize(source: Path, target: Path, ftype: int) -> None:

@@ -21,7 +21,7 @@ from autotune.models import hf_dir
 from autotune.placement import MAX_SHARE, Device, default_placement, format_placement
 from backends.base import Completion, gpu_threads, threads_knob
 from backends.ddp import rank_limit
-from backends.hf import DTYPE_BYTES, torch_dtypes, torch_memory_bytes
+from backends.hf import DTYPE_BYTES, torch_dtypes, torch_memory_bytes, torch_speed_terms
 from backends.partition import (
     StageCosts,
     balanced,
@@ -282,6 +282,18 @@ class PipelineBackend(RankGroupBackend):
         # buffers: x1.3); a KV cache per micro-batch in flight (stages + 1).
         data = torch_memory_bytes(config, shape, weight_copies=1.3, kv_copies=config.stages + 1)
         return data + (config.stages + 1) * cls.process_overhead_bytes
+
+    @classmethod
+    def speed_terms(cls, config, shape):
+        # Each stage's share of the layers: its boundaries where given, else a uniform split
+        # (the speed model does not run the memory or compute partitions' profiles).
+        layers = shape.layers
+        if config.partition == "custom" and config.boundaries:
+            ranges = parse_boundaries(config.boundaries, layers, config.stages)
+        else:
+            ranges = uniform(layers, config.stages)
+        shares = tuple(len(r) / layers for r in ranges)
+        return torch_speed_terms(config, shape, gpu_launch_s=0.0012, stage_shares=shares)
 
     @classmethod
     def gpu_process_bytes(cls, config, shape) -> float:

@@ -112,8 +112,8 @@ def simulated_sweep(topology, tiny_gguf):
     sleep): ``simulated_sweep(options, extra=[...])`` returns (summary, clock, runner).
     ``change(spec, outcome)`` may edit each simulated outcome before the sweep sees it."""
     from autotune.memory_plan import model_shape
+    from autotune.simulate import FakeClock, SimulatedTrials
     from autotune.sweep import Sweep
-    from backends.fake import FakeClock, SimulatedTrials
 
     def run(options, extra=(), machine=None, change=None):
         clock = FakeClock()

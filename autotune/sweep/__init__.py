@@ -14,7 +14,7 @@ Order of work (`Sweep.run`, in `autotune.sweep.core`):
 
 Ctrl-C stops at once, keeps every finished trial, and still writes best.env from what was
 measured. The clock and the trial runner are injected, so tests run a whole sweep on a fake
-clock in no time (`backends.fake.SimulatedTrials`). Why each step, and the figures behind its
+clock in no time (`autotune.simulate.SimulatedTrials`). Why each step, and the figures behind its
 constants: docs/sweep.md.
 """
 
