@@ -33,7 +33,7 @@ def key_value_table(title: str) -> Table:
 
 def show_topology(topo: Topology, extra_buffers=None) -> None:
     """Print the machine table; ``extra_buffers``: the llama.cpp probe's verdict
-    (`backends.llamacpp_probe.ExtraBuffersVerdict`), where it ran."""
+    (`backends.llamacpp.probe.ExtraBuffersVerdict`), where it ran."""
     table = key_value_table("Machine")
     table.add_row("CPU", topo.cpu_model)
     table.add_row("Sockets", str(topo.sockets))

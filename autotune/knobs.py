@@ -26,7 +26,7 @@ class Target:
     (default: 64 on a CPU host, 512 on a GPU host, where the GPU memory planner bounds it),
     a GGUF's own weight type (``own_quant``: the quant knob's None already is it), and the
     values of llama.cpp's ``extra_buffers`` that run here (``extra_buffers``, from
-    `backends.llamacpp_probe`: (True, False) where both run, (False,) where they trap, (None,)
+    `backends.llamacpp.probe`: (True, False) where both run, (False,) where they trap, (None,)
     where nothing was probed: llama.cpp's default, resolved when a worker loads)."""
 
     topology: Topology

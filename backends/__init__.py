@@ -36,14 +36,18 @@ BACKENDS: dict[str, tuple[str, str, str]] = {
         "LlamaCppBackend",
         "N llama.cpp worker processes, each batching sequences in one context",
     ),
-    "hf": ("backends.hf", "HFBackend", "one process, transformers generate on padded batches"),
+    "hf": (
+        "backends.torch.hf",
+        "HFBackend",
+        "one process, transformers generate on padded batches",
+    ),
     "ddp": (
-        "backends.ddp",
+        "backends.torch.ddp",
         "DDPBackend",
         "data-parallel ranks under torchrun, each a whole hf model on its share of the prompts",
     ),
     "pipeline": (
-        "backends.pipeline",
+        "backends.torch.pipeline",
         "PipelineBackend",
         "the decoder layers split over ranks under torchrun, micro-batches in flight",
     ),

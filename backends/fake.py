@@ -31,7 +31,7 @@ from autotune.errors import BackendError
 from autotune.knobs import BackendSpace, Knob, Target
 from autotune.workload import GenerationSettings, Prompt
 from backends.base import Backend, Completion, SpeedTerms, threads_knob
-from backends.llamacpp_quant import QUANT_COST
+from backends.llamacpp.quant import QUANT_COST
 
 __all__ = [
     "FAULT_EXITS",

@@ -165,10 +165,10 @@ def check_output(path: str, flag: str) -> None:
 
 
 def extra_buffers_verdict(backends: Sequence[str] = ("llamacpp",)):
-    """This CPU's verdict on llama.cpp's extra buffer types (`backends.llamacpp_probe`: probed
+    """This CPU's verdict on llama.cpp's extra buffer types (`backends.llamacpp.probe`: probed
     once, then cached), where llama.cpp is among ``backends``; else None."""
     if "llamacpp" not in backends:
         return None
-    from backends.llamacpp_probe import extra_buffers_verdict
+    from backends.llamacpp.probe import extra_buffers_verdict
 
     return extra_buffers_verdict()

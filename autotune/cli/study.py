@@ -32,7 +32,7 @@ GPU_SETTLE_S = 30.0  # a sweep's default --settle on a host with GPUs
 class Prepared:
     """What a sweep and a plan start from: the model and its shape, the machine (this one, or
     the one of --machine, with its file's data), and this CPU's llama.cpp extra-buffers verdict
-    (`backends.llamacpp_probe`; None for another machine, or without llama.cpp)."""
+    (`backends.llamacpp.probe`; None for another machine, or without llama.cpp)."""
 
     model: Any
     shape: Any

@@ -8,7 +8,7 @@ from pathlib import Path
 from autotune.config import TrialConfig
 from autotune.measure import Pacing
 from autotune.study import Role, TrialRecord, TrialState
-from backends.llamacpp_probe import ExtraBuffersVerdict
+from backends.llamacpp.probe import ExtraBuffersVerdict
 
 __all__ = ["SweepOptions", "SweepSummary"]
 
@@ -36,7 +36,7 @@ class SweepOptions:
     # The machine file the trials were simulated on (`autotune.simulate`), or None: measured.
     simulated: str | None = None
     warm_start: str | None = None  # a previous study whose best layouts are tried first
-    # This CPU's verdict on llama.cpp's extra buffer types (`backends.llamacpp_probe`), probed
+    # This CPU's verdict on llama.cpp's extra buffer types (`backends.llamacpp.probe`), probed
     # before the first llama.cpp trial; None where not probed (a simulated machine, or no
     # llama.cpp backend searched).
     extra_buffers: ExtraBuffersVerdict | None = None

@@ -138,7 +138,7 @@ def test_cli_flags_come_from_the_fields():
 
 
 def test_collective_timeout_must_be_a_finite_number_of_seconds(monkeypatch):
-    from backends.torchrun import collective_timeout_s
+    from backends.torch.torchrun import collective_timeout_s
 
     for bad in ("nan", "inf", "-1", "soon"):
         monkeypatch.setenv("AUTOTUNE_COLLECTIVE_TIMEOUT_S", bad)

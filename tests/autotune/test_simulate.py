@@ -304,7 +304,7 @@ def _sweep_with_verdict(tmp_path, works: bool):
     from autotune.memory_plan import model_shape
     from autotune.models import ModelSpec
     from autotune.sweep import SweepOptions, run_sweep
-    from backends.llamacpp_probe import ExtraBuffersVerdict
+    from backends.llamacpp.probe import ExtraBuffersVerdict
 
     model = ModelSpec.resolve()
     shape = model_shape(model)

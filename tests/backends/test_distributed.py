@@ -21,7 +21,7 @@ from autotune.config import TrialConfig
 from autotune.errors import BackendError, ConfigError
 from autotune.workload import GenerationSettings, Prompt
 from backends import create_backend
-from backends.torch_rank import shard
+from backends.torch.rank import shard
 
 PROMPTS = tuple(
     Prompt(id=f"q{i}", text=f"Question {i}: what is {i} plus {2 * i}? Say it in words.")
@@ -170,7 +170,7 @@ def test_by_hand_torchrun_mode_writes_every_completion_in_order(tmp_path, tiny_g
         "--rdzv-backend=c10d",
         "--rdzv-endpoint=localhost:0",
         "-m",
-        "backends.torch_rank",
+        "backends.torch.rank",
         "--backend",
         "ddp",
         "--workers",

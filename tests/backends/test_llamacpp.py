@@ -14,7 +14,7 @@ from autotune.errors import BackendError
 from autotune.models import ModelSpec, weights_summary
 from autotune.workload import DEFAULT_WORKLOAD, GenerationSettings, load_workload
 from backends import create_backend
-from backends.llamacpp_quant import gguf_variant
+from backends.llamacpp.quant import gguf_variant
 
 pytestmark = pytest.mark.llamacpp
 
@@ -48,8 +48,8 @@ def test_two_workers_share_the_queue(tiny_gguf, topology):
 def test_a_worker_takes_only_its_share_per_step(tiny_gguf, monkeypatch, workers, first_step):
     # With 16 free slots a worker could take every queued prompt at once and leave the other
     # workers idle; it takes at most ceil(free slots / workers) per decode step.
-    import backends.llamacpp_engine as engine_module
-    from backends.llamacpp_engine import EngineItem, LlamaEngine
+    import backends.llamacpp.engine as engine_module
+    from backends.llamacpp.engine import EngineItem, LlamaEngine
 
     engine = LlamaEngine(
         str(tiny_gguf.path),

@@ -15,8 +15,8 @@ import pytest
 from autotune.config import TrialConfig
 from autotune.errors import BackendError
 from autotune.failures import ILLEGAL_INSTRUCTION, classify, fix_for
-from backends import llamacpp_probe
-from backends.llamacpp_probe import (
+from backends.llamacpp import probe as llamacpp_probe
+from backends.llamacpp.probe import (
     ExtraBuffersVerdict,
     build_key,
     cached_verdict,
@@ -188,7 +188,7 @@ def test_autotune_run_stops_at_sigill_with_the_fix_and_keeps_the_answered_lines(
 def test_the_engine_hands_the_setting_to_llama_cpp(tiny_gguf, monkeypatch):
     import llama_cpp
 
-    from backends.llamacpp_engine import LlamaEngine
+    from backends.llamacpp.engine import LlamaEngine
 
     seen = []
     load = llama_cpp.llama_model_load_from_file

@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from autotune.errors import ConfigError
-from backends.partition import (
+from backends.torch.partition import (
     StageCosts,
     balanced,
     format_boundaries,

@@ -9,7 +9,7 @@ finished sequence's KV cells so its slot takes the next prompt at once.
 The KV cache is not unified (``kv_unified = False``): each sequence attends only to its own
 cells, so its logits do not depend on what else is in the batch.
 
-Runs inside a worker process (see ``llamacpp_worker``); imports llama_cpp at module level.
+Runs inside a worker process (see `backends.llamacpp.worker`); imports llama_cpp at module level.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class LlamaEngine:
         # layers split over the GPUs the worker sees (CUDA_VISIBLE_DEVICES).
         model_params.n_gpu_layers = 0x7FFFFFFF if gpu_layers == -1 else gpu_layers
         # The extra buffer types (AMX tiles, repacked q4_0/q4_1/q8_0): faster where the CPU
-        # runs them, SIGILL where it advertises AMX but traps it (`backends.llamacpp_probe`).
+        # runs them, SIGILL where it advertises AMX but traps it (`backends.llamacpp.probe`).
         model_params.use_extra_bufts = extra_buffers
         self.model = llama_cpp.llama_model_load_from_file(model_path.encode(), model_params)
         if not self.model:

@@ -29,7 +29,7 @@ def worker_main(rank, model_path, engine_kwargs, cpu_set, visible_gpus, tasks, c
         if visible_gpus is not None:  # before llama_cpp is imported and CUDA starts
             os.environ["CUDA_VISIBLE_DEVICES"] = visible_gpus
         start = time.monotonic()
-        from backends.llamacpp_engine import EngineItem, LlamaEngine
+        from backends.llamacpp.engine import EngineItem, LlamaEngine
 
         engine = LlamaEngine(model_path, **engine_kwargs)
         conn.send(("ready", rank, os.getpid(), time.monotonic() - start))

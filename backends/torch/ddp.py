@@ -1,10 +1,11 @@
 """The ``ddp`` backend: ``workers`` data-parallel ranks started by torchrun (seeds 002, 003).
 
 Each rank loads the whole HF model with ``threads_per_worker`` threads (on a GPU host, its own
-GPU), takes its contiguous share of the prompts (`torch_rank.shard`: even split, remainder to
-the first ranks), runs the hf backend's batching code on it, and sends its completions to rank
-0, which puts them back in input order. Inference needs no gradient all-reduce, so "DDP" here
-is the layout — one full model per rank under torch.distributed — not the wrapper class.
+GPU), takes its contiguous share of the prompts (`backends.torch.rank.shard`: even split,
+remainder to the first ranks), runs the hf backend's batching code on it, and sends its
+completions to rank 0, which puts them back in input order. Inference needs no gradient
+all-reduce, so "DDP" here is the layout — one full model per rank under torch.distributed —
+not the wrapper class.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from autotune.config import PINNING, TrialConfig
 from autotune.knobs import BackendSpace, Knob, Target
 from autotune.placement import MAX_SHARE
 from backends.base import Completion, gpu_threads, threads_knob
-from backends.hf import torch_dtypes, torch_memory_bytes, torch_speed_terms
-from backends.torchrun import RankGroupBackend, collective_timeout_s
+from backends.torch.hf import torch_dtypes, torch_memory_bytes, torch_speed_terms
+from backends.torch.torchrun import RankGroupBackend, collective_timeout_s
 
 __all__ = ["DDPBackend", "DDPRank", "rank_limit"]
 
@@ -113,7 +114,7 @@ class DDPRank:
     """One rank's work: its shard through an hf engine, completions gathered on rank 0."""
 
     def __init__(self, ctx) -> None:
-        from backends.hf import TransformersEngine
+        from backends.torch.hf import TransformersEngine
 
         self.ctx = ctx
         config = TrialConfig.from_dict(ctx.spec["config"])
@@ -126,8 +127,8 @@ class DDPRank:
         )
 
     def generate(self, prompts, settings) -> list[Completion] | None:
-        from backends.hf import generate_in_batches
-        from backends.torch_rank import recv_object, send_object, shard
+        from backends.torch.hf import generate_in_batches
+        from backends.torch.rank import recv_object, send_object, shard
 
         ctx = self.ctx
         mine = shard(len(prompts), ctx.rank, ctx.world)

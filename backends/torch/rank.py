@@ -2,13 +2,13 @@
 
 Two ways in, one code path:
 
-- from autotune (``backends.torchrun.RankGroup``): the spec comes in the JSON file named by
+- from autotune (``backends.torch.torchrun.RankGroup``): the spec comes in the JSON file named by
   ``AUTOTUNE_RANK_SPEC``; rank 0 connects back to the parent over a Unix socket and serves
   ``("generate", prompts, settings)`` requests until ``("close",)``;
 - by hand, on one node or several (see the README's multi-node section)::
 
       torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
-          -m backends.torch_rank --backend ddp --workload prompts.jsonl --output out.jsonl
+          -m backends.torch.rank --backend ddp --workload prompts.jsonl --output out.jsonl
 
   rank 0 reads the workload, every rank generates its part, rank 0 writes one JSONL line per
   prompt in input order.
@@ -51,8 +51,8 @@ __all__ = [
 
 # kind -> "module:class" of the object that does one rank's work.
 RANK_WORKERS = {
-    "ddp": "backends.ddp:DDPRank",
-    "pipeline": "backends.pipeline_stage:PipelineStage",
+    "ddp": "backends.torch.ddp:DDPRank",
+    "pipeline": "backends.torch.pipeline_stage:PipelineStage",
 }
 
 
@@ -277,7 +277,7 @@ def _by_hand(argv: list[str]) -> None:
     from autotune.models import ModelSpec, hf_dir
     from autotune.workload import load_workload
 
-    parser = argparse.ArgumentParser(prog="torchrun ... -m backends.torch_rank")
+    parser = argparse.ArgumentParser(prog="torchrun ... -m backends.torch.rank")
     from backends import summaries
 
     add_config_arguments(parser, summaries())
@@ -300,7 +300,7 @@ def _by_hand(argv: list[str]) -> None:
         workload = load_workload(args.workload) if rank == 0 else None
         from autotune.topology import detect
         from backends import backend_class
-        from backends.torchrun import RankGroupBackend
+        from backends.torch.torchrun import RankGroupBackend
 
         cls = backend_class(config.backend)
         if not issubclass(cls, RankGroupBackend):
@@ -326,7 +326,7 @@ def _by_hand(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``-m backends.torch_rank``."""
+    """Entry point of ``-m backends.torch.rank``."""
     _die_with_parent()
     argv = sys.argv[1:] if argv is None else argv
     spec_path = os.environ.get("AUTOTUNE_RANK_SPEC")

@@ -20,9 +20,9 @@ from autotune.knobs import BackendSpace, Knob, Target
 from autotune.models import hf_dir
 from autotune.placement import MAX_SHARE, Device, default_placement, format_placement
 from backends.base import Completion, gpu_threads, threads_knob
-from backends.ddp import rank_limit
-from backends.hf import DTYPE_BYTES, torch_dtypes, torch_memory_bytes, torch_speed_terms
-from backends.partition import (
+from backends.torch.ddp import rank_limit
+from backends.torch.hf import DTYPE_BYTES, torch_dtypes, torch_memory_bytes, torch_speed_terms
+from backends.torch.partition import (
     StageCosts,
     balanced,
     format_boundaries,
@@ -30,7 +30,7 @@ from backends.partition import (
     stage_totals,
     uniform,
 )
-from backends.torchrun import RankGroupBackend, collective_timeout_s
+from backends.torch.torchrun import RankGroupBackend, collective_timeout_s
 
 __all__ = ["PipelineBackend", "gpu_placement", "memory_costs", "resolve_partition", "stage_caps"]
 

@@ -14,7 +14,7 @@ depend on which model happened to be probed first (a test's f32 toy model would 
 them). The verdict is cached under the autotune cache (`autotune.cache.cache_root`), keyed by
 the CPU's flags and the llama.cpp build (`build_key`), so every later run reads it at once.
 
-``python -m backends.llamacpp_probe [MODEL]`` is the child: exit 0 when the decode ran.
+``python -m backends.llamacpp.probe [MODEL]`` is the child: exit 0 when the decode ran.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def extra_buffers_verdict(
     if command is None:
         if _llama_version() is None:
             return ExtraBuffersVerdict(None, "llama-cpp-python is not installed", key)
-        command = [sys.executable, "-m", "backends.llamacpp_probe"]
+        command = [sys.executable, "-m", "backends.llamacpp.probe"]
     try:
         child = subprocess.run(
             command,
@@ -183,7 +183,7 @@ def main(argv: list[str]) -> int:
     buffers on, decode the probe's prompt in one batch (and one new token); exit 0 when that
     ran."""
     from autotune.models import ModelSpec
-    from backends.llamacpp_engine import EngineItem, LlamaEngine
+    from backends.llamacpp.engine import EngineItem, LlamaEngine
 
     threads = max(1, len(os.sched_getaffinity(0)))
     engine = LlamaEngine(

@@ -1,10 +1,11 @@
 """The ``llamacpp`` backend: ``workers`` processes, each one llama.cpp model loaded once.
 
 Each worker runs ``threads_per_worker`` threads and decodes up to ``batch_size`` sequences
-together (continuous batching, see ``llamacpp_engine``). Prompts go into one shared queue so a
-fast worker takes more; results come back over each worker's pipe as they finish and are put
-back in input order. The parent only ever sleeps in ``multiprocessing.connection.wait`` on the
-pipes and the processes' sentinels, so it takes no CPU from the workers, and notices at once
+together (continuous batching, see `backends.llamacpp.engine`). Prompts go into one shared
+queue so a fast worker takes more; results come back over each worker's pipe as they finish
+and are put back in input order. The parent only ever sleeps in
+``multiprocessing.connection.wait`` on the pipes and the processes' sentinels, so it takes no
+CPU from the workers, and notices at once
 when a worker dies.
 """
 
@@ -24,9 +25,9 @@ from autotune.pinning import cpu_sets
 from autotune.placement import MAX_SHARE, default_placement
 from autotune.workload import GenerationSettings, Prompt
 from backends.base import Backend, Completion, SpeedTerms, gpu_threads, threads_knob
-from backends.llamacpp_probe import resolve_extra_buffers
-from backends.llamacpp_quant import QUANT_BITS, QUANT_COST, gguf_variant
-from backends.llamacpp_worker import worker_main
+from backends.llamacpp.probe import resolve_extra_buffers
+from backends.llamacpp.quant import QUANT_BITS, QUANT_COST, gguf_variant
+from backends.llamacpp.worker import worker_main
 
 __all__ = ["LlamaCppBackend", "engine_settings", "offload_steps"]
 

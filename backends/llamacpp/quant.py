@@ -29,7 +29,7 @@ QUANT_COST = {"f16": 1.6, "q8_0": 1.0, "q5_k_m": 1.35, "q4_k_m": 1.25, "q4_1": 1
 def _quantize(source: Path, target: Path, ftype: int) -> None:
     import llama_cpp
 
-    from backends.llamacpp_engine import silence_llama_logs
+    from backends.llamacpp.engine import silence_llama_logs
 
     silence_llama_logs()
     params = llama_cpp.llama_model_quantize_default_params()

@@ -1,6 +1,6 @@
 """The parent's side of a group of torch ranks started by torch's own launcher.
 
-`RankGroup` runs ``python -m torch.distributed.run`` (torchrun) on ``backends.torch_rank``
+`RankGroup` runs ``python -m torch.distributed.run`` (torchrun) on ``backends.torch.rank``
 with ``nproc`` ranks on this node. Rank 0 connects back over a Unix socket in a private
 directory; the parent sends it ``("generate", prompts, settings)`` and gets the gathered
 completions back. The parent only ever sleeps in a blocking ``wait`` on that socket and on
@@ -67,7 +67,7 @@ def collective_timeout_s() -> float:
 
 
 class RankGroup:
-    """``nproc`` torch ranks running ``spec`` (a JSON-ready dict for ``backends.torch_rank``)."""
+    """``nproc`` torch ranks running ``spec`` (a JSON-ready dict for ``backends.torch.rank``)."""
 
     def __init__(self, name: str, spec: dict, nproc: int, threads_per_rank: int) -> None:
         self.name = name
@@ -105,7 +105,7 @@ class RankGroup:
             "--max-restarts=0",
             "--monitor-interval=0.1",
             "-m",
-            "backends.torch_rank",
+            "backends.torch.rank",
         ]
         env = {
             **os.environ,
@@ -273,7 +273,7 @@ class RankGroup:
         self.process, self.conn, self.rundir = None, None, None
 
 
-# What a rank's error says when the fault is another rank's (see torch_rank.recv_object).
+# What a rank's error says when the fault is another rank's (see backends.torch.rank.recv_object).
 _PEER_MARK = "hung or died"
 
 

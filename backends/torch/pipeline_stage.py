@@ -25,9 +25,9 @@ import numpy as np
 
 from autotune.config import TrialConfig
 from backends.base import Completion
-from backends.partition import StageCosts, balanced, format_boundaries
-from backends.pipeline_load import cached_profile, forward_stage, load_stage, positions_of
 from backends.sampling import sample_token
+from backends.torch.partition import StageCosts, balanced, format_boundaries
+from backends.torch.pipeline_load import cached_profile, forward_stage, load_stage, positions_of
 
 __all__ = ["Kind", "MicroBatch", "PipelineStage"]
 
@@ -91,7 +91,7 @@ class PipelineStage:
         if self.first:
             from transformers import GenerationConfig
 
-            from backends.hf import load_tokenizer, stop_token_ids
+            from backends.torch.hf import load_tokenizer, stop_token_ids
 
             self.tokenizer = load_tokenizer(spec["model_dir"])
             self.stop_ids = stop_token_ids(
@@ -140,7 +140,7 @@ class PipelineStage:
         try:
             dist.recv(tensor, src)
         except RuntimeError as error:
-            from backends.torch_rank import peer_failure
+            from backends.torch.rank import peer_failure
 
             raise peer_failure(self.ctx, src, error) from None
         return tensor
@@ -241,7 +241,7 @@ class PipelineStage:
                     self._send_header(self.next_rank, kind, mb)
                 if kind == Kind.END:
                     self._flush()
-                    from backends.torch_rank import send_object
+                    from backends.torch.rank import send_object
 
                     send_object(self.busy_s, 0)
                     return
@@ -255,7 +255,7 @@ class PipelineStage:
 
     def _lead(self, prompts, settings):
         """Stage 0: micro-batches in, steps down the ring, tokens back, completions out."""
-        from backends.hf import length_sorted_batches, prompt_token_ids
+        from backends.torch.hf import length_sorted_batches, prompt_token_ids
 
         torch = self.torch
         pad = self.tokenizer.pad_token_id
@@ -330,7 +330,7 @@ class PipelineStage:
                 step(state, prefill=False)
         busy = [self.busy_s]
         if self.ctx.world > 1:
-            from backends.torch_rank import recv_object
+            from backends.torch.rank import recv_object
 
             self._send_header(self.next_rank, Kind.END, -1)
             self._flush()
