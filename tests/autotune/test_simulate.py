@@ -299,28 +299,53 @@ def test_refused_suggestions_on_an_8_gpu_node_do_not_end_the_search_early(cli, t
     assert not [why for why in summary["dropped"].values() if "or less, under" in why]
 
 
-def _sweep_with_verdict(tmp_path, works: bool):
-    """A simulated 10-minute llama.cpp sweep of the 2-vCPU VM given the probe's verdict."""
+def _vm_sweep(tmp_path, *, stop_at=None, on_event=None, **changes):
+    """A `Sweep` of the 2-vCPU VM simulated (seed 1, 10 minutes, llama.cpp and hf unless
+    ``changes`` say otherwise); with ``stop_at`` the sweep process dies (as by SIGKILL:
+    nothing of it runs on) when its trial number ``stop_at`` runs."""
     from autotune.memory_plan import model_shape
     from autotune.models import ModelSpec
-    from autotune.sweep import SweepOptions, run_sweep
-    from backends.llamacpp.probe import ExtraBuffersVerdict
+    from autotune.sweep import Sweep, SweepOptions
 
     model = ModelSpec.resolve()
     shape = model_shape(model)
     machine = MachineModel.load(str(MACHINES / "vm_2vcpu"), shape)
-    verdict = ExtraBuffersVerdict(works, "the test's verdict", "key")
-    options = SweepOptions(
-        study="xbuf",
-        reports_dir=tmp_path,
-        budget_s=600.0,
-        backends=["llamacpp"],
-        seed=1,
-        simulated=str(MACHINES / "vm_2vcpu"),
-        extra_buffers=verdict,
+    simulation = machine.simulation(1)
+    runner, calls = simulation["runner"], []
+
+    def dies(spec, deadline_s):
+        calls.append(spec)
+        if stop_at is not None and len(calls) > stop_at:
+            raise SystemExit("killed")
+        return runner(spec, deadline_s)
+
+    settings = {
+        "study": "vm",
+        "reports_dir": tmp_path,
+        "budget_s": 600.0,
+        "backends": ["llamacpp", "hf"],
+        "seed": 1,
+        "simulated": str(MACHINES / "vm_2vcpu"),
+        **changes,
+    }
+    return Sweep(
+        SweepOptions(**settings),
+        topology=machine.topology,
+        model=model,
+        shape=shape,
+        clock=simulation["clock"],
+        runner=dies,
+        on_event=on_event,
     )
-    run_sweep(options, topology=machine.topology, model=model, shape=shape, **machine.simulation(1))
-    directory = tmp_path / "xbuf"
+
+
+def _sweep_with_verdict(tmp_path, works: bool):
+    """A simulated 10-minute llama.cpp sweep of the 2-vCPU VM given the probe's verdict."""
+    from backends.llamacpp.probe import ExtraBuffersVerdict
+
+    verdict = ExtraBuffersVerdict(works, "the test's verdict", "key")
+    _vm_sweep(tmp_path, backends=["llamacpp"], extra_buffers=verdict).run()
+    directory = tmp_path / "vm"
     records = [json.loads(line) for line in (directory / "trials.jsonl").open()]
     machine_json = json.loads((directory / "machine.json").read_text())
     return records, (directory / "best.env").read_text(), machine_json
@@ -349,23 +374,9 @@ def test_the_search_ends_only_when_no_unmeasured_layout_fits(tmp_path):
     """Long trials (256 new tokens on the 2-vCPU VM): the sampler keeps asking for layouts too
     long for a trial's share of the budget; the search explores the ones that fit instead of
     ending (it ended at 321 s of 1800 with 66 layouts of 44-52 s unmeasured)."""
-    from autotune.memory_plan import model_shape
-    from autotune.models import ModelSpec
     from autotune.space import config_key
-    from autotune.sweep import SearchEnded, Sweep, SweepOptions
+    from autotune.sweep import SearchEnded
 
-    model = ModelSpec.resolve()
-    shape = model_shape(model)
-    machine = MachineModel.load(str(MACHINES / "vm_2vcpu"), shape)
-    options = SweepOptions(
-        study="long",
-        reports_dir=tmp_path,
-        budget_s=1800.0,
-        backends=["llamacpp", "hf"],
-        seed=1,
-        simulated=str(MACHINES / "vm_2vcpu"),
-        base=TrialConfig(max_new_tokens=256),
-    )
     left_when_ended = []
 
     def on_event(event):
@@ -378,63 +389,20 @@ def test_the_search_ends_only_when_no_unmeasured_layout_fits(tmp_path):
                 and sweep.budget.cost_s(config) <= room
             )
 
-    sweep = Sweep(
-        options,
-        topology=machine.topology,
-        model=model,
-        shape=shape,
-        on_event=on_event,
-        **machine.simulation(1),
+    sweep = _vm_sweep(
+        tmp_path, on_event=on_event, budget_s=1800.0, base=TrialConfig(max_new_tokens=256)
     )
     summary = sweep.run()
     assert summary.elapsed_s > 900, "most of the search's share of the budget was used"
     assert left_when_ended == [], f"{len(left_when_ended)} layouts that fit were never tried"
 
 
-def _vm_sweep(tmp_path, *, resume=False, stop_at=None):
-    """A simulated 10-minute llama.cpp + hf sweep of the 2-vCPU VM; with ``stop_at`` the sweep
-    process dies (as by SIGKILL: nothing of it runs on) when its trial number ``stop_at`` runs."""
-    from autotune.memory_plan import model_shape
-    from autotune.models import ModelSpec
-    from autotune.sweep import Sweep, SweepOptions
-
-    model = ModelSpec.resolve()
-    shape = model_shape(model)
-    machine = MachineModel.load(str(MACHINES / "vm_2vcpu"), shape)
-    simulation = machine.simulation(1)
-    runner, calls = simulation["runner"], []
-
-    def dies(spec, deadline_s):
-        calls.append(spec)
-        if stop_at is not None and len(calls) > stop_at:
-            raise SystemExit("killed")
-        return runner(spec, deadline_s)
-
-    options = SweepOptions(
-        study="r",
-        reports_dir=tmp_path,
-        budget_s=600.0,
-        backends=["llamacpp", "hf"],
-        seed=1,
-        simulated=str(MACHINES / "vm_2vcpu"),
-        resume=resume,
-    )
-    sweep = Sweep(
-        options,
-        topology=machine.topology,
-        model=model,
-        shape=shape,
-        clock=simulation["clock"],
-        runner=dies,
-    )
-    return sweep.run(), sweep
-
-
 @pytest.mark.parametrize("stop_at", [0, 2])
 def test_a_resumed_sweep_runs_each_fixed_layout_once_baseline_first(tmp_path, stop_at):
     with pytest.raises(SystemExit):
-        _vm_sweep(tmp_path, stop_at=stop_at)
-    summary, sweep = _vm_sweep(tmp_path, resume=True)
+        _vm_sweep(tmp_path, stop_at=stop_at).run()
+    sweep = _vm_sweep(tmp_path, resume=True)
+    summary = sweep.run()
     fixed = [r for r in summary.trials if r.role.value in ("baseline", "recipe")]
     assert fixed[0].role.value == "baseline" and summary.trials[0] is fixed[0], "baseline first"
     names = [r.name for r in fixed]
