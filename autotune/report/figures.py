@@ -1,84 +1,18 @@
-"""`autotune report`: a study's figures and tables, as report.md and a standalone report.html.
-
-Everything comes from the study's own files (summary.json, trials.jsonl, machine.json, and
-study.db for parameter importances), so a report can be made of a sweep cut off midway, and
-made again. Every figure is always written: where the study has nothing for it (no pipeline
-trial, one backend) the figure says so instead of being left out, so links never break.
-"""
+"""The report's figures: one function per figure, drawn with matplotlib on the axes it is
+given; `FIGURES` lists them in the report's order, `draw` writes every one as a PNG."""
 
 from __future__ import annotations
 
-import base64
-import html
 import math
-import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from autotune.console import layout_text
-from autotune.files import atomic_write
-from autotune.stats import describe_speedup
-from autotune.study import Role, StudyDir, TrialRecord, TrialState, find
+from autotune.report.data import Study
+from autotune.study import StudyDir, TrialRecord
 
-__all__ = ["FIGURES", "Report", "Study", "build_report", "load_study"]
-
-
-@dataclass
-class Study:
-    """What a study directory holds, read once."""
-
-    directory: Path
-    summary: dict
-    trials: list[TrialRecord]
-    machine: dict
-    roofline: dict | None = None
-
-    @property
-    def name(self) -> str:
-        return self.summary.get("study", self.directory.name)
-
-    @property
-    def done(self) -> list[TrialRecord]:
-        return [t for t in self.trials if t.complete]
-
-    @property
-    def baseline(self) -> TrialRecord | None:
-        return self.summary.get("baseline")
-
-    @property
-    def winner(self) -> TrialRecord | None:
-        return self.summary.get("winner")
-
-
-@dataclass
-class Report:
-    """The written report: its files and the rows shown in the terminal."""
-
-    markdown: Path
-    html: Path
-    figures: list[Path]
-    top: list[TrialRecord] = field(default_factory=list)
-
-
-def load_study(reports_dir: Path, study: str | None) -> Study:
-    """The study named (default: the newest under ``reports_dir``); a study cut off midway
-    (no summary, a torn last line) loads what finished."""
-    directory = find(reports_dir, study)
-    trials = directory.records()
-    summary = {"study": directory.name}
-    if directory.summary.is_file():
-        summary.update(directory.load_summary())
-    if not summary.get("baseline"):
-        summary["baseline"] = next(
-            (t for t in trials if t.role is Role.BASELINE and t.complete), None
-        )
-    machine = directory.read_json(directory.machine, "machine.json") or {}
-    roofline = directory.read_json(directory.roofline, "roofline.json")
-    return Study(directory.path, summary, trials, machine, roofline)
-
-
-# ---------------------------------------------------------------- figures
+__all__ = ["CAPTIONS", "FIGURES", "Figure", "draw"]
 
 
 def _speedup_ci(study: Study, trial: TrialRecord) -> tuple[float, float, float] | None:
@@ -380,10 +314,10 @@ FIGURES = (
     ),
     Figure("roofline.png", "The best result beside the machine's roofline bounds", _fig_roofline),
 )
-_CAPTIONS = {figure.name: figure.caption for figure in FIGURES}
+CAPTIONS = {figure.name: figure.caption for figure in FIGURES}
 
 
-def _draw(study: Study, directory: Path) -> list[Path]:
+def draw(study: Study, directory: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -403,233 +337,3 @@ def _draw(study: Study, directory: Path) -> list[Path]:
         plt.close(figure)
         written.append(path)
     return written
-
-
-# ---------------------------------------------------------------- tables and documents
-
-
-# Config fields shown as columns, when a backend in the table reads them and they vary.
-_COLUMNS = (
-    "workers",
-    "stages",
-    "threads_per_worker",
-    "batch_size",
-    "quant",
-    "dtype",
-    "partition",
-    "boundaries",
-    "pinning",
-    "kv_cache",
-)
-
-
-def top_rows(study: Study, count: int = 10) -> tuple[list[str], list[list[str]]]:
-    """The best ``count`` configs, with only the config columns that vary among them (and
-    that one of their backends reads)."""
-    from backends import fields_read
-
-    best = sorted(study.done, key=lambda t: t.value, reverse=True)[:count]
-    read = set().union(*(fields_read(t.backend) for t in best)) if best else set()
-    columns = ["backend"] if len({t.backend for t in best}) > 1 else []
-    columns += [c for c in _COLUMNS if c in read and len({str(t.config.get(c)) for t in best}) > 1]
-    base = study.baseline.value if study.baseline else None
-    header = [
-        "trial",
-        *columns,
-        "tokens/s",
-        "x baseline",
-        "window spread",
-        "answers identical",
-        "peak memory (GiB)",
-    ]
-    rows = []
-    for trial in best:
-        result = trial.result or {}
-        memory = result.get("peak_memory_bytes")
-        spread = result.get("window_spread")
-        identical = (trial.agreement or {}).get("identical")
-        rows.append(
-            [
-                str(trial.number),
-                *(str(trial.config.get(c)) for c in columns),
-                f"{trial.value:.1f}",
-                f"{trial.value / base:.2f}" if base else "-",
-                "-"
-                if spread is None
-                else f"{spread:.1%}" + ("" if result.get("stable") else " (not stable)"),
-                f"{identical:.0%}" if identical is not None else "-",
-                f"{memory / 2**30:.2f}" if memory else "-",
-            ]
-        )
-    return header, rows
-
-
-def _sections(study: Study) -> list[tuple[str, list]]:
-    """(title, blocks) where a block is ("p", text), ("table", header, rows), ("img", name)."""
-    summary = study.summary
-    counts = {s.value: sum(t.state is s for t in study.trials) for s in TrialState}
-    winner = study.winner
-    intro = [
-        (
-            "p",
-            f"{counts['complete']} trials measured, {counts['fail']} failed, "
-            f"{counts['pruned']} pruned"
-            + (
-                " — the sweep was interrupted; this covers what finished."
-                if summary.get("interrupted") or not summary.get("winner")
-                else "."
-            ),
-        )
-    ]
-    if winner:
-        line = (
-            f"Winner: trial {winner.number}, {layout_text(winner.config)}, "
-            f"{winner.value:.1f} tokens/s"
-        )
-        if winner.paired:
-            line += f"; against the naive baseline {describe_speedup(winner.paired)}"
-        intro.append(("p", line + "."))
-    if study.baseline:
-        intro.append(
-            (
-                "p",
-                f"Naive baseline (trial {study.baseline.number}): "
-                f"{layout_text(study.baseline.config)}, "
-                f"{study.baseline.value:.1f} tokens/s.",
-            )
-        )
-    sections = [("Summary", intro)]
-    header, rows = top_rows(study)
-    sections.append(
-        ("Top configurations", [("table", header, rows)] if rows else [("p", "No trial finished.")])
-    )
-    sections.append(("Figures", [("img", figure.name) for figure in FIGURES]))
-    failed = [
-        [
-            str(t.number),
-            layout_text(t.config) if t.config else "-",
-            t.failure_class or "-",
-            _one_line(t.stderr_tail),
-        ]
-        for t in study.trials
-        if t.state is TrialState.FAIL
-    ]
-    pruned = [
-        [str(t.number), layout_text(t.config) if t.config else "-", t.reason or "-"]
-        for t in study.trials
-        if t.state is TrialState.PRUNED
-    ]
-    blocks = []
-    blocks.append(
-        ("table", ["trial", "config", "class", "last line of stderr"], failed)
-        if failed
-        else ("p", "No trial failed.")
-    )
-    blocks.append(
-        ("table", ["trial", "config", "why it was not run"], pruned)
-        if pruned
-        else ("p", "No trial was pruned.")
-    )
-    # What the search itself left out: backends dominated after their climb, recipes that no
-    # longer fitted the time left (`autotune.sweep`).
-    left_out = [[f"backend {name}", why] for name, why in (summary.get("dropped") or {}).items()]
-    left_out += [[name, why] for name, why in (summary.get("skipped_recipes") or {}).items()]
-    if left_out:
-        blocks.append(("table", ["not searched further", "why"], left_out))
-    sections.append(("Failed and pruned trials", blocks))
-    topo = study.machine.get("topology", {})
-    machine = [
-        [key, str(topo.get(key))]
-        for key in (
-            "cpu_model",
-            "logical_cpus",
-            "physical_cores",
-            "threads_per_core",
-            "usable_cpus",
-            "memory_total_bytes",
-            "memory_available_bytes",
-        )
-        if key in topo
-    ]
-    machine.append(["fingerprint", str(study.machine.get("fingerprint"))])
-    machine.append(["model", str(study.machine.get("model"))])
-    from autotune.provenance import versions
-
-    machine += [[name, str(version)] for name, version in versions().items()]
-    sections.append(("Machine and versions", [("table", ["", ""], machine)]))
-    return sections
-
-
-def _one_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return (lines[-1] if lines else "")[:160]
-
-
-def _markdown(study: Study, sections) -> str:
-    out = [f"# autotune report: {study.name}", ""]
-    for title, blocks in sections:
-        out += [f"## {title}", ""]
-        for block in blocks:
-            if block[0] == "p":
-                out += [block[1], ""]
-            elif block[0] == "table":
-                _, header, rows = block
-                cell = lambda v: str(v).replace("|", "\\|")  # noqa: E731
-                out.append("| " + " | ".join(cell(h) for h in header) + " |")
-                out.append("|" + "---|" * len(header))
-                out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-                out.append("")
-            else:
-                name = block[1]
-                out += [f"### {_CAPTIONS[name]}", "", f"![{_CAPTIONS[name]}]({name})", ""]
-    return "\n".join(out)
-
-
-def _html(study: Study, sections, directory: Path) -> str:
-    e = html.escape
-    out = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>autotune report: {e(study.name)}</title><style>"
-        "body{font-family:sans-serif;max-width:960px;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse;margin:1em 0;font-size:90%}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
-        "img{max-width:100%}</style></head><body>",
-        f"<h1>autotune report: {e(study.name)}</h1>",
-    ]
-    for title, blocks in sections:
-        out.append(f"<h2>{e(title)}</h2>")
-        for block in blocks:
-            if block[0] == "p":
-                out.append(f"<p>{e(block[1])}</p>")
-            elif block[0] == "table":
-                _, header, rows = block
-                out.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
-                out += [
-                    "<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in row) + "</tr>" for row in rows
-                ]
-                out.append("</table>")
-            else:
-                name = block[1]
-                data = base64.b64encode((directory / name).read_bytes()).decode()
-                out.append(
-                    f"<h3>{e(_CAPTIONS[name])}</h3>"
-                    f"<img alt='{e(_CAPTIONS[name])}' src='data:image/png;base64,{data}'>"
-                )
-    out.append("</body></html>")
-    return "\n".join(out)
-
-
-def build_report(study: Study) -> Report:
-    """Draw every figure and write report.md and report.html into the study's directory."""
-    figures = _draw(study, study.directory)
-    sections = _sections(study)
-    markdown, page = study.directory / "report.md", study.directory / "report.html"
-    atomic_write(markdown, _markdown(study, sections))
-    atomic_write(page, _html(study, sections, study.directory))
-    top = sorted(study.done, key=lambda t: t.value, reverse=True)[:10]
-    return Report(markdown, page, figures, top)
-
-
-def links(markdown: Path) -> list[str]:
-    """The local files report.md links to (for checking that they resolve)."""
-    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown.read_text())
