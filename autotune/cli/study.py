@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from autotune.cli.common import (
     DEFAULT_BACKENDS,
@@ -25,6 +25,12 @@ from autotune.cli.common import (
 
 __all__ = ["register"]
 
+if TYPE_CHECKING:  # the commands import the library inside them: --help stays instant
+    from autotune.memory_plan import ModelShape
+    from autotune.models import ModelSpec
+    from autotune.topology import Topology
+    from backends.llamacpp.probe import ExtraBuffersVerdict
+
 GPU_SETTLE_S = 30.0  # a sweep's default --settle on a host with GPUs
 
 
@@ -34,11 +40,11 @@ class Prepared:
     the one of --machine, with its file's data), and this CPU's llama.cpp extra-buffers verdict
     (`backends.llamacpp.probe`; None for another machine, or without llama.cpp)."""
 
-    model: Any
-    shape: Any
-    topology: Any
+    model: ModelSpec
+    shape: ModelShape
+    topology: Topology
     machine_data: dict | None
-    verdict: Any
+    verdict: ExtraBuffersVerdict | None
 
     @property
     def extra_buffers(self) -> tuple:

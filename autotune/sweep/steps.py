@@ -15,8 +15,8 @@ from __future__ import annotations
 import random
 
 from autotune.config import TrialConfig
-from autotune.space import Fixed, config_key
-from autotune.study import TrialRecord
+from autotune.space import Fixed, Unfit, config_key
+from autotune.study import Role, TrialRecord
 from autotune.sweep.events import BackendDropped
 from autotune.sweep.ledger import waiting
 from backends import backend_class
@@ -63,9 +63,6 @@ class Queue:
 
     def fixed(self, study, fixed: Fixed) -> None:
         """Queue a fixed layout; one outside the space is injected as it is."""
-        from autotune.space import Unfit
-        from autotune.study import Role
-
         attrs = {"role": fixed.role, "name": fixed.name}
         try:
             study.enqueue_trial(self.space.params(fixed.config), user_attrs=attrs)
