@@ -7,7 +7,9 @@ The CLI's single top-level handler maps these to one clear line and an exit code
 
 from __future__ import annotations
 
-__all__ = ["AutotuneError", "ConfigError", "BackendError", "TrialFailed"]
+from autotune.failures import FailureClass
+
+__all__ = ["AutotuneError", "ConfigError", "BackendError"]
 
 
 class AutotuneError(Exception):
@@ -26,14 +28,6 @@ class BackendError(AutotuneError):
     """A backend could not load a model or generate; ``failure_class`` where the cause is one
     of `autotune.failures`' classes (a worker killed by SIGILL: ``illegal-instruction``)."""
 
-    def __init__(self, message: str, failure_class: str | None = None) -> None:
-        super().__init__(message)
-        self.failure_class = failure_class
-
-
-class TrialFailed(AutotuneError):
-    """A trial ended without a result; `failure_class` says why (oom, crash, timeout, invalid)."""
-
-    def __init__(self, message: str, failure_class: str = "crash") -> None:
+    def __init__(self, message: str, failure_class: FailureClass | None = None) -> None:
         super().__init__(message)
         self.failure_class = failure_class

@@ -21,6 +21,7 @@ from autotune.config import TrialConfig
 from autotune.errors import ConfigError
 from autotune.stats import describe_speedup
 from autotune.study import TrialRecord
+from autotune.summary import SweepSummary
 from backends import fields_read
 
 __all__ = ["FORMATS", "figures", "parse_header", "render", "variables", "winner_config"]
@@ -28,13 +29,13 @@ __all__ = ["FORMATS", "figures", "parse_header", "render", "variables", "winner_
 FORMATS = ("env", "shell", "json", "systemd", "docker")
 
 
-def winner_config(summary: dict) -> TrialConfig:
+def winner_config(summary: SweepSummary) -> TrialConfig:
     """The winner's TrialConfig, with a layer split it chose while measuring (the pipeline's
     ``compute`` partition) written out, so the variables reproduce what was measured."""
-    winner: TrialRecord | None = summary.get("winner")
+    winner = summary.winner
     if not winner:
-        raise ConfigError(f"study {summary.get('study')}: no trial finished, nothing to export")
-    config = TrialConfig.from_dict(winner.config)
+        raise ConfigError(f"study {summary.study}: no trial finished, nothing to export")
+    config = winner.config
     details = (winner.result or {}).get("details") or {}
     if details.get("boundaries"):
         config = config.replace(
@@ -43,22 +44,22 @@ def winner_config(summary: dict) -> TrialConfig:
     return config
 
 
-def variables(summary: dict) -> dict[str, str]:
+def variables(summary: SweepSummary) -> dict[str, str]:
     """The env vars of the winner: only what its backend reads."""
     config = winner_config(summary)
     return config.to_env(only=fields_read(config.backend))
 
 
-def figures(summary: dict, fingerprint: str | None) -> dict:
+def figures(summary: SweepSummary, fingerprint: str | None) -> dict:
     """What was measured, for the header and the JSON: tokens/s of the winner's trial, its
     paired speedup over the naive baseline with the interval and the number of pairs (or a
     single-run ratio, marked unconfirmed), the machine fingerprint and library versions."""
     from autotune.provenance import versions
 
-    winner: TrialRecord = summary["winner"]
-    baseline: TrialRecord | None = summary.get("baseline")
+    winner: TrialRecord = summary.winner
+    baseline = summary.baseline
     data = {
-        "study": summary["study"],
+        "study": summary.study,
         "trial": winner.number,
         "tokens_per_s": winner.value,
         # What the winner measured in the paired runs against the baseline: the fairer figure
@@ -80,11 +81,9 @@ def figures(summary: dict, fingerprint: str | None) -> dict:
         "versions": {k: v for k, v in versions().items() if v is not None},
     }
     data["chosen_among"] = None
-    data["note"] = summary.get("note")
+    data["note"] = summary.note
     # Where the probe ran: whether llama.cpp's extra buffers run on the machine measured.
-    data["llama_extra_buffers"] = (
-        summary.get("llama_extra_buffers") if winner.config.get("backend") == "llamacpp" else None
-    )
+    data["llama_extra_buffers"] = summary.extra_buffers if winner.backend == "llamacpp" else None
     data["agreement"] = winner.agreement  # its answers against the batch-1 reference run
     data["stable"] = (winner.result or {}).get("stable")
     data["window_spread"] = (winner.result or {}).get("window_spread")
@@ -156,8 +155,8 @@ def parse_header(comments: list[str]) -> dict:
     return found
 
 
-def render(summary: dict, *, fingerprint: str | None, fmt: str) -> str:
-    """The winner of ``summary`` (as `StudyDir.load_summary` reads it) in format ``fmt``."""
+def render(summary: SweepSummary, *, fingerprint: str | None, fmt: str) -> str:
+    """The winner of ``summary`` in format ``fmt``."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     env = variables(summary)

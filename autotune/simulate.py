@@ -50,7 +50,7 @@ import statistics
 from dataclasses import dataclass
 
 from autotune.config import TrialConfig
-from autotune.failures import classify
+from autotune.failures import FailureClass, classify
 from autotune.memory_plan import ModelShape
 from autotune.topology import Topology
 from backends.fake import (
@@ -318,11 +318,11 @@ class SimulatedTrials:
         config = TrialConfig.from_dict(spec["config"])
         if config.fault == "hang":
             self.clock.advance(deadline_s)
-            return TrialOutcome("fail", "timeout", duration_s=deadline_s)
+            return TrialOutcome(False, FailureClass.TIMEOUT, duration_s=deadline_s)
         if config.fault in ("crash", "oom", "sigill", "error"):  # error: a traceback, exit 1
             failure = classify(FAULT_EXITS[config.fault], "")
             self.clock.advance(self._load_s(config))
-            return TrialOutcome("fail", failure, stderr_tail=f"fake {config.fault}")
+            return TrialOutcome(False, failure, stderr_tail=f"fake {config.fault}")
         pacing = Pacing(**spec["pacing"])
         workload = load_workload(spec.get("workload"))
         if spec.get("limit"):
@@ -390,6 +390,6 @@ class SimulatedTrials:
 
         if duration > deadline_s:
             self.clock.advance(deadline_s)
-            return TrialOutcome("fail", "timeout", duration_s=deadline_s)
+            return TrialOutcome(False, FailureClass.TIMEOUT, duration_s=deadline_s)
         self.clock.advance(duration)
-        return TrialOutcome("complete", result=result, duration_s=duration)
+        return TrialOutcome(True, result=result, duration_s=duration)

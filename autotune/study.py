@@ -18,7 +18,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from pathlib import Path
 
+from autotune.config import TrialConfig
 from autotune.errors import ConfigError
+from autotune.failures import FailureClass
 from autotune.files import append_line, atomic_write
 
 __all__ = ["Role", "StudyDir", "TrialRecord", "TrialState", "find", "newest"]
@@ -57,13 +59,13 @@ class TrialRecord:
     state: TrialState
     role: Role = Role.SEARCH
     name: str = ""
-    config: dict | None = None
+    config: TrialConfig | None = None
     duration_s: float = 0.0
     ended_s: float | None = None  # seconds since the sweep began
     value: float | None = None
     result: dict | None = None
     samples: list | None = None
-    failure_class: str | None = None
+    failure_class: FailureClass | None = None
     stderr_tail: str = ""
     reason: str | None = None
     worker: str | None = None  # host:pid of the sweep process that ran it
@@ -75,8 +77,13 @@ class TrialRecord:
     answers: dict | None = None  # the reference run's answers (reference trials only)
 
     def __post_init__(self) -> None:
+        # JSON only at the edges: a record read back (a dict config, a bare string) is typed here.
         object.__setattr__(self, "state", TrialState(self.state))
         object.__setattr__(self, "role", Role(self.role))
+        if isinstance(self.config, dict):
+            object.__setattr__(self, "config", TrialConfig.from_dict(self.config))
+        if self.failure_class is not None:
+            object.__setattr__(self, "failure_class", FailureClass(self.failure_class))
 
     @property
     def complete(self) -> bool:
@@ -84,7 +91,7 @@ class TrialRecord:
 
     @property
     def backend(self) -> str | None:
-        return (self.config or {}).get("backend")
+        return self.config.backend if self.config else None
 
     def with_(self, **changes) -> TrialRecord:
         """A copy with some fields changed."""
@@ -94,6 +101,8 @@ class TrialRecord:
         """JSON-ready; fields at their empty default are left out."""
         data = asdict(self)
         data["state"], data["role"] = self.state.value, self.role.value
+        if self.failure_class is not None:
+            data["failure_class"] = self.failure_class.value
         empty = {f.name: f.default for f in fields(self) if f.name not in ("number", "state")}
         empty["extra"] = {}
         return {k: v for k, v in data.items() if k not in empty or v != empty[k]}
@@ -159,20 +168,6 @@ class StudyDir:
             return json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ConfigError(f"{path}: the study's {what} is damaged (not JSON)") from None
-
-    def load_summary(self) -> dict:
-        """summary.json, with its winner and baseline as TrialRecords; ConfigError if the
-        sweep has not finished."""
-        data = self.read_json(self.summary, "summary")
-        if data is None:
-            raise ConfigError(
-                f"study {self.name}: no summary.json in {self.path} (the sweep has not "
-                "finished); run autotune sweep --study NAME --resume to finish it"
-            )
-        for key in ("winner", "baseline"):
-            if data.get(key):
-                data[key] = TrialRecord.from_dict(data[key])
-        return data
 
     # ------------------------------------------------------------ writing
 

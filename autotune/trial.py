@@ -34,7 +34,7 @@ from pathlib import Path
 
 import psutil
 
-from autotune.failures import classify
+from autotune.failures import FailureClass, classify
 
 __all__ = ["TrialOutcome", "run_in_child"]
 
@@ -45,9 +45,9 @@ _STDERR_TAIL = 2000
 class TrialOutcome:
     """What became of one trial process."""
 
-    state: str  # "complete" or "fail"
-    failure_class: str | None = None  # `autotune.failures`' classes, timeout, interrupted
-    result: dict | None = None
+    complete: bool  # the result is there; else it failed of ``failure_class``
+    failure_class: FailureClass | None = None
+    result: dict | None = None  # the child's RunResult as JSON, with its answers
     stderr_tail: str = ""
     duration_s: float = 0.0
     extra: dict = field(default_factory=dict)
@@ -104,21 +104,21 @@ def run_in_child(spec: dict, deadline_s: float) -> TrialOutcome:
         tail = stderr_path.read_text(errors="replace")[-_STDERR_TAIL:]
         if not finished:
             return TrialOutcome(
-                "fail",
-                "timeout",
+                False,
+                FailureClass.TIMEOUT,
                 stderr_tail=tail,
                 duration_s=duration,
                 extra={"deadline_s": deadline_s},
             )
         if process.returncode == 0 and result_path.exists():
             return TrialOutcome(
-                "complete",
+                True,
                 result=json.loads(result_path.read_text()),
                 stderr_tail=tail,
                 duration_s=duration,
             )
         return TrialOutcome(
-            "fail",
+            False,
             classify(process.returncode, tail),
             stderr_tail=tail,
             duration_s=duration,

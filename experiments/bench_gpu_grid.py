@@ -86,14 +86,17 @@ def main() -> int:
     if not args.study:
         return 0
 
+    from autotune.failures import FailureClass
     from autotune.study import StudyDir, TrialState
+    from autotune.summary import SweepSummary
     from backends import describe
 
     directory = StudyDir(Path(args.reports) / args.study)
-    summary = directory.load_summary()
-    winner = summary["winner"]
+    winner = SweepSummary.load(directory).winner
     records = directory.records()
-    invalid = [r for r in records if r.state is TrialState.FAIL and r.failure_class == "invalid"]
+    invalid = [
+        r for r in records if r.state is TrialState.FAIL and r.failure_class is FailureClass.INVALID
+    ]
     if winner is None:
         print("the study has no winner")
         return 1

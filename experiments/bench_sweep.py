@@ -49,13 +49,14 @@ def main() -> int:
             return 1
     from autotune.stats import describe_speedup
     from autotune.study import Role, StudyDir
+    from autotune.summary import SweepSummary
     from autotune.units import format_duration, parse_duration
     from backends import describe
 
     directory = StudyDir(Path(args.reports) / study)
-    summary = directory.load_summary()
+    summary = SweepSummary.load(directory)
     recipes = [t for t in directory.records() if t.complete and t.role is Role.RECIPE]
-    baseline, winner = summary["baseline"], summary["winner"]
+    baseline, winner = summary.baseline, summary.winner
     if not (baseline and recipes and winner):
         print("the study has no baseline, recipe or winner to compare")
         return 1
@@ -74,7 +75,7 @@ def main() -> int:
         vs_base = winner.value / baseline.value
         print(f"winner / baseline    x{vs_base:.2f}  (search trials; not re-measured)")
     print(f"winner / best recipe x{vs_recipe:.2f}  (search trials)")
-    budget, elapsed = parse_duration(args.budget), summary["elapsed_s"]
+    budget, elapsed = parse_duration(args.budget), summary.elapsed_s
     print(f"time               {format_duration(elapsed)} of a {format_duration(budget)} budget")
     bar = 3.5 if budget >= 600 else 3.0  # issue 14: the 10-minute sweep and the Quickstart's
     print(

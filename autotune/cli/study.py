@@ -201,9 +201,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from autotune.export import render
     from autotune.files import atomic_write
     from autotune.study import find
+    from autotune.summary import SweepSummary
 
     study = find(Path(args.reports), args.study)
-    summary = study.load_summary()
+    summary = SweepSummary.load(study)
     machine = study.read_json(study.machine, "machine.json") or {}
     text = render(summary, fingerprint=machine.get("fingerprint"), fmt=args.format)
     if args.output:

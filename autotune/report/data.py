@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autotune.study import Role, TrialRecord, find
+from autotune.summary import SweepSummary
 
 __all__ = ["Study", "load_study"]
 
@@ -16,14 +17,14 @@ class Study:
     """What a study directory holds, read once."""
 
     directory: Path
-    summary: dict
+    summary: SweepSummary | None  # None: the sweep was cut off before writing it
     trials: list[TrialRecord]
     machine: dict
     roofline: dict | None = None
 
     @property
     def name(self) -> str:
-        return self.summary.get("study", self.directory.name)
+        return self.summary.study if self.summary else self.directory.name
 
     @property
     def done(self) -> list[TrialRecord]:
@@ -31,11 +32,13 @@ class Study:
 
     @property
     def baseline(self) -> TrialRecord | None:
-        return self.summary.get("baseline")
+        if self.summary and self.summary.baseline:
+            return self.summary.baseline
+        return next((t for t in self.trials if t.role is Role.BASELINE and t.complete), None)
 
     @property
     def winner(self) -> TrialRecord | None:
-        return self.summary.get("winner")
+        return self.summary.winner if self.summary else None
 
 
 def load_study(reports_dir: Path, study: str | None) -> Study:
@@ -43,13 +46,7 @@ def load_study(reports_dir: Path, study: str | None) -> Study:
     (no summary, a torn last line) loads what finished."""
     directory = find(reports_dir, study)
     trials = directory.records()
-    summary = {"study": directory.name}
-    if directory.summary.is_file():
-        summary.update(directory.load_summary())
-    if not summary.get("baseline"):
-        summary["baseline"] = next(
-            (t for t in trials if t.role is Role.BASELINE and t.complete), None
-        )
+    summary = SweepSummary.load(directory) if directory.summary.is_file() else None
     machine = directory.read_json(directory.machine, "machine.json") or {}
     roofline = directory.read_json(directory.roofline, "roofline.json")
     return Study(directory.path, summary, trials, machine, roofline)

@@ -39,7 +39,9 @@ def top_rows(study: Study, count: int = 10) -> tuple[list[str], list[list[str]]]
     best = sorted(study.done, key=lambda t: t.value, reverse=True)[:count]
     read = set().union(*(fields_read(t.backend) for t in best)) if best else set()
     columns = ["backend"] if len({t.backend for t in best}) > 1 else []
-    columns += [c for c in _COLUMNS if c in read and len({str(t.config.get(c)) for t in best}) > 1]
+    columns += [
+        c for c in _COLUMNS if c in read and len({str(getattr(t.config, c)) for t in best}) > 1
+    ]
     base = study.baseline.value if study.baseline else None
     header = [
         "trial",
@@ -59,7 +61,7 @@ def top_rows(study: Study, count: int = 10) -> tuple[list[str], list[list[str]]]
         rows.append(
             [
                 str(trial.number),
-                *(str(trial.config.get(c)) for c in columns),
+                *(str(getattr(trial.config, c)) for c in columns),
                 f"{trial.value:.1f}",
                 f"{trial.value / base:.2f}" if base else "-",
                 "-"
@@ -84,7 +86,7 @@ def sections(study: Study) -> list[tuple[str, list]]:
             f"{counts['pruned']} pruned"
             + (
                 " — the sweep was interrupted; this covers what finished."
-                if summary.get("interrupted") or not summary.get("winner")
+                if summary is None or summary.interrupted or not summary.winner
                 else "."
             ),
         )
@@ -140,8 +142,10 @@ def sections(study: Study) -> list[tuple[str, list]]:
     )
     # What the search itself left out: backends dominated after their climb, recipes that no
     # longer fitted the time left (`autotune.sweep`).
-    left_out = [[f"backend {name}", why] for name, why in (summary.get("dropped") or {}).items()]
-    left_out += [[name, why] for name, why in (summary.get("skipped_recipes") or {}).items()]
+    left_out = [
+        [f"backend {name}", why] for name, why in (summary.dropped if summary else {}).items()
+    ]
+    left_out += [[name, why] for name, why in (summary.skipped if summary else {}).items()]
     if left_out:
         blocks.append(("table", ["not searched further", "why"], left_out))
     sections.append(("Failed and pruned trials", blocks))

@@ -74,7 +74,7 @@ def _fig_workers_threads(study: Study, ax) -> None:
         return
     cells: dict[tuple[int, int], float] = {}
     for trial in by_backend[backend]:
-        key = (trial.config["workers"], trial.config["threads_per_worker"])
+        key = (trial.config.workers, trial.config.threads_per_worker)
         cells[key] = max(cells.get(key, 0.0), trial.value)
     workers = sorted({w for w, _ in cells})
     threads = sorted({t for _, t in cells})
@@ -96,7 +96,7 @@ def _fig_batch(study: Study, ax) -> None:
     lines: dict[str, dict[int, float]] = {}
     for trial in study.done:
         line = lines.setdefault(trial.backend, {})
-        batch = trial.config["batch_size"]
+        batch = trial.config.batch_size
         line[batch] = max(line.get(batch, 0.0), trial.value)
     if not lines:
         _empty(ax, "no finished trial")
@@ -150,7 +150,7 @@ def _fig_agreement(study: Study, ax) -> None:
     for backend in sorted({b for _, _, b in points}):
         mine = [(a, v) for a, v, b in points if b == backend]
         ax.scatter([a * 100 for a, _ in mine], [v for _, v in mine], label=backend, alpha=0.7)
-    minimum = study.summary.get("min_agreement")
+    minimum = study.summary.min_agreement if study.summary else None
     if minimum is not None:
         ax.axvline(minimum * 100, color="grey", linestyle="--", label="--min-agreement")
     ax.set_xlabel("answers identical to the batch-1 greedy reference (%)")
@@ -174,7 +174,7 @@ def _fig_pipeline(study: Study, ax) -> None:
         xs = [i + stage * width for i in range(len(rows))]
         ys = [busy[stage] if stage < len(busy) else 0 for _, busy, _ in rows]
         ax.bar(xs, ys, width=width, label=f"stage {stage}")
-    labels = [f"{b}\nb{t.config['batch_size']}" for b, _, t in rows]
+    labels = [f"{b}\nb{t.config.batch_size}" for b, _, t in rows]
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], labels, fontsize=7)
     ax.set_xlabel("layer split (stage ranges) and micro-batch size")
     ax.set_ylabel("compute time per stage in the last timed pass (s)")

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from autotune.config import TrialConfig
+from autotune.failures import FailureClass
 from autotune.measure import width_of
 from autotune.space import config_key
 from autotune.stats import speedup_interval
@@ -67,7 +68,7 @@ def confirm(
         if config_key(record.config) not in keys:
             keys.add(config_key(record.config))
             unique.append(record)
-    base_config = TrialConfig.from_dict(baseline.config)
+    base_config = baseline.config
     confirmed = []
     for record in unique[:TOP]:
         left = time_left_s() - MARGIN_S
@@ -77,17 +78,17 @@ def confirm(
         if _paired_cost(record, baseline, count) > left:
             tell(ConfirmSkipped(record.number))
             continue
-        config = TrialConfig.from_dict(record.config)
+        config = record.config
         tell(ConfirmStarted(record.number, config, count))
         outcome = run_pairs(config, base_config, count, max(5.0, left))
-        if outcome.state != "complete":
+        if not outcome.complete:
             tell(ConfirmFailed(record.number, outcome.failure_class))
             continue
         rates = {side: outcome.result[side] for side in ("candidate", "baseline")}
         failed = sum((outcome.result.get("failed_requests") or {}).values())
         if failed or min(rates["candidate"] + rates["baseline"]) <= 0:
             # Not the same job on both sides (or no tokens at all): no ratio to claim.
-            tell(ConfirmFailed(record.number, "requests"))
+            tell(ConfirmFailed(record.number, FailureClass.REQUESTS))
             continue
         stats = speedup_interval(rates["candidate"], rates["baseline"])
         confirmed.append(record.with_(paired={**stats, **rates}, confirmed=True))
@@ -126,7 +127,7 @@ def _paired_cost(record: TrialRecord, baseline: TrialRecord, pairs: int) -> floa
         passes = [s["wall_s"] for s in r.samples or () if s.get("wall_s")]
         one = statistics.median(passes) if passes else (r.duration_s - load) / 2
         prompts = result.get("prompts") or 1
-        width = width_of(TrialConfig.from_dict(r.config))
+        width = width_of(r.config)
         return load, one * min(1.0, width / prompts), one
 
     load_a, warm_a, run_a = parts(record)

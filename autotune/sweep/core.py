@@ -19,6 +19,7 @@ from typing import Any
 
 from autotune.agreement import agreement, answer_family, family_reference, is_reference
 from autotune.config import TrialConfig
+from autotune.failures import FailureClass
 from autotune.knobs import Target
 from autotune.memory_plan import MemoryPlanner, memory_limit
 from autotune.space import SearchSpace, Unfit, config_key
@@ -164,7 +165,7 @@ class Sweep:
             skipped=dict(self.steps.skipped),
             extra_buffers=verdict.describe() if (verdict := self.options.extra_buffers) else None,
         )
-        summary.uses_smt_siblings = write_outputs(summary, self.dir, self.topology)
+        write_outputs(summary, self.dir, self.topology)
         return summary
 
     # ------------------------------------------------------------ the search
@@ -289,13 +290,13 @@ class Sweep:
             state=TrialState.FAIL,
             role=candidate.role,
             name=candidate.name,
-            config=config.to_dict(),
+            config=config,
             duration_s=round(outcome.duration_s, 3),
             ended_s=round(self.budget.elapsed_s(), 3),
             # Which sweep process ran it: several machines may share one study (--storage).
             worker=WORKER,
         )
-        if outcome.state == "complete":
+        if outcome.complete:
             result = outcome.result
             record = record.with_(
                 result={k: result.get(k) for k in RESULT_KEYS},
@@ -313,7 +314,7 @@ class Sweep:
             if missing:
                 # Its tokens/s leaves out the requests it failed, which the user's job
                 # contains: it must not win (it would fail those lines in `autotune run`).
-                record = record.with_(failure_class="requests", stderr_tail=missing)
+                record = record.with_(failure_class=FailureClass.REQUESTS, stderr_tail=missing)
             elif (low := self._disagrees(record)) is not None:
                 record = record.with_(state=TrialState.PRUNED, reason=low)
             else:
@@ -346,7 +347,7 @@ class Sweep:
             state=TrialState.PRUNED,
             role=candidate.role,
             name=candidate.name,
-            config=config.to_dict() if config else None,
+            config=config,
             reason=reason,
         )
         self.ledger.keep(study, candidate.trial, record)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autotune.config import TrialConfig
+from autotune.failures import FailureClass
 from autotune.study import Role, TrialRecord
 
 __all__ = [
@@ -51,7 +52,7 @@ class ConfirmSkipped:
 @dataclass(frozen=True)
 class ConfirmFailed:
     number: int
-    failure_class: str | None
+    failure_class: FailureClass | None
 
 
 @dataclass(frozen=True)

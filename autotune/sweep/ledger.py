@@ -15,7 +15,6 @@ import socket
 from collections.abc import Callable
 
 from autotune.agreement import answer_family
-from autotune.config import TrialConfig
 from autotune.measure import width_of
 from autotune.space import config_key
 from autotune.study import Role, StudyDir, TrialRecord, TrialState
@@ -114,7 +113,7 @@ class Ledger:
             return  # never ran
         self.seen[config_key(record.config)] = record.number
         if record.answers is not None:
-            self.references[answer_family(TrialConfig.from_dict(record.config))] = record.answers
+            self.references[answer_family(record.config)] = record.answers
         cost = trial_cost(record, 0 if record.role is Role.REFERENCE else self.warmup)
         if cost is not None:
             self.costs.setdefault(record.backend, []).append(cost)
@@ -148,7 +147,7 @@ def trial_cost(record: TrialRecord, warmup: int) -> tuple[float, float] | None:
     if not result.get("tokens_per_s") or not generated or not result.get("prompts"):
         return None
     per_request = samples[0]["generated_tokens"] / result["prompts"]
-    width = width_of(TrialConfig.from_dict(record.config))
+    width = width_of(record.config)
     generated += warmup * width * per_request
     load = result.get("load_time_s") or 0.0
     return load, max(0.0, record.duration_s - load) / generated

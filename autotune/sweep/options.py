@@ -7,7 +7,7 @@ from pathlib import Path
 
 from autotune.config import TrialConfig
 from autotune.measure import Pacing
-from autotune.study import Role, TrialRecord, TrialState
+from autotune.summary import SweepSummary
 from backends.llamacpp.probe import ExtraBuffersVerdict
 
 __all__ = ["SweepOptions", "SweepSummary"]
@@ -40,30 +40,3 @@ class SweepOptions:
     # before the first llama.cpp trial; None where not probed (a simulated machine, or no
     # llama.cpp backend searched).
     extra_buffers: ExtraBuffersVerdict | None = None
-
-
-@dataclass
-class SweepSummary:
-    """What the sweep found."""
-
-    study: str
-    directory: Path
-    trials: list[TrialRecord]
-    winner: TrialRecord | None
-    baseline: TrialRecord | None
-    elapsed_s: float
-    interrupted: bool = False
-    uses_smt_siblings: bool = False
-    note: str | None = None
-    min_agreement: float | None = None
-    dropped: dict[str, str] = field(default_factory=dict)  # backend -> why no more trials
-    skipped: dict[str, str] = field(default_factory=dict)  # recipe -> why it never ran
-    extra_buffers: str | None = None  # the probe's verdict in words, where it ran
-
-    @property
-    def best_recipe(self) -> TrialRecord | None:
-        recipes = [r for r in self.trials if r.role is Role.RECIPE and r.complete]
-        return max(recipes, key=lambda r: r.value, default=None)
-
-    def count(self, state: TrialState) -> int:
-        return sum(r.state is state for r in self.trials)

@@ -2,49 +2,33 @@
 
 from __future__ import annotations
 
-from autotune.config import TrialConfig
 from autotune.files import atomic_write
-from autotune.study import StudyDir, TrialState
-from autotune.sweep.options import SweepSummary
+from autotune.study import StudyDir
+from autotune.summary import SweepSummary
 
 __all__ = ["simulated_note", "write_outputs"]
 
 
-def write_outputs(summary: SweepSummary, directory: StudyDir, topology) -> bool:
-    """summary.json and best.env; returns whether the winner uses SMT siblings."""
+def write_outputs(summary: SweepSummary, directory: StudyDir, topology) -> None:
+    """summary.json and best.env; sets ``summary``'s machine and whether the winner uses SMT
+    siblings first."""
     from autotune.export import render
 
-    winner_threads = (
-        TrialConfig.from_dict(summary.winner.config).total_threads if summary.winner else 0
-    )
-    data = {
-        "study": summary.study,
-        # More threads than the usable physical cores means SMT siblings are in use (seed
-        # 001's question); the host's core count would be wrong in a container.
-        "uses_smt_siblings": winner_threads > topology.usable_cores,
-        "machine": {
-            "physical_cores": topology.physical_cores,
-            "usable_cores": topology.usable_cores,
-            "usable_cpus": topology.usable_cpus,
-            "threads_per_core": topology.threads_per_core,
-        },
-        "elapsed_s": summary.elapsed_s,
-        "interrupted": summary.interrupted,
-        "note": summary.note,
-        "min_agreement": summary.min_agreement,
-        "dropped": summary.dropped,
-        "skipped_recipes": summary.skipped,
-        "llama_extra_buffers": summary.extra_buffers,
-        "winner": summary.winner,
-        "baseline": summary.baseline,
-        "counts": {state.value: summary.count(state) for state in TrialState},
+    winner_threads = summary.winner.config.total_threads if summary.winner else 0
+    # More threads than the usable physical cores means SMT siblings are in use (seed 001's
+    # question); the host's core count would be wrong in a container.
+    summary.uses_smt_siblings = winner_threads > topology.usable_cores
+    summary.machine = {
+        "physical_cores": topology.physical_cores,
+        "usable_cores": topology.usable_cores,
+        "usable_cpus": topology.usable_cpus,
+        "threads_per_core": topology.threads_per_core,
     }
-    directory.write_json(directory.summary, data)
-    if summary.winner is not None:  # from the same data, not read back from disk
+    directory.write_json(directory.summary, summary.to_dict())
+    if summary.winner is not None:  # from the same summary, not read back from disk
         atomic_write(
-            directory.best_env, render(data, fingerprint=topology.fingerprint(), fmt="env")
+            directory.best_env, render(summary, fingerprint=topology.fingerprint(), fmt="env")
         )
-    return data["uses_smt_siblings"]
 
 
 def simulated_note(machine: str | None, note: str | None) -> str | None:

@@ -154,9 +154,7 @@ def warm_layouts(options, topology, model, space) -> list[Fixed]:
     ]
     found, keys = [], set()
     for record in sorted(done, key=lambda r: r.value, reverse=True):
-        config = options.base.replace(
-            **{k: v for k, v in record.config.items() if k in _LAYOUT_FIELDS}
-        )
+        config = options.base.replace(**{k: getattr(record.config, k) for k in _LAYOUT_FIELDS})
         if config_key(config) in keys or space.refusal(config) is not None:
             continue
         keys.add(config_key(config))

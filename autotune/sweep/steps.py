@@ -41,10 +41,10 @@ _TIE = 0.9
 _LINEAGES = 2  # layouts whose batch climbs, per backend
 
 
-def lineage(config: dict) -> tuple[str, str]:
+def lineage(config: TrialConfig) -> tuple[str, str]:
     """A layout but its batch, (its backend, the key of the rest): the trials of one batch
     climb share it."""
-    return config["backend"], config_key({**config, "batch_size": None})
+    return config.backend, config_key({**config.to_dict(), "batch_size": None})
 
 
 class Queue:
@@ -139,7 +139,7 @@ class Steps:
             if best.backend in self.screened or best.value < DOMINATED * bests[0].value:
                 continue
             self.screened.add(best.backend)
-            config, queued = TrialConfig.from_dict(best.config), False
+            config, queued = best.config, False
             for knob in self.space.spaces[best.backend].knobs:
                 if knob.screen:
                     variants = self.space.variants(config, knob.name)
@@ -171,7 +171,7 @@ class Steps:
                     self.climbs[line] = _CLIMBED
                     continue
                 origin = step
-            config, room = TrialConfig.from_dict(origin.config), self.budget.room_s()
+            config, room = origin.config, self.budget.room_s()
             for positions in (_CLIMB, 1):
                 wider = self.space.step(config, "batch_size", positions)
                 if wider is not None and self.budget.affordable(wider, room):
@@ -211,7 +211,7 @@ class Steps:
         if best is None or config_key(best.config) in self.visited:
             return False
         self.visited.add(config_key(best.config))
-        config, queued = TrialConfig.from_dict(best.config), False
+        config, queued = best.config, False
         for knob in self.space.spaces[best.backend].knobs:
             if knob.name == "batch_size" or knob.screen:
                 continue
@@ -241,7 +241,7 @@ class Steps:
                 rival = None if self.target.gpus else self._fastest_within(leader.backend, best)
                 if rival is None or best.value >= _SCREEN_DOMINATED * rival.value:
                     continue
-                share, where = _SCREEN_DOMINATED, f" at batch {best.config['batch_size']} or less"
+                share, where = _SCREEN_DOMINATED, f" at batch {best.config.batch_size} or less"
             reason = (
                 f"its best, {best.value:.1f} tokens/s (trial {best.number}), is "
                 f"x{best.value / rival.value:.2f} {rival.backend}'s {rival.value:.1f} "
@@ -316,12 +316,12 @@ class Steps:
 
     def _fastest_within(self, backend: str, record: TrialRecord) -> TrialRecord | None:
         """``backend``'s fastest measured trial at a batch no wider than ``record``'s."""
-        batch = record.config["batch_size"]
+        batch = record.config.batch_size
         return max(
             (
                 r
                 for r in self.ledger.measured_trials()
-                if r.backend == backend and r.config["batch_size"] <= batch
+                if r.backend == backend and r.config.batch_size <= batch
             ),
             key=lambda r: r.value,
             default=None,

@@ -4,12 +4,14 @@ in the header and in the JSON."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from autotune.config import TrialConfig
 from autotune.export import parse_header, render
 from autotune.study import Role, TrialRecord, TrialState
+from autotune.summary import SweepSummary
 
 
 def summary_of(config: TrialConfig, paired: dict | None = None, details: dict | None = None):
@@ -17,19 +19,26 @@ def summary_of(config: TrialConfig, paired: dict | None = None, details: dict | 
         number=0,
         state=TrialState.COMPLETE,
         role=Role.BASELINE,
-        config=TrialConfig().to_dict(),
+        config=TrialConfig(),
         value=20.0,
     )
     winner = TrialRecord(
         number=7,
         state=TrialState.COMPLETE,
-        config=config.to_dict(),
+        config=config,
         value=80.0,
         result={"details": details or {}},
         paired=paired,
         confirmed=paired is not None,
     )
-    return {"study": "x", "winner": winner, "baseline": baseline}
+    return SweepSummary(
+        study="x",
+        directory=Path("x"),
+        trials=[baseline, winner],
+        winner=winner,
+        baseline=baseline,
+        elapsed_s=60.0,
+    )
 
 
 def env_lines(text: str) -> dict[str, str]:

@@ -17,6 +17,7 @@ import pytest
 
 from autotune.config import TrialConfig
 from autotune.errors import ConfigError
+from autotune.failures import FailureClass
 from autotune.knobs import Target
 from autotune.measure import Pacing
 from autotune.memory_plan import MemoryPlanner, ModelShape
@@ -60,7 +61,7 @@ def test_crash_oom_sigill_and_hang_are_recorded_with_their_class_and_the_sweep_g
     summary = sweep(
         topology, tiny_gguf, options(tmp_path, trials=8, trial_timeout_s=4), extra=faults
     )
-    failed = {r.config["fault"]: r for r in summary.trials if r.state is TrialState.FAIL}
+    failed = {r.config.fault: r for r in summary.trials if r.state is TrialState.FAIL}
     assert {k: r.failure_class for k, r in failed.items()} == {
         "crash": "crash",
         "oom": "oom",
@@ -123,7 +124,7 @@ def test_a_hanging_trial_is_killed_at_its_deadline_on_the_fake_clock(tmp_path, s
         options(tmp_path, budget_s=120.0, trial_timeout_s=7.0),
         extra=[TrialConfig(backend="fake", fault="hang")],
     )
-    hung = next(r for r in summary.trials if r.config and r.config["fault"] == "hang")
+    hung = next(r for r in summary.trials if r.config and r.config.fault == "hang")
     assert hung.failure_class == "timeout" and hung.duration_s == 7.0
     assert summary.elapsed_s <= 120.0
 
@@ -368,7 +369,7 @@ def test_a_layout_that_fails_requests_is_a_failed_trial_and_cannot_win(tmp_path,
     failed = [r for r in summary.trials if r.failure_class == "requests"]
     assert failed and all(r.state is TrialState.FAIL and r.value is None for r in failed)
     assert "2 requests failed" in failed[0].stderr_tail
-    assert summary.winner.config["batch_size"] < 4, "a layout that fails requests never wins"
+    assert summary.winner.config.batch_size < 4, "a layout that fails requests never wins"
 
 
 def test_no_layout_beating_the_baseline_exports_the_baseline(tmp_path, simulated_sweep):
@@ -534,7 +535,7 @@ def test_a_duplicate_ask_is_followed_by_an_unmeasured_config(tmp_path, simulated
     from backends.fake import FakeBackend
 
     summary, _, _ = simulated_sweep(options(tmp_path, budget_s=3000.0))
-    measured = {json.dumps(r.config, sort_keys=True) for r in summary.trials if r.complete}
+    measured = {json.dumps(r.config.to_dict(), sort_keys=True) for r in summary.trials if r.complete}
     # trials cycle the prompts, so --limit 4 does not cap the batch: 1 .. 64
     space = FakeBackend.space(Target(topology, layers=1))
     assert len(measured) == space.size(), "every config of the space was measured"
@@ -543,7 +544,7 @@ def test_a_duplicate_ask_is_followed_by_an_unmeasured_config(tmp_path, simulated
     assert unrecorded, "the sampler did ask for measured configs"
     assert all(t.state.name == "FAIL" for t in unrecorded)
     # An ask for a measured layout is not recorded: each layout has one record.
-    keys = [json.dumps(r.config, sort_keys=True) for r in summary.trials]
+    keys = [json.dumps(r.config.to_dict(), sort_keys=True) for r in summary.trials]
     assert len(keys) == len(set(keys))
 
 
@@ -577,12 +578,12 @@ def test_a_search_figure_within_10_percent_of_the_paired_median_needs_no_note(
 
 def test_trials_cycle_the_prompts_so_batches_go_past_them(tmp_path, simulated_sweep):
     summary, _, runner = simulated_sweep(options(tmp_path, budget_s=3000.0))  # --limit 4
-    batches = {r.config["batch_size"] for r in summary.trials if r.complete}
+    batches = {r.config.batch_size for r in summary.trials if r.complete}
     assert max(batches) >= 16, batches
     for spec in runner.calls:
         assert spec["limit"] == 4 and spec["pacing"] == Pacing().to_dict()
-    wide = next(r for r in summary.trials if r.complete and r.config["batch_size"] >= 16)
-    width = wide.config["workers"] * wide.config["batch_size"]
+    wide = next(r for r in summary.trials if r.complete and r.config.batch_size >= 16)
+    width = wide.config.workers * wide.config.batch_size
     assert wide.result["prompts"] == 5 * width, "a ramp-up wave, 3 windows, a tail"
 
 
@@ -593,7 +594,7 @@ def test_every_trial_records_its_agreement_with_the_reference(tmp_path, simulate
     assert summary.baseline.answers, "the naive baseline (batch 1, one process) is the reference"
     for record in (r for r in summary.trials if r.complete):
         identical = record.agreement["identical"]
-        if record.config["batch_size"] >= DRIFTING_BATCH:
+        if record.config.batch_size >= DRIFTING_BATCH:
             assert identical < 1.0 and record.agreement["mean_first_difference"] is not None
         else:
             assert identical == 1.0, record.config
@@ -603,10 +604,10 @@ def test_min_agreement_prunes_measured_layouts_that_disagree(tmp_path, simulated
     from backends.fake import DRIFTING_BATCH
 
     summary, _, _ = simulated_sweep(options(tmp_path, budget_s=3000.0, min_agreement=0.9))
-    low = [r for r in summary.trials if r.result and r.config["batch_size"] >= DRIFTING_BATCH]
+    low = [r for r in summary.trials if r.result and r.config.batch_size >= DRIFTING_BATCH]
     assert low and all(r.state is TrialState.PRUNED for r in low)
     assert all("under --min-agreement 0.9" in r.reason and r.result["tokens_per_s"] for r in low)
-    assert summary.winner.config["batch_size"] < DRIFTING_BATCH
+    assert summary.winner.config.batch_size < DRIFTING_BATCH
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 's' / 'study.db'}")
     records = [t for t in study.trials if "record" in t.user_attrs]  # not every ask has one
     states = {t.user_attrs["record"]["number"]: t.state for t in records}
@@ -621,7 +622,11 @@ def test_a_family_without_a_reference_gets_its_reference_run_first(tmp_path, sim
     def baseline_fails(spec, outcome):
         if not failed:  # the first trial: the naive baseline, also the reference
             failed.append(spec)
-            outcome.state, outcome.failure_class, outcome.result = "fail", "crash", None
+            outcome.complete, outcome.failure_class, outcome.result = (
+                False,
+                FailureClass.CRASH,
+                None,
+            )
 
     summary, _, _ = simulated_sweep(
         options(tmp_path, trials=4),
@@ -685,7 +690,7 @@ def test_the_fastest_layout_climbs_the_batch_axis_while_it_gets_faster(tmp_path,
     summary, _, _ = simulated_sweep(options(tmp_path, budget_s=300.0), change=slower_from_batch_16)
 
     def layout(record):
-        return {k: v for k, v in record.config.items() if k != "batch_size"}
+        return {k: v for k, v in record.config.to_dict().items() if k != "batch_size"}
 
     baseline = summary.trials[0]
     climbs = [r for r in summary.trials if r.name.startswith("climb:")]
@@ -693,7 +698,7 @@ def test_the_fastest_layout_climbs_the_batch_axis_while_it_gets_faster(tmp_path,
     # speed it started from: 4, 16 (a little slower: on from there), then 64, which was
     # clearly slower, so the climb ended there.
     own = [r for r in climbs if layout(r) == layout(baseline)]
-    assert [r.config["batch_size"] for r in own] == [4, 16, 64]
+    assert [r.config.batch_size for r in own] == [4, 16, 64]
     assert own[2].name == "climb: trial 2's layout at batch 64"
     assert [r.number for r in own] == [1, 2, 3], "right after the fixed layouts"
     assert all(r.role is Role.SEARCH and r.complete for r in climbs)
@@ -713,7 +718,7 @@ def test_a_suggestion_too_long_for_the_time_left_runs_narrower_and_is_not_record
     assert fitted, "the sampler asked for a batch too long for the time left"
     for record in fitted:
         asked = int(record.name.split("asked for batch ")[1].split(",")[0])
-        assert record.config["batch_size"] < asked and record.complete
+        assert record.config.batch_size < asked and record.complete
     directory = tmp_path / "s"
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{directory / 'study.db'}")
     unrecorded = [t for t in study.trials if "record" not in t.user_attrs]
@@ -802,7 +807,7 @@ def test_on_a_cpu_host_a_backend_under_a_third_is_dropped_before_its_climb(
     slow = slow_trials[0]
     before = [r for r in summary.trials[: summary.trials.index(slow)] if r.backend == "fake"]
     rival = max(
-        (r for r in before if r.complete and r.config["batch_size"] <= 2), key=lambda r: r.value
+        (r for r in before if r.complete and r.config.batch_size <= 2), key=lambda r: r.value
     )
     share = slow.value / rival.value
     assert f"x{share:.2f} fake's" in reason and share < 1 / 3, reason
@@ -818,7 +823,7 @@ def test_a_climbing_step_that_is_a_waiting_recipe_runs_once_as_that_recipe(
     slow = [r for r in summary.trials if r.backend == "slowfake" and r.result]
     assert [r.name for r in slow[:2]] == ["slow recipe", "slow recipe b8"], [r.name for r in slow]
     assert slow[1].role is Role.RECIPE
-    keys = [json.dumps(r.config, sort_keys=True) for r in slow]
+    keys = [json.dumps(r.config.to_dict(), sort_keys=True) for r in slow]
     assert len(keys) == len(set(keys)), "batch 8 was measured once"
     # The climb went on from the recipe's figure (batch 8 -> 32).
     assert any(r.name == f"climb: trial {slow[1].number}'s layout at batch 32" for r in slow)
@@ -827,7 +832,7 @@ def test_a_climbing_step_that_is_a_waiting_recipe_runs_once_as_that_recipe(
 @pytest.mark.parametrize("fault", ["no tokens", "failed requests"])
 def test_a_paired_run_without_every_answer_confirms_nothing(tmp_path, simulated_sweep, fault):
     def change(spec, outcome):
-        if spec.get("paired") and outcome.state == "complete":
+        if spec.get("paired") and outcome.complete:
             if fault == "no tokens":
                 outcome.result["baseline"][0] = 0.0  # its speedup would be infinite
             else:

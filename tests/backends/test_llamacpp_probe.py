@@ -14,7 +14,7 @@ import pytest
 
 from autotune.config import TrialConfig
 from autotune.errors import BackendError
-from autotune.failures import ILLEGAL_INSTRUCTION, classify, fix_for
+from autotune.failures import FailureClass, classify, fix_for
 from backends.llamacpp import probe as llamacpp_probe
 from backends.llamacpp.probe import (
     ExtraBuffersVerdict,
@@ -83,11 +83,13 @@ def test_the_verdict_is_keyed_by_the_cpu():
 
 
 def test_sigill_is_its_own_failure_class_with_a_fix():
-    assert classify(-4, "") == ILLEGAL_INSTRUCTION
+    assert classify(-4, "") == FailureClass.ILLEGAL_INSTRUCTION
     message = "BackendError: llamacpp worker 0 (pid 7) died (killed by signal SIGILL: ...)"
-    assert classify(1, message) == ILLEGAL_INSTRUCTION, "a worker's SIGILL, told by its parent"
+    assert classify(1, message) == FailureClass.ILLEGAL_INSTRUCTION, (
+        "a worker's SIGILL, told by its parent"
+    )
     assert classify(-9, "") == "oom" and classify(1, "Traceback") == "crash"
-    fix = fix_for(ILLEGAL_INSTRUCTION)
+    fix = fix_for(FailureClass.ILLEGAL_INSTRUCTION)
     assert "--no-extra-buffers" in fix and 'CMAKE_ARGS="-DGGML_NATIVE=OFF"' in fix
     assert fix_for("crash") is None
 
@@ -146,7 +148,7 @@ def test_a_worker_killed_by_sigill_names_the_class_and_the_fix(tiny_gguf, topolo
     with pytest.raises(BackendError) as caught:
         backend.load()
     backend.close()
-    assert caught.value.failure_class == ILLEGAL_INSTRUCTION
+    assert caught.value.failure_class == FailureClass.ILLEGAL_INSTRUCTION
     assert "killed by signal SIGILL: " in str(caught.value)
     assert "--no-extra-buffers" in str(caught.value) and "\n" not in str(caught.value)
 
@@ -165,7 +167,9 @@ def test_autotune_run_stops_at_sigill_with_the_fix_and_keeps_the_answered_lines(
         def generate(self, prompts, settings):
             TrapsOnTheSecondChunk.calls += 1
             if TrapsOnTheSecondChunk.calls == 2:
-                raise BackendError("worker 0 died (killed by signal SIGILL)", ILLEGAL_INSTRUCTION)
+                raise BackendError(
+                    "worker 0 died (killed by signal SIGILL)", FailureClass.ILLEGAL_INSTRUCTION
+                )
             return super().generate(prompts, settings)
 
     monkeypatch.setattr(backends, "create_backend", lambda c, m, t: TrapsOnTheSecondChunk(c, m, t))
@@ -177,7 +181,7 @@ def test_autotune_run_stops_at_sigill_with_the_fix_and_keeps_the_answered_lines(
     with pytest.raises(BackendError) as caught:
         run_job(config, load_workload(data), out, model=tiny_gguf, topology=topology)
     assert TrapsOnTheSecondChunk.calls == 2, "no restart: it would trap again"
-    assert caught.value.failure_class == ILLEGAL_INSTRUCTION
+    assert caught.value.failure_class == FailureClass.ILLEGAL_INSTRUCTION
     assert f"{CHUNK_MIN} of {CHUNK_MIN * 3} lines answered" in str(caught.value)
     assert not out.exists(), "nothing under the final name"
     kept = (tmp_path / "out.jsonl.partial").read_text().splitlines()
