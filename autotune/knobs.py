@@ -39,7 +39,7 @@ class Target:
     def of(
         cls, topology: Topology, shape, batch_cap: int | None = None, extra_buffers: tuple = (None,)
     ) -> Target:
-        """The target of a model of ``shape`` (`autotune.memory_plan.ModelShape`)."""
+        """The target of a model of ``shape`` (`autotune.models.ModelShape`)."""
         return cls(topology, shape.layers, batch_cap, shape.weight_type, extra_buffers)
 
     @property

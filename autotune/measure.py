@@ -3,8 +3,10 @@
 - Throughput is the steady state of the user's job: each timed pass cycles the workload to
   enough requests that the layout's every slot is refilled again and again (`Pacing`); the
   finishes between the ramp-up (the first wave) and the tail (the last wave) are cut into
-  windows, and the figure is the mean of the last `WINDOWS` windows, with their spread.
-  Passes go on (``settle_s``) until those windows agree. Load time is its own figure.
+  windows, and a pass's figure is the mean of its windows (`autotune.passes`). Every pass
+  holds the same requests, so passes compare like for like: the figure is the mean of the
+  last passes with its interval, stable when they agree; passes go on (``settle_s``) until
+  they do, for the layouts whose first passes are slow. Load time is its own figure.
 - Beside it: prefill tokens/s (prompt tokens really computed), requests/s, latency, time to
   first token and time per output token, per pass and overall.
 - Memory: peak PSS of this process and all its descendants, so N llama.cpp workers mmapping
@@ -21,7 +23,7 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import psutil
@@ -29,6 +31,17 @@ import psutil
 from autotune import gpu_usage
 from autotune.config import TrialConfig
 from autotune.models import ModelSpec
+from autotune.passes import (
+    BALANCED_PROMPTS,
+    MIN_WINDOW,
+    STABLE_SPREAD,
+    WINDOWS,
+    Sample,
+    estimate,
+    pass_prompts,
+    settled,
+    windows,
+)
 from autotune.provenance import provenance
 from autotune.stats import percentile, relative_spread, summarize
 from autotune.topology import Topology
@@ -36,7 +49,7 @@ from autotune.workload import Workload
 from backends import backend_class, create_backend
 from backends.base import Completion
 
-__all__ = ["Pacing", "RunResult", "TreeSampler", "benchmark", "timed_pass", "windows"]
+__all__ = ["Pacing", "RunResult", "TreeSampler", "benchmark", "settles", "timed_pass"]
 
 
 def _smaps_rollup(pid: int) -> tuple[int, int] | None:
@@ -151,21 +164,25 @@ class Pacing:
     paired re-measurement.
 
     ``prompts``: requests per timed pass (the workload cycled to that many), or None to size
-    each pass by the layout, `pass_prompts`: a ramp-up wave, `WINDOWS` windows and a tail, so
-    the largest batch is filled again and again. ``warmup``: untimed passes of one wave.
-    ``repeats``: timed passes at least. ``settle_s``: more passes, until the last `WINDOWS`
-    windows agree within `STABLE_SPREAD`, while the timed passes have run less than this.
+    each pass by the layout, `pass_prompts`: a ramp-up wave, ``windows`` windows and a tail,
+    so the largest batch is filled again and again. ``warmup``: untimed passes of one wave.
+    ``repeats``: timed passes at least. ``settle_s``: more passes, until the last
+    `STABLE_PASSES` agree within `STABLE_SPREAD`, while the timed passes have run less than
+    this; for every layout, or (``settle_on_cpu`` False) only for those that compute on a GPU,
+    whose first passes are the slow ones (`settles`).
     """
 
     prompts: int | None = None
     warmup: int = 1
     repeats: int = 1
     settle_s: float = 0.0
+    settle_on_cpu: bool = True
+    windows: int = WINDOWS
 
     def pass_prompts(self, width: int, ramp: bool = True) -> int:
         """Requests per timed pass for a layout running ``width`` requests at once (``ramp``:
         whether its slots are refilled as they free, see `refills`)."""
-        return self.prompts or pass_prompts(width, ramp)
+        return self.prompts or pass_prompts(width, ramp, self.windows)
 
     def pass_of(self, workload: Workload, width: int, ramp: bool = True) -> Workload:
         """The requests of one timed pass: the first `BALANCED_PROMPTS` of ``workload``,
@@ -180,94 +197,6 @@ class Pacing:
         return asdict(self)
 
 
-# A pass draws its prompts from the first this many of the file, whatever the layout (so the
-# order, and the prompts every trial answers first, do not depend on it): far more than a CPU
-# layout's pass (2 x 64 + 3 x 64 requests at batch 64), and balancing them takes milliseconds
-# where balancing a 50k-line file in every trial took seconds (experiments/bench_workload.py).
-BALANCED_PROMPTS = 8192
-# A window is as long as it takes to finish one wave (at least MIN_WINDOW requests) while
-# every slot is busy; a measurement's figure is the mean of its last WINDOWS windows.
-WINDOWS = 3
-MIN_WINDOW = 4
-# The last WINDOWS windows agree when their relative spread is under this.
-STABLE_SPREAD = 0.05
-
-
-def window_size(width: int) -> int:
-    """Finishes per window for a layout running ``width`` requests at once: at least one
-    wave, so that waves finishing together (static batches, equal lengths) do not split."""
-    return max(width, MIN_WINDOW)
-
-
-def pass_prompts(width: int, ramp: bool = True) -> int:
-    """Requests in a pass that holds `WINDOWS` windows, between a ramp-up wave and a tail
-    where the layout refills its slots (``ramp``)."""
-    return 2 * width * ramp + WINDOWS * window_size(width)
-
-
-def windows(completions: Sequence[Completion], width: int, ramp: bool = True) -> list[float]:
-    """Generated tokens/s of a pass's windows, in order.
-
-    Where the layout refills its slots as they free (``ramp``), the steady state runs from the
-    ``width``-th finish (the ramp-up: every slot started at once) to the ``width``-th last
-    (then the queue is empty and slots drain: the tail); where it runs static batches, every
-    batch starts from empty, so the whole pass is its steady state. It is cut into as many
-    equal windows of time as it holds `window_size` finishes. Each request's
-    tokens are spread evenly from its first token to its finish, so a window counts the
-    tokens generated in it, not those of the requests that happen to end in it (which, with
-    answers of different lengths, swings from window to window). Empty when the pass is too
-    short for one window, or a backend gave no finish times.
-    """
-    answered = [c for c in completions if c.error is None]
-    if any(c.finished_at is None for c in answered):
-        return []
-    ends = sorted(c.finished_at for c in answered)
-    count = (len(ends) - 2 * width * ramp) // window_size(width)
-    if count < 1:
-        return []
-    if ramp:
-        began, ended = ends[width - 1], ends[len(ends) - width - 1]
-    else:
-        began, ended = min(c.finished_at - c.latency_s for c in answered), ends[-1]
-    if ended <= began:
-        return []
-    spans = [(_first_token_at(c), c.finished_at, len(c.token_ids)) for c in answered]
-    step = (ended - began) / count
-    rates: list[float] = []
-    for index in range(count):
-        low, high = began + index * step, began + (index + 1) * step
-        rates.append(sum((_tokens_between(span, low, high) for span in spans), 0.0) / step)
-    return rates
-
-
-def _first_token_at(completion: Completion) -> float:
-    """When a request's first token came (its start where the backend cannot see that)."""
-    started = completion.finished_at - completion.latency_s
-    return started + (completion.ttft_s or 0.0)
-
-
-def _tokens_between(span: tuple[float, float, int], low: float, high: float) -> float:
-    """The share of a request's tokens generated between ``low`` and ``high``, its ``count``
-    tokens spread evenly over [first token, finish]."""
-    first, finished, count = span
-    if finished <= first:  # all at once
-        return float(count) if low < finished <= high else 0.0
-    overlap = min(high, finished) - max(low, first)
-    return count * max(0.0, overlap) / (finished - first)
-
-
-def steady_tokens_per_s(
-    completions: Sequence[Completion], width: int, ramp: bool = True
-) -> float | None:
-    """Generated tokens/s over all of a pass's windows together (None: no window)."""
-    return _whole(windows(completions, width, ramp))
-
-
-def _whole(rates: Sequence[float]) -> float | None:
-    """Windows of equal span taken together: their mean (None: no window)."""
-    return statistics.fmean(rates) if rates else None
-
-
 @dataclass(kw_only=True)
 class RunResult:
     """A measured configuration: summary figures, raw samples, provenance, completions."""
@@ -279,16 +208,21 @@ class RunResult:
     repeats: int  # timed passes run
     pacing: dict
     load_time_s: float
-    # Generated tokens/s in the steady state: the mean of the last WINDOWS windows (of every
-    # pass's, in order; equal spans, so the mean is their tokens over their time), or of the
-    # passes' where they are too short for windows. Not the median: a window holding a long
-    # prompt's prefill is slow, and the user's job pays for those prompts too.
+    # Generated tokens/s in the steady state: the mean of the last STABLE_PASSES passes'
+    # figures, each the mean of its windows (equal spans, so their tokens over their time), or
+    # its whole tokens/s where it is too short for windows. Not the median: a window holding a
+    # long prompt's prefill is slow, and the user's job pays for those prompts too.
     tokens_per_s: float
+    # Its 95% interval over those passes (None with one pass).
+    tokens_per_s_low: float | None
+    tokens_per_s_high: float | None
     windows: list[float]  # every window's tokens/s, in order (the passes' if none)
     steady: bool  # tokens_per_s comes from windows (not whole passes with ramp-up and tail)
     pass_tokens_per_s: float  # whole passes, ramp-up and tail included, median
-    window_spread: float  # relative spread of the last WINDOWS windows
-    stable: bool  # that spread is under STABLE_SPREAD, over WINDOWS windows
+    window_spread: float  # relative spread of the last pass's windows (different prompts)
+    pass_spread: float | None  # relative spread of the last STABLE_PASSES passes
+    # Those passes (the same requests each) agree within STABLE_SPREAD; None: one pass.
+    stable: bool | None
     requests_per_s: float
     latency_p50_s: float | None
     latency_p95_s: float | None
@@ -300,8 +234,8 @@ class RunResult:
     peak_rss_bytes: int
     cpu_utilisation: float
     failed_requests: int
-    tokens_per_s_summary: dict  # of the windows the figure comes from
-    samples: list[dict]
+    tokens_per_s_summary: dict  # of the last pass's windows
+    samples: list[Sample]
     warnings: list[str]
     provenance: dict
     details: dict = field(default_factory=dict)  # what the backend chose (e.g. the layer split)
@@ -316,6 +250,7 @@ class RunResult:
         """JSON-ready dict; completions only when asked (they can be large)."""
         data = asdict(self)
         data.pop("completions")
+        data["samples"] = [sample.to_dict() for sample in self.samples]
         if completions:
             data["completions"] = [c.to_dict() for c in self.completions]
         return data
@@ -344,8 +279,19 @@ def refills(config: TrialConfig) -> bool:
     return backend_class(config.backend).continuous_batching
 
 
+def settles(config: TrialConfig, topology: Topology, pacing: Pacing) -> bool:
+    """Whether a measurement of ``config`` goes on past its repeats until its passes agree:
+    with a ``settle_s``, for every layout, or only for those computing on a GPU (whose first
+    passes are slow: kernels compiled, memory pools grown) where ``settle_on_cpu`` is off."""
+    if not pacing.settle_s:
+        return False
+    if pacing.settle_on_cpu:
+        return True
+    return any(d.is_gpu for d in backend_class(config.backend).placement(config, topology))
+
+
 def timed_pass(backend, workload: Workload, config: TrialConfig, usable_cpus: int):
-    """One timed pass of ``workload``: (its sample, its completions)."""
+    """One timed pass of ``workload``: (its `Sample`, its completions)."""
     width, ramp = width_of(config), refills(config)
     cpu_before = tree_cpu_seconds()
     start = time.monotonic()
@@ -356,37 +302,19 @@ def timed_pass(backend, workload: Workload, config: TrialConfig, usable_cpus: in
     tokens = sum(len(c.token_ids) for c in answered)
     prefill = sum(_prefill_tokens(c) for c in answered)
     ttfts = [c.ttft_s for c in answered if c.ttft_s is not None]
-    rates = windows(completions, width, ramp)
-    sample = {
-        "wall_s": wall_s,
-        "generated_tokens": tokens,
-        "prefill_tokens": prefill,
-        "tokens_per_s": tokens / wall_s,
-        "windows": rates,
-        "steady_tokens_per_s": _whole(rates),
-        "prefill_tokens_per_s": prefill / wall_s,
-        "requests_per_s": len(completions) / wall_s,
-        "ttft_p50_s": percentile(ttfts, 50),
-        "ttft_p95_s": percentile(ttfts, 95),
-        "cpu_utilisation": cpu_s / (wall_s * usable_cpus),
-    }
+    sample = Sample(
+        wall_s=wall_s,
+        generated_tokens=tokens,
+        prefill_tokens=prefill,
+        tokens_per_s=tokens / wall_s,
+        windows=tuple(windows(completions, width, ramp)),
+        prefill_tokens_per_s=prefill / wall_s,
+        requests_per_s=len(completions) / wall_s,
+        ttft_p50_s=percentile(ttfts, 50),
+        ttft_p95_s=percentile(ttfts, 95),
+        cpu_utilisation=cpu_s / (wall_s * usable_cpus),
+    )
     return sample, completions
-
-
-def pass_figure(sample: dict) -> float:
-    """A pass's tokens/s: the mean of its windows, or the whole pass where it has none."""
-    return sample["steady_tokens_per_s"] or sample["tokens_per_s"]
-
-
-def series(samples: Sequence[dict]) -> list[float]:
-    """The windows of every pass in order; the whole passes' rates where none has windows."""
-    found = [rate for s in samples for rate in s["windows"]]
-    return found or [s["tokens_per_s"] for s in samples]
-
-
-def settled(rates: Sequence[float]) -> bool:
-    """Whether the last `WINDOWS` rates agree within `STABLE_SPREAD`."""
-    return len(rates) >= WINDOWS and relative_spread(rates[-WINDOWS:]) <= STABLE_SPREAD
 
 
 def warm_up(backend, workload: Workload, config: TrialConfig, passes: int) -> None:
@@ -412,7 +340,8 @@ def benchmark(
     width, ramp = width_of(config), refills(config)
     prompts = pacing.pass_of(workload, width, ramp)
     backend = create_backend(config, model, topology)
-    samples: list[dict] = []
+    samples: list[Sample] = []
+    settle = settles(config, topology, pacing)
     latencies: list[float] = []
     ttfts: list[float] = []
     tpots: list[float] = []
@@ -428,9 +357,9 @@ def benchmark(
                 warm_up(backend, prompts, config, 1)
             timed_from = time.monotonic()
             while len(samples) < pacing.repeats or (
-                pacing.settle_s
+                settle
                 and time.monotonic() - timed_from < pacing.settle_s
-                and not settled(series(samples))
+                and not settled([s.figure for s in samples])
             ):
                 number = len(samples) + 1
                 say(
@@ -451,23 +380,24 @@ def benchmark(
                 )
             details = backend.details()
 
-    rates = series(samples)
-    steady = any(s["windows"] for s in samples)
-    last = rates[-WINDOWS:]
-    spread = relative_spread(last)
+    figures = [s.figure for s in samples]
+    found = estimate(figures)
+    steady = all(s.windows for s in samples)
+    rates = [rate for s in samples for rate in s.windows] or figures
+    last = list(samples[-1].windows) or figures[-1:]
     failed = [c for c in completions if c.error is not None]
     warnings = []
     if not steady:
         warnings.append(
             f"no steady state: a pass of {len(prompts)} prompts at {width} at once is too short "
-            f"for one window (it needs {pass_prompts(width, ramp)}); the figure includes each "
-            "pass's ramp-up and tail; leave out --prompts/--limit or raise them"
+            f"for one window (it needs {pass_prompts(width, ramp, pacing.windows)}); the figure "
+            "includes each pass's ramp-up and tail; leave out --prompts/--limit or raise them"
         )
-    if not settled(rates):
+    if found.stable is False:
         warnings.append(
-            f"not shown stable: the last {len(last)} {'windows' if steady else 'passes'} spread "
-            f"by {spread:.0%} (limit {STABLE_SPREAD:.0%} over {WINDOWS})"
-            + (f" after {pacing.settle_s:.0f} s of settling" if pacing.settle_s else "")
+            f"not shown stable: the last {found.passes} passes (the same requests each) spread "
+            f"by {found.spread:.0%} (limit {STABLE_SPREAD:.0%})"
+            + (f" after {pacing.settle_s:.0f} s of settling" if settle else "")
         )
     if config.total_threads > topology.usable_cpus:
         warnings.append(
@@ -484,22 +414,25 @@ def benchmark(
         repeats=len(samples),
         pacing=pacing.to_dict(),
         load_time_s=load_time_s,
-        tokens_per_s=statistics.fmean(last),
+        tokens_per_s=found.mean,
+        tokens_per_s_low=found.low,
+        tokens_per_s_high=found.high,
         windows=rates,
         steady=steady,
-        pass_tokens_per_s=statistics.median(s["tokens_per_s"] for s in samples),
-        window_spread=spread,
-        stable=settled(rates),
-        requests_per_s=statistics.median(s["requests_per_s"] for s in samples),
+        pass_tokens_per_s=statistics.median(s.tokens_per_s for s in samples),
+        window_spread=relative_spread(last),
+        pass_spread=found.spread,
+        stable=found.stable,
+        requests_per_s=statistics.median(s.requests_per_s for s in samples),
         latency_p50_s=percentile(latencies, 50),
         latency_p95_s=percentile(latencies, 95),
         ttft_p50_s=percentile(ttfts, 50),
         ttft_p95_s=percentile(ttfts, 95),
         tpot_p50_s=percentile(tpots, 50),
-        prefill_tokens_per_s=statistics.median(s["prefill_tokens_per_s"] for s in samples),
+        prefill_tokens_per_s=statistics.median(s.prefill_tokens_per_s for s in samples),
         peak_memory_bytes=memory.peak_pss_bytes,
         peak_rss_bytes=memory.peak_rss_bytes,
-        cpu_utilisation=statistics.median(s["cpu_utilisation"] for s in samples),
+        cpu_utilisation=statistics.median(s.cpu_utilisation for s in samples),
         failed_requests=len(failed),
         tokens_per_s_summary=summarize(last).to_dict(),
         samples=samples,

@@ -26,10 +26,12 @@ from autotune.errors import BackendError, ConfigError
 
 __all__ = [
     "EMBEDDED_PACKAGE",
+    "ModelShape",
     "ModelSpec",
     "WeightsSummary",
     "hf_cache_entry",
     "hf_dir",
+    "model_shape",
     "read_gguf_header",
     "weights_summary",
 ]
@@ -332,3 +334,45 @@ def hf_dir(
     source_sha = spec.sha256()
     entry = hf_cache_entry(spec, root=root, source_sha256=source_sha)
     return cached_build(entry, source_sha, lambda out_dir: convert(spec.path, out_dir))
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner needs to know of a model."""
+
+    file_bytes: int
+    parameters: int
+    layers: int
+    kv_heads: int
+    head_dim: int
+    weight_type: str | None = None  # a GGUF's own type in lower case (q4_1); None for HF
+
+    def kv_bytes_per_token(self, width: int) -> int:
+        """Bytes of KV cache one token of one sequence takes, at ``width`` bytes a value."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * width
+
+
+def model_shape(spec: ModelSpec) -> ModelShape:
+    """The model's size and attention shape, from file headers only."""
+    summary = weights_summary(spec)
+    if spec.format == "gguf":
+        metadata, _ = read_gguf_header(spec.path)
+        arch = metadata.get("general.architecture", "llama")
+        heads = int(metadata.get(f"{arch}.attention.head_count", 1))
+        kv_heads = int(metadata.get(f"{arch}.attention.head_count_kv", heads))
+        width = int(metadata.get(f"{arch}.embedding_length", 0))
+        layers = int(metadata.get(f"{arch}.block_count", summary.layers or 1))
+    else:
+        config = json.loads((spec.path / "config.json").read_text())
+        heads = config["num_attention_heads"]
+        kv_heads = config.get("num_key_value_heads") or heads
+        width = config["hidden_size"]
+        layers = config["num_hidden_layers"]
+    return ModelShape(
+        file_bytes=summary.file_bytes,
+        parameters=summary.parameters_total,
+        layers=layers,
+        kv_heads=kv_heads,
+        head_dim=width // max(1, heads),
+        weight_type=summary.weight_type.lower() if spec.format == "gguf" else None,
+    )

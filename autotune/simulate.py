@@ -1,7 +1,7 @@
 """Simulated machines: a speed model of LLM inference on a machine you may not have.
 
 `MachineModel` turns a layout (`TrialConfig`) into tokens/s on a machine described by its
-``autotune detect --json`` (`autotune.topology.load_machine`), for a model of a given shape.
+``autotune detect --json`` (`autotune.machine_file.load_machine`), for a model of a given shape.
 `autotune sweep --machine F` runs every trial on it (`SimulatedTrials`, on a `FakeClock`), so a
 30-minute sweep of a 32-thread server or an 8-GPU node takes seconds, and
 ``experiments/bench_search.py`` compares the search with the exhaustive grid on it. Without a
@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 from autotune.config import TrialConfig
 from autotune.failures import FailureClass, classify
-from autotune.memory_plan import ModelShape
+from autotune.models import ModelShape
 from autotune.topology import Topology
 from backends.fake import (
     FAULT_EXITS,
@@ -108,8 +108,8 @@ class MachineModel:
 
     @classmethod
     def load(cls, path: str, shape: ModelShape) -> MachineModel:
-        """The model of the machine in ``path`` (`autotune.topology.load_machine`)."""
-        from autotune.topology import machine_file
+        """The model of the machine in ``path`` (`autotune.machine_file.load_machine`)."""
+        from autotune.machine_file import machine_file
 
         topology, data = machine_file(path)
         return cls.of(topology, shape, data)
@@ -362,7 +362,7 @@ class SimulatedTrials:
             "steady": True,
             "pass_tokens_per_s": rate,
             "window_spread": 0.0,
-            "stable": True,
+            "stable": None,  # one pass: nothing to compare it with
             "prompts": len(prompts),
             "requests_per_s": rate / max(1, tokens / len(prompts)),
             "latency_p50_s": None,

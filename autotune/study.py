@@ -22,6 +22,7 @@ from autotune.config import TrialConfig
 from autotune.errors import ConfigError
 from autotune.failures import FailureClass
 from autotune.files import append_line, atomic_write
+from autotune.passes import Sample
 
 __all__ = ["Role", "StudyDir", "TrialRecord", "TrialState", "find", "newest"]
 
@@ -64,7 +65,7 @@ class TrialRecord:
     ended_s: float | None = None  # seconds since the sweep began
     value: float | None = None
     result: dict | None = None
-    samples: list | None = None
+    samples: list[Sample] | None = None  # its timed passes
     failure_class: FailureClass | None = None
     stderr_tail: str = ""
     reason: str | None = None
@@ -80,6 +81,8 @@ class TrialRecord:
         # JSON only at the edges: a record read back (a dict config, a bare string) is typed here.
         object.__setattr__(self, "state", TrialState(self.state))
         object.__setattr__(self, "role", Role(self.role))
+        if self.samples and isinstance(self.samples[0], dict):
+            object.__setattr__(self, "samples", [Sample.from_dict(s) for s in self.samples])
         if isinstance(self.config, dict):
             object.__setattr__(self, "config", TrialConfig.from_dict(self.config))
         if self.failure_class is not None:
@@ -103,6 +106,8 @@ class TrialRecord:
         data["state"], data["role"] = self.state.value, self.role.value
         if self.failure_class is not None:
             data["failure_class"] = self.failure_class.value
+        if self.samples is not None:
+            data["samples"] = [sample.to_dict() for sample in self.samples]
         empty = {f.name: f.default for f in fields(self) if f.name not in ("number", "state")}
         empty["extra"] = {}
         return {k: v for k, v in data.items() if k not in empty or v != empty[k]}

@@ -151,10 +151,10 @@ def _measure(spec: dict) -> dict:
 
 def _paired(spec, candidate, workload, pacing, model, topology) -> dict:
     """Load the baseline and the candidate side by side and time them alternately (A B, B A,
-    ...), each pass measured as a trial measures its passes (`autotune.measure.pass_figure`);
+    ...), each pass measured as a trial measures its passes (`autotune.passes.Sample.figure`);
     with each side's failed requests (a pair is only a comparison when both answered all)."""
     from autotune.config import TrialConfig
-    from autotune.measure import pass_figure, refills, timed_pass, warm_up, width_of
+    from autotune.measure import refills, timed_pass, warm_up, width_of
     from backends import create_backend
 
     configs = {"baseline": TrialConfig.from_dict(spec["paired"]), "candidate": candidate}
@@ -176,7 +176,7 @@ def _paired(spec, candidate, workload, pacing, model, topology) -> dict:
                 sample, answers = timed_pass(
                     backend, passes[name], configs[name], topology.usable_cpus
                 )
-                rates[name].append(pass_figure(sample))
+                rates[name].append(sample.figure)
                 failed[name] += sum(c.error is not None for c in answers)
     finally:
         for backend in backends.values():

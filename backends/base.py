@@ -24,7 +24,7 @@ from autotune.topology import Topology
 from autotune.workload import GenerationSettings, Prompt
 
 if TYPE_CHECKING:
-    from autotune.memory_plan import ModelShape
+    from autotune.models import ModelShape
 
 __all__ = [
     "COMMON_FIELDS",

@@ -136,8 +136,8 @@ def main() -> int:
 
     from autotune.config import TrialConfig
     from autotune.knobs import Target
-    from autotune.memory_plan import MemoryPlanner, model_shape
-    from autotune.models import ModelSpec
+    from autotune.memory_plan import MemoryPlanner
+    from autotune.models import ModelSpec, model_shape
     from autotune.simulate import MachineModel
     from autotune.space import SearchSpace
     from autotune.units import parse_duration

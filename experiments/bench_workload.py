@@ -15,7 +15,7 @@ import random
 import time
 from dataclasses import replace
 
-from autotune.measure import MIN_WINDOW
+from autotune.passes import MIN_WINDOW
 from autotune.workload import DEFAULT_WORKLOAD, Prompt, load_workload
 
 

@@ -111,7 +111,7 @@ def simulated_sweep(topology, tiny_gguf):
     """Run a whole sweep on a fake clock with simulated fake-backend trials (no process, no
     sleep): ``simulated_sweep(options, extra=[...])`` returns (summary, clock, runner).
     ``change(spec, outcome)`` may edit each simulated outcome before the sweep sees it."""
-    from autotune.memory_plan import model_shape
+    from autotune.models import model_shape
     from autotune.simulate import FakeClock, SimulatedTrials
     from autotune.sweep import Sweep
 

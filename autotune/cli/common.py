@@ -120,23 +120,28 @@ def add_pacing_arguments(
     parser.add_argument(
         "--settle",
         metavar="DURATION",
-        help="after --repeats passes, go on until the last 3 windows agree within 5%% or the "
-        f"timed passes have run this long (e.g. 60s; default: {settle}); "
+        help="after --repeats passes, go on until the last 2 passes (the same requests each) "
+        f"agree within 5%% or the timed passes have run this long (e.g. 60s; default: {settle}); "
         "a result that never does is flagged not stable",
     )
 
 
-def pacing_of(args: argparse.Namespace, settle_s: float = 0.0):
-    """The `Pacing` the flags of `add_pacing_arguments` ask for (``settle_s`` where no
-    --settle was given)."""
+def pacing_of(args: argparse.Namespace, gpu_settle_s: float = 0.0):
+    """The `Pacing` the flags of `add_pacing_arguments` ask for: --settle for every layout;
+    without it, ``gpu_settle_s`` for the layouts that compute on a GPU only."""
     from autotune.measure import Pacing
     from autotune.units import parse_duration
 
+    if args.settle:
+        settle_s, on_cpu = parse_duration(args.settle, "--settle"), True
+    else:
+        settle_s, on_cpu = gpu_settle_s, False
     return Pacing(
         prompts=args.prompts,
         warmup=args.warmup,
         repeats=args.repeats,
-        settle_s=parse_duration(args.settle, "--settle") if args.settle else settle_s,
+        settle_s=settle_s,
+        settle_on_cpu=on_cpu,
     )
 
 

@@ -26,8 +26,7 @@ from autotune.cli.common import (
 __all__ = ["register"]
 
 if TYPE_CHECKING:  # the commands import the library inside them: --help stays instant
-    from autotune.memory_plan import ModelShape
-    from autotune.models import ModelSpec
+    from autotune.models import ModelShape, ModelSpec
     from autotune.topology import Topology
     from backends.llamacpp.probe import ExtraBuffersVerdict
 
@@ -55,9 +54,9 @@ class Prepared:
 def prepare(model_arg: str | None, machine_arg: str | None, backends: list[str]) -> Prepared:
     """`Prepared` for --model and --machine (a bad one is a ConfigError naming it); the probe
     runs here, before the first llama.cpp trial, where llama.cpp is among ``backends``."""
-    from autotune.memory_plan import model_shape
-    from autotune.models import ModelSpec
-    from autotune.topology import detect, machine_file
+    from autotune.machine_file import machine_file
+    from autotune.models import ModelSpec, model_shape
+    from autotune.topology import detect
 
     model = ModelSpec.resolve(model_arg)
     shape = model_shape(model)
@@ -112,10 +111,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         backends=backends,
         workload=args.workload,
         limit=args.limit,
-        # A GPU's first passes are slow (allocator, clocks, new shapes): settle there. On a
-        # CPU a pass is steady from its first window, and short layouts' windows differ by
-        # their prompts more than 5% (measured), so more passes would only cost the budget.
-        pacing=pacing_of(args, settle_s=GPU_SETTLE_S if topology.gpus else 0.0),
+        # A GPU's first passes are slow (allocator, clocks, new shapes): layouts computing on
+        # one settle (`autotune.measure.settles`). A CPU layout is steady from its first pass,
+        # on a GPU host too, so more passes would only cost the budget.
+        pacing=pacing_of(args, gpu_settle_s=GPU_SETTLE_S if topology.gpus else 0.0),
         min_agreement=args.min_agreement,
         memory_limit_bytes=parse_size(args.memory_limit) if args.memory_limit else None,
         trial_timeout_s=(
@@ -128,13 +127,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         warm_start=args.warm_start,
         extra_buffers=found.verdict,
     )
-    from autotune import console
+    from autotune import console_sweep
 
-    progress = console.SweepProgress(budget, study)
+    progress = console_sweep.SweepProgress(budget, study)
     summary = run_sweep(
         options, topology=topology, model=model, shape=shape, on_event=progress, **simulation
     )
-    console.show_sweep(summary)
+    console_sweep.show_sweep(summary)
     if summary.interrupted:
         return 130
     if summary.winner is None:  # the study's files are written; nothing to export

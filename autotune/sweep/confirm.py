@@ -124,7 +124,7 @@ def _paired_cost(record: TrialRecord, baseline: TrialRecord, pairs: int) -> floa
     def parts(r: TrialRecord):  # (load, warmup, one timed pass)
         result = r.result or {}
         load = result.get("load_time_s") or 10.0
-        passes = [s["wall_s"] for s in r.samples or () if s.get("wall_s")]
+        passes = [s.wall_s for s in r.samples or () if s.wall_s]
         one = statistics.median(passes) if passes else (r.duration_s - load) / 2
         prompts = result.get("prompts") or 1
         width = width_of(r.config)

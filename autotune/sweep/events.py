@@ -1,5 +1,5 @@
 """What a sweep tells as it goes (`Sweep`'s ``on_event``): one small frozen dataclass per event.
-The terminal's progress lines (`autotune.console.SweepProgress`) are written from these."""
+The terminal's progress lines (`autotune.console_sweep.SweepProgress`) are written from these."""
 
 from __future__ import annotations
 

@@ -37,7 +37,10 @@ RESULT_KEYS = (
     "windows",
     "steady",
     "pass_tokens_per_s",
+    "tokens_per_s_low",
+    "tokens_per_s_high",
     "window_spread",
+    "pass_spread",
     "stable",
     "prompts",
     "requests_per_s",
@@ -143,10 +146,10 @@ def trial_cost(record: TrialRecord, warmup: int) -> tuple[float, float] | None:
     are its timed passes' and its ``warmup`` waves' (as `Budget.planned_tokens` counts them)."""
     result = record.result or {}
     samples = record.samples or []
-    generated = sum(s.get("generated_tokens") or 0 for s in samples)
+    generated = sum(s.generated_tokens for s in samples)
     if not result.get("tokens_per_s") or not generated or not result.get("prompts"):
         return None
-    per_request = samples[0]["generated_tokens"] / result["prompts"]
+    per_request = samples[0].generated_tokens / result["prompts"]
     width = width_of(record.config)
     generated += warmup * width * per_request
     load = result.get("load_time_s") or 0.0

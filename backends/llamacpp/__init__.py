@@ -3,35 +3,25 @@
 Each worker runs ``threads_per_worker`` threads and decodes up to ``batch_size`` sequences
 together (continuous batching, see `backends.llamacpp.engine`). Prompts go into one shared
 queue so a fast worker takes more; results come back over each worker's pipe as they finish
-and are put back in input order. The parent only ever sleeps in
-``multiprocessing.connection.wait`` on the pipes and the processes' sentinels, so it takes no
-CPU from the workers, and notices at once
-when a worker dies.
+and are put back in input order (the processes: `backends.llamacpp.pool`).
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import time
 from collections.abc import Sequence
-from multiprocessing.connection import wait
-from typing import Any
 
 from autotune.config import PINNING, QUANTS
 from autotune.errors import BackendError, ConfigError
-from autotune.failures import killed_by, signal_class
 from autotune.knobs import BackendSpace, Knob, Target
 from autotune.pinning import cpu_sets
 from autotune.placement import MAX_SHARE, default_placement
 from autotune.workload import GenerationSettings, Prompt
 from backends.base import Backend, Completion, SpeedTerms, gpu_threads, threads_knob
+from backends.llamacpp.pool import WorkerPool
 from backends.llamacpp.probe import resolve_extra_buffers
 from backends.llamacpp.quant import QUANT_BITS, QUANT_COST, gguf_variant
-from backends.llamacpp.worker import worker_main
 
 __all__ = ["LlamaCppBackend", "engine_settings", "offload_steps"]
-
-_CLOSE_GRACE_S = 5.0
 
 
 def offload_steps(layers: int) -> tuple[int, ...]:
@@ -232,9 +222,7 @@ class LlamaCppBackend(Backend):
 
     def __init__(self, config, model, topology) -> None:
         super().__init__(config, model, topology)
-        self._processes: list[multiprocessing.Process] = []
-        self._conns = []
-        self._tasks: Any = None  # the shared task queue (a spawn context's Queue), from load()
+        self._pool: WorkerPool | None = None  # the worker processes, from load()
         self._pids: list[int] = []
         self.load_times_s: list[float] = []
         self._extra_buffers: bool | None = None  # what the workers load with (`load`)
@@ -249,14 +237,9 @@ class LlamaCppBackend(Backend):
         engine_kwargs["extra_buffers"] = resolve_extra_buffers(self.config.extra_buffers)
         self._extra_buffers = engine_kwargs["extra_buffers"]
         devices = self.placement(self.config, self.topology)
-        # spawn, not fork: a fresh interpreter per worker, no inherited threads or locks.
-        context = multiprocessing.get_context("spawn")
-        self._tasks = context.Queue()
-        for rank in range(self.config.workers):
-            parent_end, child_end = context.Pipe()
-            process = context.Process(
-                target=worker_main,
-                args=(
+        self._pool = WorkerPool.start(
+            [
+                (
                     rank,
                     str(path),
                     engine_kwargs,
@@ -264,18 +247,12 @@ class LlamaCppBackend(Backend):
                     # A worker sees only its GPUs (seed 003); on a GPU host a CPU worker
                     # sees none, so a CUDA build puts nothing of it on a GPU.
                     devices[rank].visible if self.topology.gpus else None,
-                    self._tasks,
-                    child_end,
-                ),
-                name=f"autotune-llamacpp-{rank}",
-                daemon=True,
-            )
-            process.start()
-            child_end.close()
-            self._processes.append(process)
-            self._conns.append(parent_end)
+                )
+                for rank in range(self.config.workers)
+            ]
+        )
         ready = {}
-        for kind, rank, payload in self._messages(expect=self.config.workers):
+        for kind, rank, payload in self._pool.messages(expect=self.config.workers):
             if kind != "ready":
                 raise BackendError(f"llamacpp worker {rank}: unexpected message {kind!r}")
             ready[rank] = payload
@@ -292,60 +269,8 @@ class LlamaCppBackend(Backend):
         it to this machine's verdict)."""
         return {"extra_buffers": self._extra_buffers}
 
-    def _messages(self, expect: int):
-        """Yield (kind, rank, payload) until ``expect`` ready/done messages have arrived.
-
-        Sleeps in a blocking wait; a worker that reports an error or dies ends it with
-        BackendError naming the worker.
-        """
-        open_conns = {conn: rank for rank, conn in enumerate(self._conns)}
-        sentinels = {p.sentinel: rank for rank, p in enumerate(self._processes)}
-        finished = 0
-
-        def receive(conn):
-            """The next message of ``conn``, or None once it is closed (then stop waiting on it)."""
-            try:
-                return conn.recv()
-            except (EOFError, OSError):
-                open_conns.pop(conn, None)
-                return None
-
-        def handle(message):
-            kind, rank, *rest = message
-            if kind == "error":
-                raise BackendError(f"llamacpp worker {rank} failed:\n{rest[0].rstrip()}")
-            return kind, rank, rest[0] if len(rest) == 1 else tuple(rest)
-
-        while finished < expect:
-            for ready in wait(list(open_conns) + list(sentinels)):
-                if ready in sentinels:
-                    rank = sentinels[ready]
-                    conn = self._conns[rank]
-                    # Its last words first: results it sent, or an error report, which says
-                    # more than "died".
-                    while conn in open_conns and conn.poll():
-                        if (message := receive(conn)) is not None:
-                            kind, rank_, payload = handle(message)
-                            finished += kind in ("ready", "done")
-                            yield kind, rank_, payload
-                    process = self._processes[rank]
-                    process.join(1)
-                    code, why = process.exitcode, _exit_reason(process)
-                    raise BackendError(
-                        f"llamacpp worker {rank} (pid {process.pid}) died ({why})",
-                        failure_class=signal_class(-code) if code and code < 0 else None,
-                    )
-                if ready not in open_conns:
-                    continue
-                message = receive(ready)
-                if message is None:
-                    continue  # the pipe closed: the worker's sentinel will say why
-                kind, rank, payload = handle(message)
-                finished += kind in ("ready", "done")
-                yield kind, rank, payload
-
     def generate(self, prompts: Sequence[Prompt], settings: GenerationSettings) -> list[Completion]:
-        if not self._processes:
+        if self._pool is None:
             raise BackendError("llamacpp backend: generate() before load()")
         round_settings = {
             "max_new_tokens": settings.max_new_tokens,
@@ -355,14 +280,9 @@ class LlamaCppBackend(Backend):
             "chat_template": settings.chat_template,
             "ignore_eos": settings.ignore_eos,
         }
-        for conn in self._conns:
-            conn.send(("generate", round_settings))
-        for index, prompt in enumerate(prompts):
-            self._tasks.put((index, prompt.text))
-        for _ in self._processes:
-            self._tasks.put(None)  # one end-of-round marker per worker
+        self._pool.submit(round_settings, [prompt.text for prompt in prompts])
         results: list[Completion | None] = [None] * len(prompts)
-        for kind, rank, payload in self._messages(expect=len(self._processes)):
+        for kind, rank, payload in self._pool.messages(expect=self._pool.size):
             if kind != "result":
                 continue
             r = payload
@@ -386,28 +306,10 @@ class LlamaCppBackend(Backend):
         return results  # type: ignore[return-value]
 
     def close(self) -> None:
-        """Ask every worker to exit, then make sure: terminate, kill. Safe to call twice."""
-        for conn in self._conns:
-            try:
-                conn.send(("close",))
-            except (BrokenPipeError, OSError):
-                pass
-        deadline = time.monotonic() + _CLOSE_GRACE_S
-        for process in self._processes:
-            process.join(max(0.0, deadline - time.monotonic()))
-        for process in self._processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(1)
-            if process.is_alive():
-                process.kill()
-                process.join(1)
-        for conn in self._conns:
-            conn.close()
-        if self._tasks is not None:
-            self._tasks.cancel_join_thread()  # never block exit on undelivered tasks
-            self._tasks.close()
-        self._processes, self._conns, self._tasks = [], [], None
+        """Ask every worker to exit, then make sure. Safe to call twice."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
 
 def _weight_bytes(config, shape) -> float:
@@ -430,12 +332,3 @@ def engine_settings(config) -> dict:
         "gpu_layers": config.gpu_layers,
         "extra_buffers": config.extra_buffers,
     }
-
-
-def _exit_reason(process: multiprocessing.Process) -> str:
-    code = process.exitcode
-    if code is None:
-        return "still running"
-    if code < 0:
-        return killed_by(-code)
-    return f"exit code {code}"

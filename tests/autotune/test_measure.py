@@ -21,7 +21,7 @@ def test_benchmark_keeps_raw_samples_and_follows_the_fake_speed(tiny_gguf, topol
     assert len(result.samples) == 3 and result.repeats == 3
     # each pass: the 6 prompts cycled to a ramp-up wave (8), 3 windows of 8 and a tail (8)
     assert result.prompts == 2 * 8 + 3 * 8 and result.steady
-    assert len(result.windows) == 9 and all(len(s["windows"]) == 3 for s in result.samples)
+    assert len(result.windows) == 9 and all(len(s.windows) == 3 for s in result.samples)
     expected = modelled_tokens_per_s(2, 1, 4, topology.usable_cpus, topology.physical_cores)
     # the fake sleeps for the modelled time; measuring adds a little on top, never removes
     assert 0.7 * expected < result.tokens_per_s <= expected * 1.05
@@ -54,7 +54,7 @@ def test_a_pass_too_short_for_a_window_says_so(tiny_gguf, topology):
     result = benchmark(
         config, load_workload(TINY_WORKLOAD), tiny_gguf, topology, Pacing(prompts=6, repeats=2)
     )
-    assert not result.steady and result.windows == [s["tokens_per_s"] for s in result.samples]
+    assert not result.steady and result.windows == [s.tokens_per_s for s in result.samples]
     assert any("no steady state" in w and "needs 20" in w for w in result.warnings)
 
 
@@ -120,7 +120,7 @@ def _done(at: float, tokens: int = 10, error: str | None = None, latency: float 
 
 
 def test_windows_leave_out_the_first_and_the_last_wave():
-    from autotune.measure import steady_tokens_per_s, windows
+    from autotune.passes import steady_tokens_per_s, windows
 
     # Width 2, so a window holds MIN_WINDOW = 4 finishes: 10 finishes make one window. The
     # ramp-up ends at the 2nd finish (t=1), the tail starts at the 2nd-last (t=8); each request
@@ -170,7 +170,8 @@ def test_a_balanced_workload_spreads_long_prompts_over_its_blocks():
 
 
 def test_pass_sizes_hold_three_windows():
-    from autotune.measure import Pacing, pass_prompts
+    from autotune.measure import Pacing
+    from autotune.passes import pass_prompts
 
     assert pass_prompts(1) == 2 + 3 * 4  # small layouts: windows of 4 finishes
     assert pass_prompts(16) == 32 + 3 * 16
@@ -219,7 +220,8 @@ def test_bench_settles_until_the_passes_agree(cli):
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["prompts"] == 24 and len(data["windows"]) >= 3  # 5 windows of 4 per pass
-    assert data["stable"] is True and data["window_spread"] <= 0.05 and data["steady"]
+    assert data["stable"] is True and data["pass_spread"] <= 0.05 and data["steady"]
+    assert data["tokens_per_s_low"] <= data["tokens_per_s"] <= data["tokens_per_s_high"]
     assert all(s["steady_tokens_per_s"] for s in data["samples"])
     assert len({s["prefill_tokens"] for s in data["samples"]}) == 1
 
@@ -260,7 +262,7 @@ def test_balancing_keeps_the_order_of_the_quadratic_reference(seed):
 def test_a_pass_draws_from_the_head_of_a_long_file_the_same_for_every_width():
     from dataclasses import replace
 
-    from autotune.measure import BALANCED_PROMPTS
+    from autotune.passes import BALANCED_PROMPTS
     from autotune.workload import Prompt
 
     prompts = tuple(
@@ -275,3 +277,58 @@ def test_a_pass_draws_from_the_head_of_a_long_file_the_same_for_every_width():
         assert {p.id.split("~")[0] for p in drawn} <= head, "only the file's head is balanced"
         firsts.append([p.id for p in drawn[:8]])
     assert firsts[0] == firsts[1] == firsts[2], "every layout answers the same first prompts"
+
+
+def _pass(windows):
+    from autotune.passes import Sample
+
+    return Sample(
+        wall_s=1.0, generated_tokens=1, prefill_tokens=1, tokens_per_s=1.0, windows=windows
+    )
+
+
+def test_passes_whose_windows_repeat_a_pattern_settle_and_drifting_ones_do_not():
+    """A workload of mixed lengths: every pass's first window holds the long prompts, so the
+    windows of one pass differ by a third, pass after pass (issue 25's trial: 331, 491, 437,
+    293, 452, 466, ...). Passes hold the same work, so they are compared with each other."""
+    from autotune.passes import estimate, settled
+    from autotune.stats import relative_spread
+
+    pattern = [(331.0, 491.0, 437.0), (329.0, 488.0, 441.0), (333.0, 493.0, 435.0)]
+    figures = [_pass(w).figure for w in pattern]
+    assert relative_spread(pattern[-1]) > 0.3, "the windows of one pass never agree"
+    assert settled(figures)
+    found = estimate(figures)
+    assert found.stable and found.low < found.mean < found.high and found.passes == 2
+    drifting = [_pass(tuple(x * 0.9**k for x in w)).figure for k, w in enumerate(pattern)]
+    assert not settled(drifting) and estimate(drifting).stable is False
+    assert estimate(figures[:1]).stable is None, "one pass: nothing to compare like for like"
+
+
+def test_bench_settles_on_a_workload_of_mixed_lengths(cli):
+    """The default workload (4 to 226 words a prompt) settles within its passes."""
+    import json
+
+    result = cli(
+        "bench", "--backend", "fake", "--batch-size", "2", "--repeats", "1",
+        "--settle", "60s", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["stable"] is True, data["warnings"]
+    assert data["repeats"] >= 2
+
+
+def test_a_cpu_layout_on_a_gpu_host_does_not_settle(tiny_gguf, topology):
+    """The sweep's default settling on a GPU host is for the layouts computing on a GPU."""
+    from dataclasses import replace
+
+    from autotune.measure import settles
+    from autotune.topology import Gpu
+
+    gpu_host = replace(topology, gpus=(Gpu(index=0, name="H200", memory_bytes=141 << 30),))
+    pacing = Pacing(settle_s=30.0, settle_on_cpu=False)
+    assert not settles(TrialConfig(backend="llamacpp"), gpu_host, pacing)
+    assert settles(TrialConfig(backend="hf"), gpu_host, pacing)
+    assert not settles(TrialConfig(backend="hf"), topology, pacing)
+    assert settles(TrialConfig(backend="llamacpp"), topology, Pacing(settle_s=30.0))

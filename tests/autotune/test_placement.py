@@ -16,8 +16,10 @@ from autotune import gpu_usage
 from autotune.config import TrialConfig
 from autotune.errors import ConfigError
 from autotune.knobs import Target
+from autotune.machine_file import load_machine
 from autotune.measure import TreeSampler
-from autotune.memory_plan import MemoryPlanner, ModelShape
+from autotune.memory_plan import MemoryPlanner
+from autotune.models import ModelShape
 from autotune.placement import (
     Device,
     default_placement,
@@ -26,7 +28,7 @@ from autotune.placement import (
     shared_gpus,
 )
 from autotune.space import SearchSpace
-from autotune.topology import detect, load_machine
+from autotune.topology import detect
 from backends import backend_class
 
 GPU_NODE = "gpu_node_8x_h100.json"

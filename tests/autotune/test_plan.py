@@ -8,7 +8,8 @@ import json
 import pytest
 
 from autotune.config import TrialConfig
-from autotune.topology import detect, load_machine, topology_from_dict
+from autotune.machine_file import load_machine, topology_from_dict
+from autotune.topology import detect
 from backends import backend_class
 
 GPU_NODE = "gpu_node_8x_h100.json"

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from autotune.config import TrialConfig
-from autotune.memory_plan import ModelShape
+from autotune.machine_file import load_machine
+from autotune.models import ModelShape
 from autotune.simulate import MachineModel
-from autotune.topology import load_machine
 
 MACHINES = Path(__file__).resolve().parents[1] / "fixtures" / "machines"
 EPYC = MACHINES / "epyc_16c32t"  # 16 cores, 32 threads
@@ -303,8 +303,7 @@ def _vm_sweep(tmp_path, *, stop_at=None, on_event=None, **changes):
     """A `Sweep` of the 2-vCPU VM simulated (seed 1, 10 minutes, llama.cpp and hf unless
     ``changes`` say otherwise); with ``stop_at`` the sweep process dies (as by SIGKILL:
     nothing of it runs on) when its trial number ``stop_at`` runs."""
-    from autotune.memory_plan import model_shape
-    from autotune.models import ModelSpec
+    from autotune.models import ModelSpec, model_shape
     from autotune.sweep import Sweep, SweepOptions
 
     model = ModelSpec.resolve()

@@ -20,7 +20,8 @@ from autotune.errors import ConfigError
 from autotune.failures import FailureClass
 from autotune.knobs import Target
 from autotune.measure import Pacing
-from autotune.memory_plan import MemoryPlanner, ModelShape
+from autotune.memory_plan import MemoryPlanner
+from autotune.models import ModelShape
 from autotune.space import SearchSpace
 from autotune.study import Role, StudyDir, TrialState
 from autotune.sweep import SweepOptions, run_sweep
@@ -535,7 +536,9 @@ def test_a_duplicate_ask_is_followed_by_an_unmeasured_config(tmp_path, simulated
     from backends.fake import FakeBackend
 
     summary, _, _ = simulated_sweep(options(tmp_path, budget_s=3000.0))
-    measured = {json.dumps(r.config.to_dict(), sort_keys=True) for r in summary.trials if r.complete}
+    measured = {
+        json.dumps(r.config.to_dict(), sort_keys=True) for r in summary.trials if r.complete
+    }
     # trials cycle the prompts, so --limit 4 does not cap the batch: 1 .. 64
     space = FakeBackend.space(Target(topology, layers=1))
     assert len(measured) == space.size(), "every config of the space was measured"

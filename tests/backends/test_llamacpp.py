@@ -174,7 +174,7 @@ def test_repeated_passes_compute_the_same_prefill_no_borrowed_cache(tiny_gguf, t
     )
     workload = load_workload(TINY_WORKLOAD)
     result = benchmark(config, workload, tiny_gguf, topology, Pacing(repeats=3))
-    prefill = [sample["prefill_tokens"] for sample in result.samples]
+    prefill = [sample.prefill_tokens for sample in result.samples]
     assert len(set(prefill)) == 1, prefill
     prompt_tokens = sum(c.prompt_tokens for c in result.completions)
     shared = prompt_tokens - prefill[0]

@@ -139,9 +139,10 @@ def test_the_space_follows_the_verdict(topology):
 @pytest.mark.llamacpp
 def test_a_worker_killed_by_sigill_names_the_class_and_the_fix(tiny_gguf, topology, monkeypatch):
     import backends.llamacpp as llamacpp
+    import backends.llamacpp.pool as pool
     from backends.fake import die_by_sigill
 
-    monkeypatch.setattr(llamacpp, "worker_main", die_by_sigill)  # where the worker would run
+    monkeypatch.setattr(pool, "worker_main", die_by_sigill)  # where the worker would run
     backend = llamacpp.LlamaCppBackend(
         TrialConfig(backend="llamacpp", extra_buffers=False), tiny_gguf, topology
     )

@@ -9,7 +9,8 @@ import pytest
 from autotune.config import TrialConfig
 from autotune.knobs import Target
 from autotune.measure import Pacing, benchmark
-from autotune.memory_plan import MemoryPlanner, model_shape
+from autotune.memory_plan import MemoryPlanner
+from autotune.models import model_shape
 from autotune.space import SearchSpace
 from autotune.workload import GenerationSettings, Prompt, Workload
 from backends import backend_class, create_backend
