@@ -23,7 +23,7 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import psutil
@@ -244,6 +244,7 @@ class RunResult:
     peak_gpu_memory_bytes: dict = field(default_factory=dict)
     gpu_utilisation: float | None = None
     agreement: dict | None = None  # with a reference run, where one was asked for
+    stopped: str | None = None  # why it stopped before its pacing was done (`clearly_below`)
     completions: list[Completion] = field(default_factory=list, repr=False)
 
     def to_dict(self, completions: bool = False) -> dict:
@@ -317,6 +318,20 @@ def timed_pass(backend, workload: Workload, config: TrialConfig, usable_cpus: in
     return sample, completions
 
 
+def clearly_below(samples: Sequence[Sample], bar: float) -> str | None:
+    """Why a measurement can stop now, its layout clearly slower than ``bar`` (the leader's
+    lower bound), or None. Its upper bound: the 95% interval's top over its last passes, or,
+    after one pass, its fastest window (the pass's figure is their mean, so never above it)."""
+    found = estimate([s.figure for s in samples])
+    upper = found.high if found.high is not None else max(samples[-1].windows or (found.mean,))
+    if upper >= bar:
+        return None
+    return (
+        f"its upper bound, {upper:.1f} tokens/s after {len(samples)} pass(es), is under the "
+        f"leader's lower bound, {bar:.1f}"
+    )
+
+
 def warm_up(backend, workload: Workload, config: TrialConfig, passes: int) -> None:
     """Untimed passes of one wave each: every worker and slot sees a prompt, pages are touched
     and thread pools started before timing."""
@@ -332,9 +347,12 @@ def benchmark(
     pacing: Pacing | None = None,
     *,
     on_progress: Callable[[str], None] | None = None,
+    stop_below: float | None = None,
 ) -> RunResult:
     """Load ``config``'s backend once, warm it up, then time passes over ``workload`` (cycled
-    to ``pacing``'s pass size) until the pacing says the measurement is done."""
+    to ``pacing``'s pass size) until the pacing says the measurement is done, or (with
+    ``stop_below``, the leader's lower bound in a sweep) until the layout is clearly slower
+    than that (`clearly_below`: the result says why it ``stopped``)."""
     pacing = pacing or Pacing()
     say = on_progress or (lambda message: None)
     width, ramp = width_of(config), refills(config)
@@ -346,6 +364,7 @@ def benchmark(
     ttfts: list[float] = []
     tpots: list[float] = []
     completions: list[Completion] = []
+    stopped = None
     with TreeSampler(gpus=bool(topology.gpus)) as memory:
         started = time.monotonic()
         say("loading")
@@ -356,11 +375,15 @@ def benchmark(
                 say(f"warmup {index + 1}/{pacing.warmup}")
                 warm_up(backend, prompts, config, 1)
             timed_from = time.monotonic()
-            while len(samples) < pacing.repeats or (
-                settle
-                and time.monotonic() - timed_from < pacing.settle_s
-                and not settled([s.figure for s in samples])
-            ):
+
+            def more() -> bool:  # another pass: the repeats, then settling
+                return len(samples) < pacing.repeats or (
+                    settle
+                    and time.monotonic() - timed_from < pacing.settle_s
+                    and not settled([s.figure for s in samples])
+                )
+
+            while more():
                 number = len(samples) + 1
                 say(
                     f"timed pass {number}"
@@ -378,6 +401,9 @@ def benchmark(
                     for c in answered
                     if c.ttft_s is not None and len(c.token_ids) > 1
                 )
+                if stop_below is not None and more():
+                    if stopped := clearly_below(samples, stop_below):
+                        break
             details = backend.details()
 
     figures = [s.figure for s in samples]
@@ -441,5 +467,6 @@ def benchmark(
         details=details,
         peak_gpu_memory_bytes={str(g): b for g, b in sorted(memory.peak_gpu_bytes.items())},
         gpu_utilisation=memory.gpu_utilisation,
+        stopped=stopped,
         completions=completions,
     )

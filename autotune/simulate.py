@@ -34,8 +34,10 @@ as measurements:
   its compute). Processes sharing a GPU overlap their launch gaps but split its bandwidth and
   compute. A pipeline runs at its slowest stage; llama.cpp with some layers offloaded pays
   the CPU layers' time and the GPU layers' time in turn.
-- **Noise.** One measurement is the modelled figure times a log-normal draw (`NOISE`), and
-  now and then (`SLOW_PASS`) a pass 25% slow, as a neighbour's burst makes one on a real box.
+- **Noise.** One measurement is the modelled figure times a log-normal draw (`NOISE` for a
+  pass of `WINDOWS` windows, more for fewer: each window holds other prompts, so a pass of one
+  window is a noisier figure, sd x sqrt(WINDOWS / windows)), and now and then (`SLOW_PASS`) a
+  pass 25% slow, as a neighbour's burst makes one on a real box.
 
 Calibration: on the development VM's 2 vCPUs the embedded model measured 36 tokens/s at 1
 worker x 1 thread, 63 at 1 x 2 or 2 x 1, 68-72 at 1 x 2 batch 16 (README); the model gives
@@ -52,6 +54,7 @@ from dataclasses import dataclass
 from autotune.config import TrialConfig
 from autotune.failures import FailureClass, classify
 from autotune.models import ModelShape
+from autotune.passes import WINDOWS
 from autotune.topology import Topology
 from backends.fake import (
     FAULT_EXITS,
@@ -133,9 +136,11 @@ class MachineModel:
             return self._gpu_rate(config, terms, devices)
         return self._cpu_rate(config, terms)
 
-    def measured(self, config: TrialConfig, rng: random.Random) -> float:
-        """One measurement of ``config``: the modelled figure with a real machine's noise."""
-        figure = self.tokens_per_s(config) * math.exp(rng.gauss(0.0, NOISE))
+    def measured(self, config: TrialConfig, rng: random.Random, windows: int = WINDOWS) -> float:
+        """One measurement of ``config``, a pass of ``windows`` windows: the modelled figure
+        with a real machine's noise."""
+        noise = NOISE * math.sqrt(WINDOWS / max(1, windows))
+        figure = self.tokens_per_s(config) * math.exp(rng.gauss(0.0, noise))
         return figure * 0.75 if rng.random() < SLOW_PASS else figure
 
     def load_s(self, config: TrialConfig) -> float:
@@ -274,6 +279,10 @@ class SimulatedTrials:
     """
 
     LOAD_S = 0.5
+    # On a machine model, what a trial costs beyond loading and generating: the child's
+    # interpreter and imports (a real trial here took 1.8-2.9 s more than its load and its
+    # passes, its warmup wave included: docs/results/dev-2vcpu-epyc.md).
+    START_S = 1.5
 
     def __init__(self, clock: FakeClock, topology, machine=None, seed: int | None = None) -> None:
         import random
@@ -287,6 +296,20 @@ class SimulatedTrials:
     def _load_s(self, config) -> float:
         return self.machine.load_s(config) if self.machine else self.LOAD_S
 
+    def _start_s(self) -> float:
+        return self.START_S if self.machine else 0.0
+
+    def _passes(self, config, pacing) -> int:
+        """Timed passes a trial runs: its repeats; where it settles (`measure.settles`: a GPU
+        layout on a GPU host by default), a slow first pass and then `STABLE_PASSES` that agree,
+        as many as ``settle_s`` holds."""
+        from autotune.measure import settles
+        from autotune.passes import STABLE_PASSES
+
+        if not settles(config, self.topology, pacing):
+            return pacing.repeats
+        return max(pacing.repeats, 1 + STABLE_PASSES)
+
     def _peak_bytes(self, config) -> int:
         """The fake's processes; on a machine model, what the planner predicts (a simulated
         trial has no process to measure, and must not correct the planner down)."""
@@ -296,9 +319,9 @@ class SimulatedTrials:
 
         return int(backend_class(config.backend).predict_memory_bytes(config, self.machine.shape))
 
-    def _rate(self, config) -> float:
+    def _rate(self, config, windows: int = WINDOWS) -> float:
         if self.machine is not None:
-            return self.machine.measured(config, self.rng)
+            return self.machine.measured(config, self.rng, windows)
         return modelled_tokens_per_s(
             config.workers,
             config.threads_per_worker,
@@ -337,16 +360,20 @@ class SimulatedTrials:
             return pacing.warmup * sum(fake_answer_length(p.text, layout.generation) for p in wave)
 
         prompts, tokens = one_pass(config)
-        rate = self._rate(config)
+        rate = self._rate(config, pacing.windows)
         if spec.get("paired"):
             baseline = TrialConfig.from_dict(spec["paired"])
             base_prompts, base_tokens = one_pass(baseline)
             rates = {
-                "candidate": [rate, *(self._rate(config) for _ in range(spec["pairs"] - 1))],
-                "baseline": [self._rate(baseline) for _ in range(spec["pairs"])],
+                "candidate": [
+                    rate,
+                    *(self._rate(config, pacing.windows) for _ in range(spec["pairs"] - 1)),
+                ],
+                "baseline": [self._rate(baseline, pacing.windows) for _ in range(spec["pairs"])],
             }
             duration = (
-                self._load_s(config)
+                self._start_s()
+                + self._load_s(config)
                 + self._load_s(baseline)
                 + (warmup_tokens(config, prompts) + spec["pairs"] * tokens)
                 / statistics.fmean(rates["candidate"])
@@ -355,7 +382,10 @@ class SimulatedTrials:
             )
             return self._finish(duration, deadline_s, rates)
         load = self._load_s(config)
-        duration = load + (warmup_tokens(config, prompts) + pacing.repeats * tokens) / rate
+        passes = self._passes(config, pacing)
+        duration = (
+            self._start_s() + load + (warmup_tokens(config, prompts) + passes * tokens) / rate
+        )
         result = {
             "tokens_per_s": rate,
             "windows": [rate] * 3,
@@ -375,7 +405,7 @@ class SimulatedTrials:
             "tokens_per_s_summary": summarize([rate] * 3).to_dict(),
             "warnings": [],
             "details": {},
-            "samples": [{"tokens_per_s": rate, "generated_tokens": tokens}] * pacing.repeats,
+            "samples": [{"tokens_per_s": rate, "generated_tokens": tokens}] * passes,
             "answers": {
                 p.id: fake_answer(
                     p.text, fake_answer_length(p.text, config.generation), config.batch_size

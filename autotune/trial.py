@@ -145,7 +145,7 @@ def _measure(spec: dict) -> dict:
     topology = detect()
     if spec.get("paired"):
         return _paired(spec, config, workload, pacing, model, topology)
-    result = benchmark(config, workload, model, topology, pacing)
+    result = benchmark(config, workload, model, topology, pacing, stop_below=spec.get("stop_below"))
     return {**result.to_dict(), "answers": result.answers()}
 
 

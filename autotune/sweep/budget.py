@@ -3,13 +3,16 @@
 The budget is split in two: the search may spend all but `CONFIRM_SHARE` of it, which is kept
 for re-measuring the best layouts against the baseline (`autotune.sweep.confirm`). A trial's
 expected cost comes from what its backend's measured trials took (`Ledger.costs`), so a wider
-layout (more tokens a pass) is priced by its width.
+layout (more tokens a pass) is priced by its width. A search trial measures as many windows as
+fit its share of the search (`trial_pacing`): a short budget measures more layouts, each more
+roughly, and the paired re-measurement measures the best ones fully.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
+from dataclasses import replace
 
 from autotune.agreement import answer_family, family_reference, is_reference
 from autotune.config import TrialConfig
@@ -18,7 +21,14 @@ from autotune.space import config_key
 from autotune.study import Role
 from backends import backend_class
 
-__all__ = ["CONFIRM_SHARE", "MARGIN_S", "REFERENCE_PACING", "REFERENCE_PROMPTS", "Budget"]
+__all__ = [
+    "CONFIRM_SHARE",
+    "LAYOUTS_AIMED",
+    "MARGIN_S",
+    "REFERENCE_PACING",
+    "REFERENCE_PROMPTS",
+    "Budget",
+]
 
 CONFIRM_SHARE = 0.25  # of the budget kept for the paired re-measurement
 MARGIN_S = 5.0  # kept back from every deadline for writing the outputs
@@ -30,6 +40,10 @@ _UNMEASURED = 2.0
 # The most one search trial may be expected to take, as a share of the search's part of the
 # budget: a 10-minute sweep spent a third of its search on one climb step to batch 64.
 _STEP_SHARE = 0.2
+# The layouts a search aims to measure at least: a trial measures fewer windows (down to one)
+# until it is expected to fit the search's part of the budget over this many. A 5-minute sweep
+# on 2 vCPUs measured 16 layouts with three windows each (docs/results/dev-2vcpu-epyc.md).
+LAYOUTS_AIMED = 30
 # A reference run answers the first prompts of every trial's pass (the same balanced order)
 # once, cold; the agreement of a trial is over these.
 REFERENCE_PROMPTS = 8
@@ -64,10 +78,28 @@ class Budget:
         search = self.options.budget_s * (1 - CONFIRM_SHARE)
         return min(self.search_left_s(), _STEP_SHARE * search)
 
+    def trial_share_s(self) -> float:
+        """What one search trial is meant to take: the search's part of the budget over
+        `LAYOUTS_AIMED`."""
+        return self.options.budget_s * (1 - CONFIRM_SHARE) / LAYOUTS_AIMED
+
+    def trial_pacing(self, config: TrialConfig) -> Pacing:
+        """The sweep's pacing for a trial of ``config``, with as many windows a pass, from the
+        pacing's own down to one, as fit `trial_share_s` (all of them where --prompts sized
+        the passes)."""
+        pacing = self.options.pacing
+        if pacing.prompts:
+            return pacing
+        for windows in range(pacing.windows, 1, -1):
+            fitted = replace(pacing, windows=windows)
+            if self.expected_s(config, fitted) <= self.trial_share_s():
+                return fitted
+        return replace(pacing, windows=1)
+
     def planned_tokens(self, config: TrialConfig, pacing: Pacing | None = None) -> int:
         """Tokens a trial of ``config`` generates at least: its warmup waves and its timed
-        passes, each sized by the pacing (the sweep's unless given) for the layout's width."""
-        pacing, width = pacing or self.options.pacing, width_of(config)
+        passes, each sized by the pacing (the trial's unless given) for the layout's width."""
+        pacing, width = pacing or self.trial_pacing(config), width_of(config)
         one_pass = pacing.pass_prompts(width, refills(config))
         requests = pacing.warmup * width + pacing.repeats * one_pass
         return requests * config.max_new_tokens
@@ -75,24 +107,40 @@ class Budget:
     def expected_s(self, config: TrialConfig, pacing: Pacing | None = None) -> float:
         """What a trial of ``config`` is expected to take: its backend's load time and seconds
         per generated token as measured so far (else the backend's first guess), times the
-        tokens the trial generates (more for a wider layout). The seconds per token are the
-        backend's best so far: a wide layout is worth trying only if it is at least that
+        tokens the trial generates (more for a wider layout). The seconds per token are those
+        of its backend's trials at the same width where there are some (their median), else
+        the backend's best so far: a wider layout is worth trying only if it is at least that
         fast (the naive and the recipes' batch-1 layouts would price it at twice its cost)."""
-        seen = self.ledger.costs.get(config.backend)
+        seen = self.ledger.costs.get(config.backend) or self._kin_costs(config)
         if seen:
-            load = statistics.fmean(load for load, _ in seen)
-            per_token = min(per for _, per in seen)
+            load = statistics.fmean(load for _, load, _ in seen)
+            width = width_of(config)
+            alike = [per for w, _, per in seen if w == width]
+            per_token = statistics.median(alike) if alike else min(per for _, _, per in seen)
         else:
             guess = backend_class(config.backend)
             load, per_token = guess.first_guess_load_s, 1.0 / guess.first_guess_tokens_per_s
         return load + per_token * self.planned_tokens(config, pacing)
+
+    def _kin_costs(self, config: TrialConfig) -> list[tuple[int, float, float]]:
+        """The measured costs of the other backends that run the same weights (its answer
+        family: hf's for ddp and the pipeline), for a backend with none yet: a far better
+        guess than one number for every machine (ddp on a GPU node was priced at 685 s where
+        hf there ran 11 600 tokens/s)."""
+        family = answer_family(config)
+        return [
+            cost
+            for backend, costs in self.ledger.costs.items()
+            if answer_family(config.replace(backend=backend)) == family
+            for cost in costs
+        ]
 
     def cost_s(self, config: TrialConfig) -> float:
         """What running ``config`` now is expected to take: its trial, and first its answer
         family's reference run where that has not run yet; `_UNMEASURED` times that for a
         backend with no measured trial."""
         family = answer_family(config)
-        cost = self.expected_s(config)
+        cost = self.expected_s(config, self.trial_pacing(config))
         if family not in self.ledger.references and not is_reference(config):
             reference = family_reference(family, self.target, self.options.base)
             cost += self.expected_s(reference, REFERENCE_PACING)

@@ -4,17 +4,21 @@ A claim that A is faster than B is made on A and B measured alternately in one r
 never on two figures from different runs: the best `TOP` layouts of the search each run as many
 pairs with the naive baseline as fit the time left, and the winner is the best paired speedup,
 with its 95% interval (`autotune.stats.speedup_interval`).
+
+The time kept for this is always spent on it: where a full pair no longer fits, the best layout
+still runs one short pair (one window a pass), never none; time left over after the `TOP` goes
+to more pairs of the winner, which narrow its interval.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from autotune.config import TrialConfig
 from autotune.failures import FailureClass
-from autotune.measure import width_of
+from autotune.measure import Pacing, refills, width_of
 from autotune.space import config_key
 from autotune.stats import speedup_interval
 from autotune.study import Role, TrialRecord
@@ -26,6 +30,7 @@ __all__ = ["TOP", "Confirmation", "confirm"]
 
 TOP = 3
 _AGREE = 0.10  # a search figure this close to the paired median needs no note
+_MAX_PAIRS = 12  # of the winner, where the time kept for confirming allows more
 
 
 @dataclass
@@ -42,14 +47,16 @@ def confirm(
     searched: list[str],
     *,
     pairs: int,
+    pacing: Pacing,
     time_left_s: Callable[[], float],
-    run_pairs: Callable[[TrialConfig, TrialConfig, int, float], TrialOutcome],
+    run_pairs: Callable[[TrialConfig, TrialConfig, int, float, int | None], TrialOutcome],
     tell: Callable[[object], None],
 ) -> Confirmation:
     """Re-measure the best `TOP` of ``records`` (backends ``searched`` and the baseline's)
     beside ``baseline``, up to ``pairs`` A B pairs each as ``time_left_s`` allows, through
-    ``run_pairs(candidate, baseline, pairs, deadline_s)`` (a `TrialOutcome`); the winner is
-    the best paired speedup, or the baseline where no layout beat it."""
+    ``run_pairs(candidate, baseline, pairs, deadline_s, windows)`` (a `TrialOutcome`; windows
+    None: the sweep's pacing); the winner is the best paired speedup, or the baseline where no
+    layout beat it."""
     if baseline is None:
         return Confirmation(None)
     done = sorted(
@@ -68,33 +75,54 @@ def confirm(
         if config_key(record.config) not in keys:
             keys.add(config_key(record.config))
             unique.append(record)
-    base_config = baseline.config
-    confirmed = []
-    for record in unique[:TOP]:
+    confirmed: list[TrialRecord] = []
+
+    def measure(record: TrialRecord, most: int, first: bool) -> dict | None:
+        """Up to ``most`` pairs of ``record`` that fit the time left, as rates; a short pair
+        (one window a pass) where no full one fits, and for the ``first`` one even if that
+        overruns: a sweep never ends without a paired figure it had time kept for."""
         left = time_left_s() - MARGIN_S
-        count = pairs  # as many as fit in the time left, at least one
-        while count > 1 and _paired_cost(record, baseline, count) > left:
+        count, windows = most, None
+        while count > 1 and _paired_cost(record, baseline, count, pacing) > left:
             count -= 1
-        if _paired_cost(record, baseline, count) > left:
-            tell(ConfirmSkipped(record.number))
-            continue
-        config = record.config
-        tell(ConfirmStarted(record.number, config, count))
-        outcome = run_pairs(config, base_config, count, max(5.0, left))
+        if _paired_cost(record, baseline, count, pacing) > left:
+            windows = 1
+            if _paired_cost(record, baseline, 1, replace(pacing, windows=1)) > left and not first:
+                tell(ConfirmSkipped(record.number))
+                return None
+        tell(ConfirmStarted(record.number, record.config, count))
+        outcome = run_pairs(record.config, baseline.config, count, max(5.0, left), windows)
         if not outcome.complete:
             tell(ConfirmFailed(record.number, outcome.failure_class))
-            continue
+            return None
         rates = {side: outcome.result[side] for side in ("candidate", "baseline")}
         failed = sum((outcome.result.get("failed_requests") or {}).values())
         if failed or min(rates["candidate"] + rates["baseline"]) <= 0:
             # Not the same job on both sides (or no tokens at all): no ratio to claim.
             tell(ConfirmFailed(record.number, FailureClass.REQUESTS))
-            continue
-        stats = speedup_interval(rates["candidate"], rates["baseline"])
-        confirmed.append(record.with_(paired={**stats, **rates}, confirmed=True))
+            return None
+        return rates
+
+    for record in unique[:TOP]:
+        rates = measure(record, pairs, first=not confirmed)
+        if rates is not None:
+            stats = speedup_interval(rates["candidate"], rates["baseline"])
+            confirmed.append(record.with_(paired={**stats, **rates}, confirmed=True))
     if not confirmed:
         return Confirmation(None)
     best = max(confirmed, key=lambda r: r.paired["speedup"])
+    # The time kept for confirming and not spent: more pairs of the winner (up to
+    # `_MAX_PAIRS` in all), which narrow its interval.
+    while len(best.paired["candidate"]) < _MAX_PAIRS:
+        more = _MAX_PAIRS - len(best.paired["candidate"])
+        if _paired_cost(best, baseline, 1, pacing) > time_left_s() - MARGIN_S:
+            break
+        rates = measure(best, min(pairs, more), first=False)
+        if rates is None:
+            break
+        merged = {side: best.paired[side] + rates[side] for side in ("candidate", "baseline")}
+        stats = speedup_interval(merged["candidate"], merged["baseline"])
+        best = best.with_(paired={**stats, **merged})
     if best.paired["speedup"] <= 1.0:
         # The baseline is a candidate too: no layout beat it when measured side by side, so
         # exporting one would make the user's job slower.
@@ -118,8 +146,9 @@ def confirm(
     return Confirmation(best.with_(paired={**best.paired, "chosen_among": len(confirmed)}), note)
 
 
-def _paired_cost(record: TrialRecord, baseline: TrialRecord, pairs: int) -> float:
-    """Expected seconds of a paired re-measurement: both loads and warmups, 2 x pairs passes."""
+def _paired_cost(record: TrialRecord, baseline: TrialRecord, pairs: int, pacing: Pacing) -> float:
+    """Expected seconds of a paired re-measurement: both loads and warmups, 2 x pairs passes
+    sized by ``pacing``, from the seconds per request of the trials' own passes."""
 
     def parts(r: TrialRecord):  # (load, warmup, one timed pass)
         result = r.result or {}
@@ -128,7 +157,9 @@ def _paired_cost(record: TrialRecord, baseline: TrialRecord, pairs: int) -> floa
         one = statistics.median(passes) if passes else (r.duration_s - load) / 2
         prompts = result.get("prompts") or 1
         width = width_of(r.config)
-        return load, one * min(1.0, width / prompts), one
+        per_request = one / prompts
+        planned = pacing.pass_prompts(width, refills(r.config))
+        return load, per_request * min(width, prompts), per_request * planned
 
     load_a, warm_a, run_a = parts(record)
     load_b, warm_b, run_b = parts(baseline)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from autotune.agreement import agreement, answer_family, family_reference, is_reference
@@ -141,6 +141,7 @@ class Sweep:
                         records,
                         self.space.backends,
                         pairs=self.options.pairs,
+                        pacing=self.options.pacing,
                         time_left_s=self.budget.time_left_s,
                         run_pairs=self._run_pairs,
                         tell=self.tell,
@@ -283,7 +284,10 @@ class Sweep:
             # Only its answers are wanted: one short cold pass, and it is no candidate.
             spec = self._spec(config, pacing=REFERENCE_PACING.to_dict())
         else:
-            spec = self._spec(config)
+            spec = self._spec(config, pacing=self.budget.trial_pacing(config).to_dict())
+            if candidate.role is Role.SEARCH:
+                # Passes beyond its first stop once it is clearly slower than the leader.
+                spec["stop_below"] = self.ledger.leader_bar()
         outcome = self.runner(spec, deadline)
         record = TrialRecord(
             number=trial.number,
@@ -302,6 +306,8 @@ class Sweep:
                 result={k: result.get(k) for k in RESULT_KEYS},
                 samples=result.get("samples"),
             )
+            for step, sample in enumerate(record.samples or ()):
+                trial.report(sample.figure, step)  # Optuna sees each pass as it was measured
             self.planner.observe(config, result["peak_memory_bytes"])
             self.planner.observe_gpus(config, result.get("peak_gpu_memory_bytes") or {})
             answers = result.get("answers") or {}
@@ -317,6 +323,10 @@ class Sweep:
                 record = record.with_(failure_class=FailureClass.REQUESTS, stderr_tail=missing)
             elif (low := self._disagrees(record)) is not None:
                 record = record.with_(state=TrialState.PRUNED, reason=low)
+            elif result.get("stopped"):
+                record = record.with_(
+                    state=TrialState.PRUNED, reason=f"stopped: {result['stopped']}"
+                )
             else:
                 record = record.with_(state=TrialState.COMPLETE, value=result["tokens_per_s"])
         else:
@@ -353,10 +363,21 @@ class Sweep:
         self.ledger.keep(study, candidate.trial, record)
 
     def _run_pairs(
-        self, candidate: TrialConfig, baseline: TrialConfig, pairs: int, deadline_s: float
+        self,
+        candidate: TrialConfig,
+        baseline: TrialConfig,
+        pairs: int,
+        deadline_s: float,
+        windows: int | None = None,
     ) -> TrialOutcome:
-        """The paired re-measurement of ``candidate`` against ``baseline`` (A B A B)."""
-        spec = self._spec(candidate, paired=baseline.to_dict(), pairs=pairs)
+        """The paired re-measurement of ``candidate`` against ``baseline`` (A B A B), with
+        ``windows`` a pass where time is short (None: the sweep's pacing)."""
+        pacing = self.options.pacing
+        if windows is not None:
+            pacing = replace(pacing, windows=windows)
+        spec = self._spec(
+            candidate, paired=baseline.to_dict(), pairs=pairs, pacing=pacing.to_dict()
+        )
         return self.runner(spec, deadline_s)
 
     def _spec(self, config: TrialConfig, **extra) -> dict:

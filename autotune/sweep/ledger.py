@@ -59,7 +59,12 @@ RESULT_KEYS = (
     "tokens_per_s_summary",
     "warnings",
     "details",
+    "stopped",
 )
+
+# A leader measured in one pass has no interval: its figure less this is taken as its lower
+# bound (one pass's windows on 2 vCPUs spread 12-80%, their mean far less).
+LEADER_MARGIN = 0.10
 
 # This sweep process: host and pid, so that several sweeps sharing a study (--storage) are
 # told apart, and a resumed one can tell a trial left running by a killed sweep.
@@ -78,8 +83,8 @@ class Ledger:
         # Per answer family (`autotune.agreement.answer_family`): the reference run's answers,
         # or None where the reference failed (agreement unknown for that family).
         self.references: dict[str, dict | None] = {}
-        # Per backend, (load seconds, seconds per generated token) of its measured trials.
-        self.costs: dict[str, list[tuple[float, float]]] = {}
+        # Per backend, (width, load seconds, seconds per generated token) of its measured trials.
+        self.costs: dict[str, list[tuple[int, float, float]]] = {}
         self.log = None  # trials.jsonl, open while the sweep runs
 
     def resume(self, records: list[TrialRecord]) -> None:
@@ -96,7 +101,8 @@ class Ledger:
         if record.complete and record.role is not Role.REFERENCE:
             study.tell(trial, record.value)
         elif record.state is TrialState.PRUNED and record.result is not None:
-            # Measured, then pruned for its answers: a region the user does not want.
+            # Measured, then pruned: its answers (a region the user does not want), or stopped
+            # early, clearly slower than the leader.
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         else:
             # A trial that never ran is FAIL to Optuna, not PRUNED: TPE counts pruned trials in
@@ -119,7 +125,7 @@ class Ledger:
             self.references[answer_family(record.config)] = record.answers
         cost = trial_cost(record, 0 if record.role is Role.REFERENCE else self.warmup)
         if cost is not None:
-            self.costs.setdefault(record.backend, []).append(cost)
+            self.costs.setdefault(record.backend, []).append((width_of(record.config), *cost))
 
     def measured(self, key: str) -> TrialRecord | None:
         """The record that measured the config of ``key``, if one did."""
@@ -129,6 +135,16 @@ class Ledger:
     def measured_trials(self) -> list[TrialRecord]:
         """The trials measured as candidates (complete, not a reference run)."""
         return [r for r in self.records if r.complete and r.role is not Role.REFERENCE]
+
+    def leader_bar(self) -> float | None:
+        """The leader's lower bound, below which a search trial stops early
+        (`autotune.measure.clearly_below`): the 95% interval's low end of the fastest measured
+        trial, or its figure less `LEADER_MARGIN` where one pass gave no interval."""
+        leader = max(self.measured_trials(), key=lambda r: r.value, default=None)
+        if leader is None:
+            return None
+        low = (leader.result or {}).get("tokens_per_s_low")
+        return low if low is not None else leader.value * (1 - LEADER_MARGIN)
 
     def bests(self, backends) -> dict[str, TrialRecord]:
         """Per backend of ``backends`` (those still searched), its fastest measured trial."""

@@ -244,6 +244,9 @@ def _measurement_differs(study: str, recorded: dict, now: dict) -> str:
     for key, flag in _FLAGS.items():
         if recorded.get(key) != now.get(key) and not (key == "workload_sha256" and changes):
             changes.append(f"{flag} {now.get(key)} (the study has {recorded.get(key)})")
+    for key in sorted((set(recorded) | set(now)) - set(_FLAGS) - {"base"}):
+        if recorded.get(key) != now.get(key):  # set by autotune itself: another version's
+            changes.append(f"pacing {key} {now.get(key)} (the study has {recorded.get(key)})")
     base_before, base_now = recorded.get("base") or {}, now["base"]
     for name in sorted(set(base_before) | set(base_now)):
         if base_before.get(name) != base_now.get(name):

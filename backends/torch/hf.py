@@ -15,7 +15,7 @@ from autotune.knobs import BackendSpace, Knob, Target
 from autotune.models import hf_dir
 from autotune.placement import default_placement
 from autotune.workload import GenerationSettings, Prompt
-from backends.base import Backend, Completion, SpeedTerms, threads_knob
+from backends.base import Backend, Completion, SpeedTerms, gpu_threads, threads_knob
 
 __all__ = [
     "DTYPE_BYTES",
@@ -236,11 +236,14 @@ class HFBackend(Backend):
 
     @classmethod
     def recipes(cls, target: Target) -> list[tuple[str, dict]]:
-        """Seed 000: transformers on all CPUs, batch 4 and 8."""
+        """Seed 000: transformers on all CPUs, batch 4 and 8; on a GPU host the threads a GPU
+        process gets (`gpu_threads`), so the recipes are layouts of the space the steps can
+        move from."""
+        threads = gpu_threads(target.cpus, 1) if target.gpus else target.cpus
         return [
             (
                 f"seed 000: transformers batch {batch}",
-                {"threads_per_worker": target.cpus, "batch_size": batch},
+                {"threads_per_worker": threads, "batch_size": batch},
             )
             for batch in (4, 8)
         ]

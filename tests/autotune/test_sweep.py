@@ -116,8 +116,10 @@ def test_the_budget_holds_exactly_on_a_fake_clock(tmp_path, simulated_sweep, bud
     search = [r for r in summary.trials if r.ended_s is not None]
     # The search stops where the share kept for confirming the winner begins.
     assert max(r.ended_s for r in search) <= budget_s * 0.75 + max(r.duration_s for r in search)
-    # The paired re-measurement is costed with 10 s of slack, which a 20 s budget cannot spare.
-    assert summary.winner.confirmed == (budget_s >= 60), "confirmed when the kept share allows"
+    # The time kept for confirming is always spent on it: a short pair where a full one does
+    # not fit (20 s), more pairs of the winner where time is left over (300 s).
+    assert summary.winner.confirmed, "a sweep never ends without a paired figure"
+    assert len(summary.winner.paired["candidate"]) >= (1 if budget_s < 300 else 4)
 
 
 def test_a_hanging_trial_is_killed_at_its_deadline_on_the_fake_clock(tmp_path, simulated_sweep):
@@ -714,8 +716,9 @@ def test_a_suggestion_too_long_for_the_time_left_runs_narrower_and_is_not_record
     tmp_path, simulated_sweep
 ):
     # A budget whose end the sampler reaches (the climbs and the neighbours go first) with
-    # too little time left for its ask.
-    summary, _, _ = simulated_sweep(options(tmp_path, budget_s=10.0, seed=3))
+    # too little time left for its ask, even at one window a pass: long answers.
+    base = TrialConfig(backend="fake", max_new_tokens=256)
+    summary, _, _ = simulated_sweep(options(tmp_path, budget_s=10.0, seed=3, base=base))
     assert not [r for r in summary.trials if "would not finish" in (r.reason or "")]
     fitted = [r for r in summary.trials if r.name.startswith("fitted:")]
     assert fitted, "the sampler asked for a batch too long for the time left"
@@ -769,9 +772,10 @@ def test_other_backends_recipes_wait_for_the_baseline_backends_climb(
     climbs = [i for i, name in enumerate(names) if name.startswith("climb: trial 0")]
     assert climbs and max(climbs) < recipe, names
     assert summary.trials[0].backend == "fake" and not summary.skipped
-    # With too little time left for it, the recipe is not run, and the summary says why.
+    # With too little time left for it, the recipe is not run, and the summary says why (it
+    # is priced by fake's measured cost: the same weights, `Budget._kin_costs`).
     short, _, _ = simulated_sweep(
-        options(tmp_path / "short", budget_s=3.0, backends=["fake", "slowfake"])
+        options(tmp_path / "short", budget_s=1.5, backends=["fake", "slowfake"])
     )
     assert "slow recipe" not in [r.name for r in short.trials]
     assert short.skipped["slow recipe"].startswith("expected")
