@@ -64,7 +64,7 @@ def main() -> int:
     args = parser.parse_args()
 
     best = None
-    print(f"{'batch':>5} {'dtype':>9} {'tokens/s':>9} {'spread':>7}  note")
+    print(f"{'batch':>5} {'dtype':>9} {'tokens/s':>9} {'passes':>7}  note (passes: their spread)")
     for dtype in args.dtypes.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
             result = bench(args.model, batch, dtype, args.settle)
@@ -72,11 +72,14 @@ def main() -> int:
                 print(f"{batch:>5} {dtype:>9} {'-':>9} {'-':>7}  {result}", flush=True)
                 continue
             rate = result["tokens_per_s"]
-            note = "" if result["stable"] else "not stable"
+            # Stable: its last two passes (the same requests each) agree within 5%.
+            note = {True: "", False: "not stable", None: "one pass"}[result["stable"]]
             gpu = result.get("peak_gpu_memory_bytes") or {}
             if gpu:
                 note += f" GPU {max(gpu.values()) / 2**30:.1f} GiB"
-            print(f"{batch:>5} {dtype:>9} {rate:9.1f} {result['window_spread']:7.1%}  {note}")
+            spread = result.get("pass_spread")
+            spread_text = f"{spread:7.1%}" if spread is not None else f"{'-':>7}"
+            print(f"{batch:>5} {dtype:>9} {rate:9.1f} {spread_text}  {note}")
             if best is None or rate > best[0]:
                 best = (rate, batch, dtype)
     if best is None:

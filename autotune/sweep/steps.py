@@ -40,6 +40,7 @@ _CLIMBED = "climbed"
 # (a tie inside one pass's noise; docs/sweep.md).
 _TIE = 0.9
 _LINEAGES = 2  # layouts whose batch climbs, per backend
+_RANKS = ("workers", "stages")  # the knobs that count a layout's processes
 
 
 def lineage(config: TrialConfig) -> tuple[str, str]:
@@ -155,6 +156,8 @@ class Steps:
             step = self.ledger.measured(key)
             if step is None or not step.complete or step.value <= last:
                 self.gpu_lines[backend] = _CLIMBED
+                if self._gpu_ranks(study, best):
+                    return True
                 continue
             half = self.space.step(step.config, "batch_size", -1)
             if half is None or not self.budget.affordable(half, self.budget.room_s()):
@@ -165,6 +168,25 @@ class Steps:
             self.gpu_lines[backend] = (step.value, config_key(half))
             return True
         return False
+
+    def _gpu_ranks(self, study, best: TrialRecord) -> bool:
+        """After a GPU backend's halving: its fastest layout with one process fewer and one
+        more, each at the widest batch that then fits (a GPU's memory trades processes
+        against batch, so a one-knob step at the same batch walks into the limit; half and
+        twice the processes did worse on both simulated GPU hosts); returns whether any was
+        queued."""
+        knob = next((k for k in self.space.spaces[best.backend].knobs if k.name in _RANKS), None)
+        if knob is None:
+            return False
+        queued = False
+        for positions in (-1, 1):
+            moved = self.space.step(best.config.replace(batch_size=1), knob.name, positions)
+            start = self._widest(moved) if moved is not None else None
+            if start is not None:
+                name = f"gpu ranks: trial {best.number}'s layout with {knob.name} "
+                self.queue.layout(study, start, name + str(getattr(start, knob.name)))
+                queued = True
+        return queued
 
     def screen(self, study) -> bool:
         """On a CPU host, queue once per backend its fastest layout at every other value of

@@ -467,6 +467,8 @@ def test_every_request_rejected_ends_with_a_summary_not_a_traceback(cli, tmp_pat
         ({"limit": 5}, "--limit 5 (the study has 4)"),
         ({"pacing": Pacing(repeats=2)}, "--repeats 2 (the study has 1)"),
         ({"pacing": Pacing(prompts=30)}, "--prompts 30 (the study has None)"),
+        # Set by autotune, not a flag: a study of another version measured otherwise.
+        ({"pacing": Pacing(windows=2)}, "pacing windows 2 (the study has 3)"),
     ],
 )
 def test_resume_refuses_other_measurement_settings(tmp_path, simulated_sweep, changes, named):

@@ -4,6 +4,8 @@ ends in a paired winner."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 
 from autotune.config import TrialConfig
@@ -95,3 +97,31 @@ def test_the_confirmation_is_always_spent_and_ends_in_a_paired_winner(tmp_path, 
         assert summary.elapsed_s <= budget_s
         paired = [c for c in runner.calls if c.get("paired")]
         assert paired, "at least one pair, whatever the time left"
+
+
+H200_HOST = Path(__file__).resolve().parents[1] / "fixtures" / "machines" / "host_16c_1xh200.json"
+
+
+def test_a_gpu_host_starts_where_the_gpu_speed_is_and_cpu_trials_do_not_settle(cli, tmp_path):
+    """The issue's 16-core + H200 host, simulated: hf was dropped at its recipe's batch 8 as
+    x0.41 llama.cpp, and every llama.cpp trial settled 30 s there."""
+    import json
+
+    result = cli(
+        "sweep", "--machine", str(H200_HOST), "--backends", "llamacpp,hf,ddp",
+        "--budget", "5m", "--seed", "0", "--reports", str(tmp_path), "--study", "h",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (tmp_path / "h" / "trials.jsonl").open()]
+    started = [r for r in records if (r.get("name") or "").startswith("gpu start:")]
+    assert started and started[0]["config"]["backend"] == "hf"
+    assert started[0]["config"]["dtype"] in ("bfloat16", "float16"), "the cheapest weights"
+    assert started[0]["config"]["batch_size"] >= 32, "a wide batch, not the recipes' 4-8"
+    measured = [r for r in records if r["state"] == "complete" and r.get("role") != "reference"]
+    cpu = [r for r in measured if r["config"]["backend"] == "llamacpp"]
+    gpu = [r for r in measured if r["config"]["backend"] == "hf"]
+    assert cpu and all(len(r["samples"]) == 1 for r in cpu), "a CPU layout does not settle"
+    assert gpu and all(len(r["samples"]) >= 3 for r in gpu), "a GPU layout settles"
+    summary = json.loads((tmp_path / "h" / "summary.json").read_text())
+    assert summary["winner"]["config"]["backend"] in ("hf", "ddp")
+    assert summary["winner"]["config"]["batch_size"] >= 128
