@@ -9,7 +9,7 @@ import time
 import pytest
 
 from autotune.config import TrialConfig
-from autotune.measure import Pacing, TreeSampler, benchmark, tree_memory
+from autotune.measure import Pacing, TreeSampler, benchmark, clearly_below, tree_memory
 from autotune.workload import DEFAULT_WORKLOAD, TINY_WORKLOAD, load_workload
 from backends.fake import modelled_tokens_per_s
 
@@ -332,3 +332,25 @@ def test_a_cpu_layout_on_a_gpu_host_does_not_settle(tiny_gguf, topology):
     assert settles(TrialConfig(backend="hf"), gpu_host, pacing)
     assert not settles(TrialConfig(backend="hf"), topology, pacing)
     assert settles(TrialConfig(backend="llamacpp"), topology, Pacing(settle_s=30.0))
+
+
+# ---------------------------------------------------------------- issue 25: stopping early
+
+
+def test_one_pass_is_clearly_below_only_when_its_fastest_window_is():
+    assert clearly_below([_pass((90.0, 110.0, 100.0))], 120.0) is not None
+    assert clearly_below([_pass((90.0, 110.0, 100.0))], 105.0) is None, "its best window is above"
+    two = [_pass((100.0, 100.0, 100.0)), _pass((101.0, 101.0, 101.0))]
+    assert "2 pass(es)" in clearly_below(two, 110.0), "two passes: the interval's top"
+    assert clearly_below(two, 100.0) is None
+
+
+def test_a_measurement_stops_after_a_pass_once_clearly_below_the_bar(tiny_gguf, topology):
+    config = TrialConfig(backend="fake", batch_size=2)
+    workload = load_workload(TINY_WORKLOAD)
+    full = benchmark(config, workload, tiny_gguf, topology, Pacing(repeats=3))
+    assert full.repeats == 3 and full.stopped is None
+    stopped = benchmark(config, workload, tiny_gguf, topology, Pacing(repeats=3), stop_below=1e9)
+    assert stopped.repeats == 1 and "under the leader's lower bound" in stopped.stopped
+    kept = benchmark(config, workload, tiny_gguf, topology, Pacing(repeats=2), stop_below=1.0)
+    assert kept.repeats == 2 and kept.stopped is None, "a layout above the bar finishes"

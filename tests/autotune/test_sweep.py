@@ -22,6 +22,7 @@ from autotune.knobs import Target
 from autotune.measure import Pacing
 from autotune.memory_plan import MemoryPlanner
 from autotune.models import ModelShape
+from autotune.passes import WINDOWS
 from autotune.space import SearchSpace
 from autotune.study import Role, StudyDir, TrialState
 from autotune.sweep import SweepOptions, run_sweep
@@ -869,3 +870,78 @@ def test_paired_passes_count_their_failed_requests(tiny_gguf):
     result = _measure(spec)
     assert result["failed_requests"]["candidate"] > 0
     assert result["failed_requests"]["baseline"] == 0
+
+
+# ---------------------------------------------------------------- issue 25: trial cost
+
+
+def test_search_trials_carry_the_leaders_bar_and_a_stopped_one_is_pruned_with_its_figure(
+    tmp_path, simulated_sweep
+):
+    def stop_batch_one(spec, outcome):
+        # What a trial child says when its passes fell clearly below the bar it was given.
+        if spec.get("stop_below") and spec["config"]["batch_size"] == 1 and outcome.result:
+            outcome.result["stopped"] = "its upper bound is under the leader's lower bound"
+
+    summary, _, runner = simulated_sweep(options(tmp_path), change=stop_batch_one)
+    searched = [c for c in runner.calls if "stop_below" in c]
+    assert searched and all(c["stop_below"] > 0 for c in searched[1:])
+    fixed = [c for c in runner.calls if not c.get("paired") and "stop_below" not in c]
+    assert fixed, "the baseline, recipes and reference runs are never stopped early"
+    stopped = [r for r in summary.trials if (r.reason or "").startswith("stopped:")]
+    assert stopped and all(r.state is TrialState.PRUNED for r in stopped)
+    assert all(r.result["tokens_per_s"] > 0 and r.role is Role.SEARCH for r in stopped)
+    assert summary.winner not in stopped
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 's' / 'study.db'}")
+    pruned = [t for t in study.trials if t.state is optuna.trial.TrialState.PRUNED]
+    assert pruned and all(t.intermediate_values for t in pruned), "each pass was reported"
+
+
+def test_a_trial_measures_the_windows_its_share_of_the_budget_fits(tmp_path, simulated_sweep):
+    def windows_asked(budget_s: float) -> list[int]:
+        _, _, runner = simulated_sweep(options(tmp_path / str(budget_s), budget_s=budget_s))
+        return [c["pacing"]["windows"] for c in runner.calls if not c.get("paired")]
+
+    long = windows_asked(3000.0)
+    short = windows_asked(20.0)
+    assert set(long) <= {WINDOWS, 1} and long.count(WINDOWS) >= len(long) - 2
+    assert min(short) == 1 and len(short) > 1, "a short budget measures more, more roughly"
+
+
+def test_the_confirmation_is_always_spent_and_ends_in_a_paired_winner(tmp_path, simulated_sweep):
+    for budget_s in (20.0, 120.0):
+        summary, clock, runner = simulated_sweep(
+            options(tmp_path / str(budget_s), budget_s=budget_s)
+        )
+        assert summary.winner.confirmed and summary.winner.paired["pairs"] >= 1
+        assert summary.elapsed_s <= budget_s
+        paired = [c for c in runner.calls if c.get("paired")]
+        assert paired, "at least one pair, whatever the time left"
+
+
+H200_HOST = Path(__file__).resolve().parents[1] / "fixtures" / "machines" / "host_16c_1xh200.json"
+
+
+def test_a_gpu_host_starts_where_the_gpu_speed_is_and_cpu_trials_do_not_settle(cli, tmp_path):
+    """The issue's 16-core + H200 host, simulated: hf was dropped at its recipe's batch 8 as
+    x0.41 llama.cpp, and every llama.cpp trial settled 30 s there."""
+    import json
+
+    result = cli(
+        "sweep", "--machine", str(H200_HOST), "--backends", "llamacpp,hf,ddp",
+        "--budget", "5m", "--seed", "0", "--reports", str(tmp_path), "--study", "h",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (tmp_path / "h" / "trials.jsonl").open()]
+    started = [r for r in records if (r.get("name") or "").startswith("gpu start:")]
+    assert started and started[0]["config"]["backend"] == "hf"
+    assert started[0]["config"]["dtype"] in ("bfloat16", "float16"), "the cheapest weights"
+    assert started[0]["config"]["batch_size"] >= 32, "a wide batch, not the recipes' 4-8"
+    measured = [r for r in records if r["state"] == "complete" and r.get("role") != "reference"]
+    cpu = [r for r in measured if r["config"]["backend"] == "llamacpp"]
+    gpu = [r for r in measured if r["config"]["backend"] == "hf"]
+    assert cpu and all(len(r["samples"]) == 1 for r in cpu), "a CPU layout does not settle"
+    assert gpu and all(len(r["samples"]) >= 3 for r in gpu), "a GPU layout settles"
+    summary = json.loads((tmp_path / "h" / "summary.json").read_text())
+    assert summary["winner"]["config"]["backend"] in ("hf", "ddp")
+    assert summary["winner"]["config"]["batch_size"] >= 128
