@@ -295,8 +295,8 @@ class Steps:
             return
         leader = max(bests.values(), key=lambda r: r.value)
         for backend, best in bests.items():
-            if backend == leader.backend or self.gpu_lines.get(backend, _CLIMBED) != _CLIMBED:
-                continue  # the leader, or a GPU backend not yet measured where its speed is
+            if backend == leader.backend or self._gpu_pending(best):
+                continue
             climbed = self.climbs.get(lineage(best.config)) == _CLIMBED
             if climbed and best.value < DOMINATED * leader.value:
                 rival, share, where = leader, DOMINATED, ""
@@ -377,6 +377,15 @@ class Steps:
                 queued = True
         return queued
 
+    def _gpu_pending(self, best: TrialRecord) -> bool:
+        """Whether ``best``'s backend computes on a GPU and has not yet been measured where
+        its speed is (`gpu_start`): it may not be dropped before."""
+        return (
+            bool(self.target.gpus)
+            and self._on_gpu(best.config)
+            and self.gpu_lines.get(best.backend) != _CLIMBED
+        )
+
     def _on_gpu(self, config: TrialConfig) -> bool:
         """Whether ``config``'s processes compute on a GPU."""
         devices = backend_class(config.backend).placement(config, self.target.topology)
@@ -387,7 +396,7 @@ class Steps:
         by its memory): its own, or another value of its screened knobs (dtype, quant)."""
         candidates = [config]
         for knob in self.space.spaces[config.backend].knobs:
-            if knob.screen and knob.name != "extra_buffers":
+            if knob.screen:
                 candidates += self.space.variants(config, knob.name)
         planner = self.space.planner
         if planner is None:
