@@ -282,9 +282,9 @@ class Sweep:
         self.tell(TrialStarted(trial.number, config, candidate.role, candidate.name, deadline))
         if candidate.role is Role.REFERENCE:
             # Only its answers are wanted: one short cold pass, and it is no candidate.
-            spec = self._spec(config, pacing=REFERENCE_PACING.to_dict())
+            spec = trial_spec(self.options, config, REFERENCE_PACING)
         else:
-            spec = self._spec(config, pacing=self.budget.trial_pacing(config).to_dict())
+            spec = trial_spec(self.options, config, self.budget.trial_pacing(config))
             if candidate.role is Role.SEARCH:
                 # Passes beyond its first stop once it is clearly slower than the leader.
                 spec["stop_below"] = self.ledger.leader_bar()
@@ -321,7 +321,7 @@ class Sweep:
                 # Its tokens/s leaves out the requests it failed, which the user's job
                 # contains: it must not win (it would fail those lines in `autotune run`).
                 record = record.with_(failure_class=FailureClass.REQUESTS, stderr_tail=missing)
-            elif (low := self._disagrees(record)) is not None:
+            elif (low := disagrees(record, self.options.min_agreement)) is not None:
                 record = record.with_(state=TrialState.PRUNED, reason=low)
             elif result.get("stopped"):
                 record = record.with_(
@@ -338,17 +338,6 @@ class Sweep:
                 extra=outcome.extra,
             )
         self.ledger.keep(study, trial, record)
-
-    def _disagrees(self, record: TrialRecord) -> str | None:
-        """Why a measured trial is pruned for its answers (--min-agreement), or None."""
-        minimum, measured = self.options.min_agreement, record.agreement or {}
-        identical = measured.get("identical")
-        if minimum is None or identical is None or identical >= minimum:
-            return None
-        return (
-            f"answers agree {identical:.0%} with the reference run, under --min-agreement "
-            f"{minimum:g} ({measured['compared']} compared)"
-        )
 
     def _prune(self, study, candidate: _Candidate, reason: str) -> None:
         config = candidate.config
@@ -375,19 +364,32 @@ class Sweep:
         pacing = self.options.pacing
         if windows is not None:
             pacing = replace(pacing, windows=windows)
-        spec = self._spec(
-            candidate, paired=baseline.to_dict(), pairs=pairs, pacing=pacing.to_dict()
-        )
+        spec = trial_spec(self.options, candidate, pacing, paired=baseline.to_dict(), pairs=pairs)
         return self.runner(spec, deadline_s)
 
-    def _spec(self, config: TrialConfig, **extra) -> dict:
-        return {
-            "config": config.to_dict(),
-            "workload": self.options.workload,
-            "limit": self.options.limit,
-            "pacing": self.options.pacing.to_dict(),
-            **extra,
-        }
+
+def trial_spec(options: SweepOptions, config: TrialConfig, pacing, **extra) -> dict:
+    """What a trial's child is given (`autotune.trial`): the config, the workload, the pacing
+    (a `Pacing`), and ``extra`` (a pair's baseline, the leader's bar)."""
+    return {
+        "config": config.to_dict(),
+        "workload": options.workload,
+        "limit": options.limit,
+        "pacing": pacing.to_dict(),
+        **extra,
+    }
+
+
+def disagrees(record: TrialRecord, minimum: float | None) -> str | None:
+    """Why a measured trial is pruned for its answers (--min-agreement ``minimum``), or None."""
+    measured = record.agreement or {}
+    identical = measured.get("identical")
+    if minimum is None or identical is None or identical >= minimum:
+        return None
+    return (
+        f"answers agree {identical:.0%} with the reference run, under --min-agreement "
+        f"{minimum:g} ({measured['compared']} compared)"
+    )
 
 
 def run_sweep(options: SweepOptions, **kwargs) -> SweepSummary:

@@ -2,12 +2,13 @@
 
 Each time nothing is queued, `Steps.propose` drops the backends dominated by a clear margin,
 then queues the first of these that has something to queue: on a GPU host, each GPU
-backend's layout where the speed is and its halvings (`gpu_start`), the screen of the leading
+backend's layout where the speed is and its halvings (`GpuStart`), the screen of the leading
 backends' weights (`screen`), the next step of a batch climb (`climb`), a recipe that waited
 for the climbs (`release_recipe`), the fastest layout's one-knob neighbours (`neighbours`).
 When none has, the sampler (Optuna's TPE) draws. `explore` and `fit` answer a draw that cannot
 run (measured already, refused, too long): a layout not measured yet that fits, or the same
-layout at a narrower batch. A new policy is a method here and its line in `propose`.
+layout at a narrower batch. A new policy is a method here and its line in `propose` (one with
+state of its own may be a class in its own module, as `GpuStart`).
 The reasons for each step, and the runs that measured them: docs/sweep.md.
 """
 
@@ -19,6 +20,7 @@ from autotune.config import TrialConfig
 from autotune.space import Fixed, Unfit, config_key
 from autotune.study import Role, TrialRecord
 from autotune.sweep.events import BackendDropped
+from autotune.sweep.gpu_start import GpuStart
 from autotune.sweep.ledger import waiting
 from backends import backend_class
 
@@ -40,7 +42,6 @@ _CLIMBED = "climbed"
 # (a tie inside one pass's noise; docs/sweep.md).
 _TIE = 0.9
 _LINEAGES = 2  # layouts whose batch climbs, per backend
-_RANKS = ("workers", "stages")  # the knobs that count a layout's processes
 
 
 def lineage(config: TrialConfig) -> tuple[str, str]:
@@ -111,9 +112,7 @@ class Steps:
         self.screened: set[str] = set()  # backends whose screened knobs were measured
         self.visited: set[str] = set()  # keys of the layouts whose neighbours were queued
         self.skipped: dict[str, str] = {}  # recipe name -> why it was not run
-        # Per GPU backend (`gpu_start`): (tokens/s of the last step, key of the halved layout
-        # queued), or _CLIMBED once its halving is over.
-        self.gpu_lines: dict[str, tuple[float, str] | str] = {}
+        self.gpu = GpuStart(space=space, target=target, ledger=ledger, budget=budget, queue=queue)
         self.rng = random.Random(seed)  # the exploration after a duplicate
 
     def propose(self, study) -> None:
@@ -122,7 +121,7 @@ class Steps:
         # queued before that would lose its backend (the sampler would pick).
         self.drop_dominated()
         (
-            self.gpu_start(study)
+            self.gpu.propose(study, self._bests())
             or self.screen(study)
             or self.climb(study)
             or self.release_recipe(study)
@@ -130,63 +129,6 @@ class Steps:
         )
 
     # ------------------------------------------------------------ the steps
-
-    def gpu_start(self, study) -> bool:
-        """On a GPU host, per backend whose fastest layout computes on a GPU: that layout in
-        its cheapest dtype at the widest batch the memory planner and `room_s` allow (where a
-        GPU's speed is: the recipes' batches 4-8 leave it launch-bound), then halved while
-        halving is faster; returns whether a layout was queued. Until its halving is over, a
-        GPU backend is not dropped (`drop_dominated`)."""
-        if not self.target.gpus:
-            return False
-        for backend, best in self._bests().items():
-            state = self.gpu_lines.get(backend)
-            if state == _CLIMBED or not self._on_gpu(best.config):
-                continue
-            if state is None:
-                start = self._widest(self._cheapest(best.config))
-                if start is None:
-                    self.gpu_lines[backend] = _CLIMBED
-                    continue
-                self.queue.layout(study, start, f"gpu start: trial {best.number}'s layout")
-                self.gpu_lines[backend] = (0.0, config_key(start))
-                return True
-            assert isinstance(state, tuple)
-            last, key = state
-            step = self.ledger.measured(key)
-            if step is None or not step.complete or step.value <= last:
-                self.gpu_lines[backend] = _CLIMBED
-                if self._gpu_ranks(study, best):
-                    return True
-                continue
-            half = self.space.step(step.config, "batch_size", -1)
-            if half is None or not self.budget.affordable(half, self.budget.room_s()):
-                self.gpu_lines[backend] = _CLIMBED
-                continue
-            name = f"gpu halving: trial {step.number}'s layout at batch {half.batch_size}"
-            self.queue.layout(study, half, name)
-            self.gpu_lines[backend] = (step.value, config_key(half))
-            return True
-        return False
-
-    def _gpu_ranks(self, study, best: TrialRecord) -> bool:
-        """After a GPU backend's halving: its fastest layout with one process fewer and one
-        more, each at the widest batch that then fits (a GPU's memory trades processes
-        against batch, so a one-knob step at the same batch walks into the limit; half and
-        twice the processes did worse on both simulated GPU hosts); returns whether any was
-        queued."""
-        knob = next((k for k in self.space.spaces[best.backend].knobs if k.name in _RANKS), None)
-        if knob is None:
-            return False
-        queued = False
-        for positions in (-1, 1):
-            moved = self.space.step(best.config.replace(batch_size=1), knob.name, positions)
-            start = self._widest(moved) if moved is not None else None
-            if start is not None:
-                name = f"gpu ranks: trial {best.number}'s layout with {knob.name} "
-                self.queue.layout(study, start, name + str(getattr(start, knob.name)))
-                queued = True
-        return queued
 
     def screen(self, study) -> bool:
         """On a CPU host, queue once per backend its fastest layout at every other value of
@@ -295,7 +237,7 @@ class Steps:
             return
         leader = max(bests.values(), key=lambda r: r.value)
         for backend, best in bests.items():
-            if backend == leader.backend or self._gpu_pending(best):
+            if backend == leader.backend or self.gpu.pending(best):
                 continue
             climbed = self.climbs.get(lineage(best.config)) == _CLIMBED
             if climbed and best.value < DOMINATED * leader.value:
@@ -376,44 +318,6 @@ class Steps:
                 self.queue.layout(study, config, f"{name} {value.get(knob_name)}")
                 queued = True
         return queued
-
-    def _gpu_pending(self, best: TrialRecord) -> bool:
-        """Whether ``best``'s backend computes on a GPU and has not yet been measured where
-        its speed is (`gpu_start`): it may not be dropped before."""
-        return (
-            bool(self.target.gpus)
-            and self._on_gpu(best.config)
-            and self.gpu_lines.get(best.backend) != _CLIMBED
-        )
-
-    def _on_gpu(self, config: TrialConfig) -> bool:
-        """Whether ``config``'s processes compute on a GPU."""
-        devices = backend_class(config.backend).placement(config, self.target.topology)
-        return any(device.is_gpu for device in devices)
-
-    def _cheapest(self, config: TrialConfig) -> TrialConfig:
-        """``config`` in the weights the planner predicts smallest (a GPU's batch is bounded
-        by its memory): its own, or another value of its screened knobs (dtype, quant)."""
-        candidates = [config]
-        for knob in self.space.spaces[config.backend].knobs:
-            if knob.screen:
-                candidates += self.space.variants(config, knob.name)
-        planner = self.space.planner
-        if planner is None:
-            return config
-        return min(candidates, key=lambda c: sum(planner.predict_gpus(c).values()))
-
-    def _widest(self, config: TrialConfig) -> TrialConfig | None:
-        """``config`` at the widest batch the space and the planner allow, not measured yet,
-        that fits `room_s`; None where none does."""
-        room = self.budget.room_s()
-        for batch in sorted(self.target.batch_sizes, reverse=True):
-            if batch <= config.batch_size:
-                return None
-            wider = self.space.with_value(config, "batch_size", batch)
-            if wider is not None and self.budget.affordable(wider, room):
-                return wider
-        return None
 
     def _fastest_within(self, backend: str, record: TrialRecord) -> TrialRecord | None:
         """``backend``'s fastest measured trial at a batch no wider than ``record``'s."""
