@@ -120,6 +120,22 @@ def show_summary(title: str, summary: dict) -> None:
     console.print(table)
 
 
+def describe_figure(result) -> str:
+    """A RunResult's tokens/s and what it is: the mean of its last passes (each the mean of
+    its windows), their 95% interval, whether they agree, and how its windows spread."""
+    from autotune.passes import STABLE_PASSES, describe_stability
+
+    passes = min(result.repeats, STABLE_PASSES)
+    each = "each the mean of its windows" if result.steady else "whole passes: no window"
+    text = f"{result.tokens_per_s:.1f} (mean of the last {passes} pass(es), {each}"
+    if result.tokens_per_s_low is not None:
+        text += f"; 95% interval {result.tokens_per_s_low:.1f}-{result.tokens_per_s_high:.1f}"
+    text += f"; {describe_stability(result.stable, result.pass_spread)}"
+    if result.steady:
+        text += f"; its windows spread {result.window_spread:.1%}"
+    return text + ")"
+
+
 def show_result(result) -> None:
     """Print one measured configuration."""
     from autotune.agreement import describe_agreement
@@ -128,14 +144,7 @@ def show_result(result) -> None:
     if result.details.get("boundaries"):  # a split the backend chose while loading
         layout += f" (layers {result.details['boundaries']})"
     table = key_value_table(f"Result ({layout})")
-    summary = result.tokens_per_s_summary
-    over = "windows" if result.steady else "whole passes"
-    table.add_row(
-        "Tokens/s",
-        f"{result.tokens_per_s:.1f} (mean of the last {summary['n']} {over}, "
-        f"{summary['min']:.1f}-{summary['max']:.1f}; spread {result.window_spread:.1%}, "
-        f"{'stable' if result.stable else 'not shown stable'})",
-    )
+    table.add_row("Tokens/s", describe_figure(result))
     table.add_row(
         "Tokens/s, whole passes",
         f"{result.pass_tokens_per_s:.1f} (ramp-up and tail included; {result.repeats} passes "
@@ -286,13 +295,7 @@ def show_verify(recorded: dict, result, fingerprint: str) -> tuple[list[str], bo
     """The exported figures beside the ones measured now; returns the warnings and whether
     the figure measured now is inside the accepted range (`verify_range`)."""
     table = key_value_table("Verify: the exported config, measured here")
-    summary = result.tokens_per_s_summary
-    over = "windows" if result.steady else "whole passes"
-    table.add_row(
-        "Measured now",
-        f"{result.tokens_per_s:.1f} tokens/s (mean of the last {summary['n']} {over}; "
-        f"{summary['min']:.1f}-{summary['max']:.1f})",
-    )
+    table.add_row("Measured now", describe_figure(result))
     warnings = []
     inside = True
     # The paired runs' figure where the header has it: the search trial's is one run, the

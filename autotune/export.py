@@ -19,6 +19,7 @@ import statistics
 from autotune.agreement import describe_agreement
 from autotune.config import TrialConfig
 from autotune.errors import ConfigError
+from autotune.passes import describe_stability
 from autotune.stats import describe_speedup
 from autotune.study import TrialRecord
 from autotune.summary import SweepSummary
@@ -87,6 +88,7 @@ def figures(summary: SweepSummary, fingerprint: str | None) -> dict:
     data["agreement"] = winner.agreement  # its answers against the batch-1 reference run
     data["stable"] = (winner.result or {}).get("stable")
     data["window_spread"] = (winner.result or {}).get("window_spread")
+    data["pass_spread"] = (winner.result or {}).get("pass_spread")
     if winner.paired:
         paired = winner.paired
         data.update(
@@ -111,9 +113,8 @@ def _header(found: dict) -> list[str]:
         runs = ", ".join(f"{rate:.1f}" for rate in found["paired_runs"])
         measured += f"; paired runs: {found['paired_tokens_per_s']:.1f} tokens/s (median of {runs})"
     if found.get("window_spread") is not None:
-        measured += f"; its windows spread {found['window_spread']:.1%}" + (
-            "" if found.get("stable") else " (not shown stable)"
-        )
+        stability = describe_stability(found.get("stable"), found.get("pass_spread"))
+        measured += f"; {stability}; its windows spread {found['window_spread']:.1%}"
     lines.append(measured)
     if found.get("agreement") and found["agreement"].get("compared"):
         lines.append(f"answers against batch 1 greedy: {describe_agreement(found['agreement'])}")

@@ -28,6 +28,7 @@ __all__ = [
     "WINDOWS",
     "Estimate",
     "Sample",
+    "describe_stability",
     "estimate",
     "pass_prompts",
     "settled",
@@ -129,6 +130,15 @@ def estimate(figures: Sequence[float]) -> Estimate:
     return Estimate(
         mean, mean - half, mean + half, int(last.size), relative_spread(last), settled(figures)
     )
+
+
+def describe_stability(stable: bool | None, pass_spread: float | None) -> str:
+    """How a measurement's last passes compare, in words: ``stable`` as `settled` says, with
+    their spread; one pass is not compared (its windows hold different prompts)."""
+    if stable is None or pass_spread is None:
+        return "one pass: not compared"
+    verdict = "stable" if stable else "not stable"
+    return f"its last {STABLE_PASSES} passes spread {pass_spread:.1%}: {verdict}"
 
 
 def window_size(width: int) -> int:

@@ -66,7 +66,8 @@ def top_rows(study: Study, count: int = 10) -> tuple[list[str], list[list[str]]]
                 f"{trial.value / base:.2f}" if base else "-",
                 "-"
                 if spread is None
-                else f"{spread:.1%}" + ("" if result.get("stable") else " (not stable)"),
+                # Not stable: its passes disagreed (one pass is not compared).
+                else f"{spread:.1%}" + (" (not stable)" if result.get("stable") is False else ""),
                 f"{identical:.0%}" if identical is not None else "-",
                 f"{memory / 2**30:.2f}" if memory else "-",
             ]
