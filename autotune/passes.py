@@ -69,8 +69,8 @@ class Sample:
 
     @property
     def steady_tokens_per_s(self) -> float | None:
-        """Its windows taken together (equal spans: their mean); None without a window."""
-        return statistics.fmean(self.windows) if self.windows else None
+        """Its windows taken together (`_together`); None without a window."""
+        return _together(self.windows)
 
     @property
     def figure(self) -> float:
@@ -208,5 +208,9 @@ def steady_tokens_per_s(
     completions: Sequence[Completion], width: int, ramp: bool = True
 ) -> float | None:
     """Generated tokens/s over all of a pass's windows together (None: no window)."""
-    rates = windows(completions, width, ramp)
+    return _together(windows(completions, width, ramp))
+
+
+def _together(rates: Sequence[float]) -> float | None:
+    """Windows of equal span taken together: their mean (None: no window)."""
     return statistics.fmean(rates) if rates else None

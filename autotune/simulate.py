@@ -280,8 +280,9 @@ class SimulatedTrials:
 
     LOAD_S = 0.5
     # On a machine model, what a trial costs beyond loading and generating: the child's
-    # interpreter and imports (a real trial here took 1.8-2.9 s more than its load and its
-    # passes, its warmup wave included: docs/results/dev-2vcpu-epyc.md).
+    # interpreter and imports (the batch-1 trials of a real 5-minute sweep here took 1.1-3.3 s
+    # more than their load and their passes, the warmup wave included:
+    # docs/results/dev-2vcpu-epyc.md, issue 25).
     START_S = 1.5
 
     def __init__(self, clock: FakeClock, topology, machine=None, seed: int | None = None) -> None:
@@ -301,8 +302,8 @@ class SimulatedTrials:
 
     def _passes(self, config, pacing) -> int:
         """Timed passes a trial runs: its repeats; where it settles (`measure.settles`: a GPU
-        layout on a GPU host by default), a slow first pass and then `STABLE_PASSES` that agree,
-        as many as ``settle_s`` holds."""
+        layout on a GPU host by default), a slow first pass and then `STABLE_PASSES` that agree
+        (``settle_s`` is taken to hold them)."""
         from autotune.measure import settles
         from autotune.passes import STABLE_PASSES
 

@@ -18,6 +18,7 @@ clock in no time (`autotune.simulate.SimulatedTrials`). Why each step, and the f
 constants: docs/sweep.md.
 """
 
+from autotune.summary import SweepSummary
 from autotune.sweep.core import Sweep, run_sweep
 from autotune.sweep.events import (
     BackendDropped,
@@ -30,7 +31,7 @@ from autotune.sweep.events import (
     TrialEnded,
     TrialStarted,
 )
-from autotune.sweep.options import SweepOptions, SweepSummary
+from autotune.sweep.options import SweepOptions
 from autotune.sweep.steps import DOMINATED
 
 __all__ = [

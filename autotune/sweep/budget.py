@@ -131,7 +131,7 @@ class Budget:
         return [
             cost
             for backend, costs in self.ledger.costs.items()
-            if answer_family(config.replace(backend=backend)) == family
+            if backend_class(backend).answer_family == family
             for cost in costs
         ]
 

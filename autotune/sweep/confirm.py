@@ -49,14 +49,14 @@ def confirm(
     pairs: int,
     pacing: Pacing,
     time_left_s: Callable[[], float],
-    run_pairs: Callable[[TrialConfig, TrialConfig, int, float, int | None], TrialOutcome],
+    run_pairs: Callable[[TrialConfig, TrialConfig, int, float, Pacing], TrialOutcome],
     tell: Callable[[object], None],
 ) -> Confirmation:
     """Re-measure the best `TOP` of ``records`` (backends ``searched`` and the baseline's)
     beside ``baseline``, up to ``pairs`` A B pairs each as ``time_left_s`` allows, through
-    ``run_pairs(candidate, baseline, pairs, deadline_s, windows)`` (a `TrialOutcome`; windows
-    None: the sweep's pacing); the winner is the best paired speedup, or the baseline where no
-    layout beat it."""
+    ``run_pairs(candidate, baseline, pairs, deadline_s, pacing)`` (a `TrialOutcome`; ``pacing``
+    sizes each pass, one window a pass where time is short); the winner is the best paired
+    speedup, or the baseline where no layout beat it."""
     if baseline is None:
         return Confirmation(None)
     done = sorted(
@@ -82,16 +82,16 @@ def confirm(
         (one window a pass) where no full one fits, and for the ``first`` one even if that
         overruns: a sweep never ends without a paired figure it had time kept for."""
         left = time_left_s() - MARGIN_S
-        count, windows = most, None
-        while count > 1 and _paired_cost(record, baseline, count, pacing) > left:
+        count, paced = most, pacing
+        while count > 1 and _paired_cost(record, baseline, count, paced) > left:
             count -= 1
-        if _paired_cost(record, baseline, count, pacing) > left:
-            windows = 1
-            if _paired_cost(record, baseline, 1, replace(pacing, windows=1)) > left and not first:
+        if _paired_cost(record, baseline, count, paced) > left:
+            paced = replace(pacing, windows=1)
+            if _paired_cost(record, baseline, 1, paced) > left and not first:
                 tell(ConfirmSkipped(record.number))
                 return None
         tell(ConfirmStarted(record.number, record.config, count))
-        outcome = run_pairs(record.config, baseline.config, count, max(5.0, left), windows)
+        outcome = run_pairs(record.config, baseline.config, count, max(5.0, left), paced)
         if not outcome.complete:
             tell(ConfirmFailed(record.number, outcome.failure_class))
             return None

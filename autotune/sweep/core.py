@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from autotune.agreement import agreement, answer_family, family_reference, is_reference
 from autotune.config import TrialConfig
 from autotune.failures import FailureClass
 from autotune.knobs import Target
+from autotune.measure import Pacing
 from autotune.memory_plan import MemoryPlanner, memory_limit
 from autotune.space import SearchSpace, Unfit, config_key
 from autotune.study import Role, StudyDir, TrialRecord, TrialState
+from autotune.summary import SweepSummary
 from autotune.sweep.budget import REFERENCE_PACING, Budget
 from autotune.sweep.confirm import confirm
 from autotune.sweep.events import Interrupted, LogRepaired, SearchEnded, TrialStarted
@@ -36,7 +38,7 @@ from autotune.sweep.ledger import (
     unanswered,
     waiting,
 )
-from autotune.sweep.options import SweepOptions, SweepSummary
+from autotune.sweep.options import SweepOptions
 from autotune.sweep.outputs import simulated_note, write_outputs
 from autotune.sweep.start import (
     enqueue_fixed,
@@ -357,13 +359,10 @@ class Sweep:
         baseline: TrialConfig,
         pairs: int,
         deadline_s: float,
-        windows: int | None = None,
+        pacing: Pacing,
     ) -> TrialOutcome:
-        """The paired re-measurement of ``candidate`` against ``baseline`` (A B A B), with
-        ``windows`` a pass where time is short (None: the sweep's pacing)."""
-        pacing = self.options.pacing
-        if windows is not None:
-            pacing = replace(pacing, windows=windows)
+        """The paired re-measurement of ``candidate`` against ``baseline`` (A B A B), each pass
+        sized by ``pacing``."""
         spec = trial_spec(self.options, candidate, pacing, paired=baseline.to_dict(), pairs=pairs)
         return self.runner(spec, deadline_s)
 

@@ -63,7 +63,8 @@ RESULT_KEYS = (
 )
 
 # A leader measured in one pass has no interval: its figure less this is taken as its lower
-# bound (one pass's windows on 2 vCPUs spread 12-80%, their mean far less).
+# bound (the windows of one pass spread 6-66% in a real 5-minute sweep on 2 vCPUs, their mean
+# far less: docs/results/dev-2vcpu-epyc.md, issue 25).
 LEADER_MARGIN = 0.10
 
 # This sweep process: host and pid, so that several sweeps sharing a study (--storage) are

@@ -1,4 +1,4 @@
-"""What a sweep is asked to do (`SweepOptions`) and what it found (`SweepSummary`)."""
+"""What a sweep is asked to do (`SweepOptions`; what it found: `autotune.summary`)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ from pathlib import Path
 
 from autotune.config import TrialConfig
 from autotune.measure import Pacing
-from autotune.summary import SweepSummary
 from backends.llamacpp.probe import ExtraBuffersVerdict
 
-__all__ = ["SweepOptions", "SweepSummary"]
+__all__ = ["SweepOptions"]
 
 
 @dataclass
