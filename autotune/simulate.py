@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from autotune.config import TrialConfig
 from autotune.failures import FailureClass, classify
 from autotune.models import ModelShape
-from autotune.passes import WINDOWS
+from autotune.passes import WINDOWS, estimate
 from autotune.topology import Topology
 from backends.fake import (
     FAULT_EXITS,
@@ -311,6 +311,35 @@ class SimulatedTrials:
             return pacing.repeats
         return max(pacing.repeats, 1 + STABLE_PASSES)
 
+    def _timed_passes(self, config, pacing, tokens: int, spec: dict):
+        """A trial's timed passes, each its own noisy draw: (their figures, their samples as
+        a child reports them, why it stopped early or None). With the spec's ``stop_below``
+        (a search trial's leader bar), it stops after a pass whose upper bound is under it,
+        as `autotune.measure.benchmark` does."""
+        from autotune.measure import clearly_below
+        from autotune.passes import Sample
+
+        planned, bar = self._passes(config, pacing), spec.get("stop_below")
+        figures: list[float] = []
+        samples: list[Sample] = []
+        stopped = None
+        while len(figures) < planned:
+            rate = self._rate(config, pacing.windows)
+            figures.append(rate)
+            samples.append(
+                Sample(
+                    wall_s=tokens / rate,
+                    generated_tokens=tokens,
+                    prefill_tokens=0,
+                    tokens_per_s=rate,
+                    windows=(rate,),
+                )
+            )
+            if bar is not None and len(figures) < planned:
+                if stopped := clearly_below(samples, bar):
+                    break
+        return figures, [sample.to_dict() for sample in samples], stopped
+
     def _peak_bytes(self, config) -> int:
         """The fake's processes; on a machine model, what the planner predicts (a simulated
         trial has no process to measure, and must not correct the planner down)."""
@@ -383,17 +412,26 @@ class SimulatedTrials:
             )
             return self._finish(duration, deadline_s, rates)
         load = self._load_s(config)
-        passes = self._passes(config, pacing)
+        figures, samples, stopped = self._timed_passes(config, pacing, tokens, spec)
+        found = estimate(figures)
         duration = (
-            self._start_s() + load + (warmup_tokens(config, prompts) + passes * tokens) / rate
+            self._start_s()
+            + load
+            + warmup_tokens(config, prompts) / figures[0]
+            + sum(sample["wall_s"] for sample in samples)
         )
+        rate = found.mean
         result = {
             "tokens_per_s": rate,
+            "tokens_per_s_low": found.low,
+            "tokens_per_s_high": found.high,
             "windows": [rate] * 3,
             "steady": True,
             "pass_tokens_per_s": rate,
             "window_spread": 0.0,
-            "stable": None,  # one pass: nothing to compare it with
+            "pass_spread": found.spread,
+            "stable": found.stable,
+            "stopped": stopped,
             "prompts": len(prompts),
             "requests_per_s": rate / max(1, tokens / len(prompts)),
             "latency_p50_s": None,
@@ -406,7 +444,7 @@ class SimulatedTrials:
             "tokens_per_s_summary": summarize([rate] * 3).to_dict(),
             "warnings": [],
             "details": {},
-            "samples": [{"tokens_per_s": rate, "generated_tokens": tokens}] * passes,
+            "samples": samples,
             "answers": {
                 p.id: fake_answer(
                     p.text, fake_answer_length(p.text, config.generation), config.batch_size

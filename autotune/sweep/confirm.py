@@ -5,9 +5,10 @@ never on two figures from different runs: the best `TOP` layouts of the search e
 pairs with the naive baseline as fit the time left, and the winner is the best paired speedup,
 with its 95% interval (`autotune.stats.speedup_interval`).
 
-The time kept for this is always spent on it: where a full pair no longer fits, the best layout
-still runs one short pair (one window a pass), never none; time left over after the `TOP` goes
-to more pairs of the winner, which narrow its interval.
+The time kept for this is always spent on it: where a full pair no longer fits, a candidate
+runs one short pair (one window a pass); where not even that fits any of them, the cheapest
+runs it anyway, so there is never none. Time left over after the `TOP` goes to more pairs of
+the winner, which narrow its interval.
 """
 
 from __future__ import annotations
@@ -77,17 +78,18 @@ def confirm(
             unique.append(record)
     confirmed: list[TrialRecord] = []
 
-    def measure(record: TrialRecord, most: int, first: bool) -> dict | None:
+    def measure(record: TrialRecord, most: int, owed: bool) -> dict | None:
         """Up to ``most`` pairs of ``record`` that fit the time left, as rates; a short pair
-        (one window a pass) where no full one fits, and for the ``first`` one even if that
-        overruns: a sweep never ends without a paired figure it had time kept for."""
+        (one window a pass) where no full one fits, and where ``owed`` (no candidate's pair
+        fitted) even if that overruns: a sweep never ends without a paired figure it had
+        time kept for."""
         left = time_left_s() - MARGIN_S
         count, paced = most, pacing
         while count > 1 and _paired_cost(record, baseline, count, paced) > left:
             count -= 1
         if _paired_cost(record, baseline, count, paced) > left:
             paced = replace(pacing, windows=1)
-            if _paired_cost(record, baseline, 1, paced) > left and not first:
+            if _paired_cost(record, baseline, 1, paced) > left and not owed:
                 tell(ConfirmSkipped(record.number))
                 return None
         tell(ConfirmStarted(record.number, record.config, count))
@@ -103,11 +105,24 @@ def confirm(
             return None
         return rates
 
-    for record in unique[:TOP]:
-        rates = measure(record, pairs, first=not confirmed)
+    def paired(record: TrialRecord, rates: dict) -> None:
+        stats = speedup_interval(rates["candidate"], rates["baseline"])
+        confirmed.append(record.with_(paired={**stats, **rates}, confirmed=True))
+
+    top = unique[:TOP]
+    for record in top:
+        rates = measure(record, pairs, owed=False)
         if rates is not None:
-            stats = speedup_interval(rates["candidate"], rates["baseline"])
-            confirmed.append(record.with_(paired={**stats, **rates}, confirmed=True))
+            paired(record, rates)
+    if not confirmed and top:
+        # Not one short pair fitted (a wide layout's pass is long): the cheapest runs one
+        # anyway. The best first would run into its deadline and leave none (a simulated
+        # 2-socket sweep lost all three to timeouts that way).
+        short = replace(pacing, windows=1)
+        cheapest = min(top, key=lambda r: _paired_cost(r, baseline, 1, short))
+        rates = measure(cheapest, 1, owed=True)
+        if rates is not None:
+            paired(cheapest, rates)
     if not confirmed:
         return Confirmation(None)
     best = max(confirmed, key=lambda r: r.paired["speedup"])
@@ -117,7 +132,7 @@ def confirm(
         more = _MAX_PAIRS - len(best.paired["candidate"])
         if _paired_cost(best, baseline, 1, pacing) > time_left_s() - MARGIN_S:
             break
-        rates = measure(best, min(pairs, more), first=False)
+        rates = measure(best, min(pairs, more), owed=False)
         if rates is None:
             break
         merged = {side: best.paired[side] + rates[side] for side in ("candidate", "baseline")}

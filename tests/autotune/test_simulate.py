@@ -116,6 +116,25 @@ def test_measurements_are_noisy_like_a_real_machine_and_repeatable_by_seed():
     assert min(logs) < math.log(0.8), "now and then a pass is clearly slow"
 
 
+def test_a_simulated_trial_draws_each_pass_and_stops_early_as_a_real_one_does():
+    """Each pass is its own noisy draw with its wall time (what a pair is priced from); with a
+    leader's bar far above it, the trial stops after its first pass (`measure.clearly_below`)."""
+    from autotune.measure import Pacing
+    from autotune.simulate import FakeClock, SimulatedTrials
+
+    machine = model()
+    config = TrialConfig(workers=8, threads_per_worker=2)
+    spec = {"config": config.to_dict(), "pacing": Pacing(repeats=3, windows=1).to_dict()}
+    runner = SimulatedTrials(FakeClock(), machine.topology, machine, seed=3)
+    full = runner(spec, 1e6).result
+    assert len(full["samples"]) == 3 and full["stopped"] is None
+    figures = [s["tokens_per_s"] for s in full["samples"]]
+    assert len(set(figures)) == 3 and all(s["wall_s"] > 0 for s in full["samples"])
+    assert full["tokens_per_s"] == pytest.approx(statistics.fmean(figures[-2:]))
+    stopped = runner({**spec, "stop_below": 10 * max(figures)}, 1e6).result
+    assert len(stopped["samples"]) == 1 and "leader's lower bound" in stopped["stopped"]
+
+
 def test_sweep_machine_runs_a_big_machines_30_minute_sweep_in_seconds(cli, tmp_path):
     started = time.monotonic()
     result = cli(

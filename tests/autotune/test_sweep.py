@@ -945,3 +945,64 @@ def test_a_gpu_host_starts_where_the_gpu_speed_is_and_cpu_trials_do_not_settle(c
     summary = json.loads((tmp_path / "h" / "summary.json").read_text())
     assert summary["winner"]["config"]["backend"] in ("hf", "ddp")
     assert summary["winner"]["config"]["batch_size"] >= 128
+
+
+def _measured(number: int, value: float, pass_s: float, workers: int = 1):
+    """A search trial of the fake backend whose one pass took ``pass_s`` (what a pair of it
+    is priced from)."""
+    from autotune.passes import Sample
+    from autotune.study import TrialRecord
+
+    return TrialRecord(
+        number=number,
+        state=TrialState.COMPLETE,
+        role=Role.BASELINE if number == 0 else Role.SEARCH,
+        config=TrialConfig(backend="fake", workers=workers),
+        duration_s=pass_s + 1.0,
+        value=value,
+        result={"load_time_s": 1.0, "prompts": 8},
+        samples=[Sample(wall_s=pass_s, generated_tokens=100, prefill_tokens=0, tokens_per_s=value)],
+    )
+
+
+@pytest.mark.parametrize(
+    ("pass_s", "paired"),
+    [
+        # The two fastest cannot fit even one short pair in the 60 s left, the third can: it
+        # is paired (the fastest used to run anyway, into its deadline, and leave none).
+        ({1: 400.0, 2: 300.0, 3: 5.0}, [3]),
+        # None fits: the cheapest runs its short pair anyway, never none.
+        ({1: 400.0, 2: 300.0, 3: 200.0}, [3]),
+        # All fit: the top three, fastest first.
+        ({1: 5.0, 2: 5.0, 3: 5.0}, [1, 2, 3]),
+    ],
+)
+def test_the_owed_pair_goes_to_a_candidate_whose_pair_fits(pass_s, paired):
+    from autotune.sweep.confirm import confirm
+    from autotune.trial import TrialOutcome
+
+    baseline = _measured(0, 10.0, 2.0)
+    records = [baseline, *(_measured(n, 100.0 - n, s, workers=n + 1) for n, s in pass_s.items())]
+    asked = []
+
+    def run_pairs(candidate, base, pairs, deadline_s, pacing):
+        asked.append(candidate.workers - 1)
+        record = records[candidate.workers - 1]
+        if record.samples[0].wall_s > deadline_s:  # the child is killed at its deadline
+            return TrialOutcome(False, FailureClass.TIMEOUT, duration_s=deadline_s)
+        result = {"candidate": [record.value] * pairs, "baseline": [10.0] * pairs}
+        return TrialOutcome(True, result=result, duration_s=1.0)
+
+    found = confirm(
+        baseline,
+        records,
+        ["fake"],
+        pairs=1,
+        pacing=Pacing(),
+        time_left_s=lambda: 60.0,
+        run_pairs=run_pairs,
+        tell=lambda event: None,
+    )
+    assert asked[: len(paired)] == paired
+    if pass_s[paired[0]] <= 60:
+        assert found.winner.number == paired[0] and found.winner.paired["pairs"] >= 1
