@@ -318,12 +318,17 @@ def timed_pass(backend, workload: Workload, config: TrialConfig, usable_cpus: in
     return sample, completions
 
 
-def clearly_below(samples: Sequence[Sample], bar: float) -> str | None:
+def clearly_below(samples: Sequence[Sample], bar: float, settling: bool = False) -> str | None:
     """Why a measurement can stop now, its layout clearly slower than ``bar`` (the leader's
     lower bound), or None. Its upper bound: the 95% interval's top over its last passes, or,
-    after one pass, its fastest window (the pass's figure is their mean, so never above it)."""
-    found = estimate([s.figure for s in samples])
-    upper = found.high if found.high is not None else max(samples[-1].windows or (found.mean,))
+    after one pass, its fastest window (the pass's figure is their mean, so never above it).
+    A ``settling`` layout's first pass (a GPU's, slow while kernels compile and pools grow)
+    is left out: a fast layout would be stopped for it."""
+    counted = samples[1:] if settling else samples
+    if not counted:
+        return None
+    found = estimate([s.figure for s in counted])
+    upper = found.high if found.high is not None else max(counted[-1].windows or (found.mean,))
     if upper >= bar:
         return None
     return (
@@ -402,7 +407,7 @@ def benchmark(
                     if c.ttft_s is not None and len(c.token_ids) > 1
                 )
                 if stop_below is not None and more():
-                    if stopped := clearly_below(samples, stop_below):
+                    if stopped := clearly_below(samples, stop_below, settle):
                         break
             details = backend.details()
 

@@ -316,10 +316,11 @@ class SimulatedTrials:
         a child reports them, why it stopped early or None). With the spec's ``stop_below``
         (a search trial's leader bar), it stops after a pass whose upper bound is under it,
         as `autotune.measure.benchmark` does."""
-        from autotune.measure import clearly_below
+        from autotune.measure import clearly_below, settles
         from autotune.passes import Sample
 
         planned, bar = self._passes(config, pacing), spec.get("stop_below")
+        settling = settles(config, self.topology, pacing)
         figures: list[float] = []
         samples: list[Sample] = []
         stopped = None
@@ -336,7 +337,7 @@ class SimulatedTrials:
                 )
             )
             if bar is not None and len(figures) < planned:
-                if stopped := clearly_below(samples, bar):
+                if stopped := clearly_below(samples, bar, settling):
                     break
         return figures, [sample.to_dict() for sample in samples], stopped
 

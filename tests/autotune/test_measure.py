@@ -354,3 +354,13 @@ def test_a_measurement_stops_after_a_pass_once_clearly_below_the_bar(tiny_gguf, 
     assert stopped.repeats == 1 and "under the leader's lower bound" in stopped.stopped
     kept = benchmark(config, workload, tiny_gguf, topology, Pacing(repeats=2), stop_below=1.0)
     assert kept.repeats == 2 and kept.stopped is None, "a layout above the bar finishes"
+
+
+def test_a_settling_layouts_first_pass_does_not_stop_it():
+    """A GPU layout's first pass is slow (kernels compiled, pools grown): stopping on it would
+    stop a fast layout. It counts from its second pass."""
+    warm, fast = _pass((20.0, 20.0, 20.0)), _pass((100.0, 100.0, 100.0))
+    assert clearly_below([warm], 90.0) is not None
+    assert clearly_below([warm], 90.0, settling=True) is None, "nothing counted yet"
+    assert clearly_below([warm, fast], 90.0, settling=True) is None
+    assert clearly_below([warm, _pass((50.0, 50.0, 50.0))], 90.0, settling=True) is not None
