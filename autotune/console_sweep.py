@@ -65,6 +65,8 @@ class SweepProgress:
                 line = f"{record.value:.1f} tok/s{ratio}"
                 if (record.result or {}).get("stable") is False:  # its passes disagree
                     line += f" (passes spread {record.result['pass_spread']:.0%}: not stable)"
+                if record.quality is not None:
+                    line += f", {record.quality.describe()}"
                 if record.agreement and record.agreement.get("identical") is not None:
                     line += f", answers {record.agreement['identical']:.0%} identical"
             else:
@@ -102,6 +104,7 @@ class SweepProgress:
 def show_sweep(summary) -> None:
     """The sweep's outcome: winner, speedups, counts, files."""
     from autotune.agreement import describe_agreement
+    from autotune.quality import describe_quality
     from autotune.stats import describe_speedup
     from autotune.study import TrialState
     from autotune.units import format_duration
@@ -138,6 +141,8 @@ def show_sweep(summary) -> None:
             median = statistics.median(winner.paired["candidate"])  # as the export header
             search += f"; {median:.1f} median of its paired runs"
         table.add_row("Winner tokens/s", search)
+        if winner.quality is not None:
+            table.add_row("Winner's tokens vs the source weights", describe_quality(winner))
         if winner.agreement and winner.agreement.get("compared"):
             table.add_row("Winner's answers vs batch 1", describe_agreement(winner.agreement))
         if winner.paired:

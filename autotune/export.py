@@ -20,6 +20,7 @@ from autotune.agreement import describe_agreement
 from autotune.config import TrialConfig
 from autotune.errors import ConfigError
 from autotune.passes import describe_stability
+from autotune.quality import Quality
 from autotune.stats import describe_speedup
 from autotune.study import TrialRecord
 from autotune.summary import SweepSummary
@@ -86,6 +87,8 @@ def figures(summary: SweepSummary, fingerprint: str | None) -> dict:
     # Where the probe ran: whether llama.cpp's extra buffers run on the machine measured.
     data["llama_extra_buffers"] = summary.extra_buffers if winner.backend == "llamacpp" else None
     data["agreement"] = winner.agreement  # its answers against the batch-1 reference run
+    # Its next-token distributions against the source weights' (`autotune.quality`).
+    data["quality"] = (winner.result or {}).get("quality")
     data["stable"] = (winner.result or {}).get("stable")
     data["window_spread"] = (winner.result or {}).get("window_spread")
     data["pass_spread"] = (winner.result or {}).get("pass_spread")
@@ -116,6 +119,11 @@ def _header(found: dict) -> list[str]:
         stability = describe_stability(found.get("stable"), found.get("pass_spread"))
         measured += f"; {stability}; its windows spread {found['window_spread']:.1%}"
     lines.append(measured)
+    if (quality := Quality.from_dict(found.get("quality"))) is not None:
+        lines.append(
+            "tokens against the source weights (teacher forcing, "
+            f"{quality.positions} positions): {quality.describe()}"
+        )
     if found.get("agreement") and found["agreement"].get("compared"):
         lines.append(f"answers against batch 1 greedy: {describe_agreement(found['agreement'])}")
     if found.get("llama_extra_buffers"):

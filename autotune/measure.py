@@ -30,6 +30,7 @@ import psutil
 
 from autotune import gpu_usage
 from autotune.config import TrialConfig
+from autotune.errors import BackendError
 from autotune.models import ModelSpec
 from autotune.passes import (
     BALANCED_PROMPTS,
@@ -43,6 +44,7 @@ from autotune.passes import (
     windows,
 )
 from autotune.provenance import provenance
+from autotune.quality import ReferenceScores, score_layout, score_reference
 from autotune.stats import percentile, relative_spread, summarize
 from autotune.topology import Topology
 from autotune.workload import Workload
@@ -245,6 +247,10 @@ class RunResult:
     gpu_utilisation: float | None = None
     agreement: dict | None = None  # with a reference run, where one was asked for
     stopped: str | None = None  # why it stopped before its pacing was done (`clearly_below`)
+    # Per-token agreement with a reference by teacher forcing (`autotune.quality.Quality`),
+    # where one was given; a reference run's own scored answers, where asked to keep them.
+    quality: dict | None = None
+    reference_scores: dict | None = field(default=None, repr=False)
     completions: list[Completion] = field(default_factory=list, repr=False)
 
     def to_dict(self, completions: bool = False) -> dict:
@@ -353,11 +359,16 @@ def benchmark(
     *,
     on_progress: Callable[[str], None] | None = None,
     stop_below: float | None = None,
+    quality_reference: ReferenceScores | None = None,
+    keep_reference: bool = False,
 ) -> RunResult:
     """Load ``config``'s backend once, warm it up, then time passes over ``workload`` (cycled
     to ``pacing``'s pass size) until the pacing says the measurement is done, or (with
     ``stop_below``, the leader's lower bound in a sweep) until the layout is clearly slower
-    than that (`clearly_below`: the result says why it ``stopped``)."""
+    than that (`clearly_below`: the result says why it ``stopped``). After the timed passes,
+    untimed: with ``quality_reference``, the layout's answers are scored against it by
+    teacher forcing (`autotune.quality`); with ``keep_reference``, its own answers are scored
+    to serve as one."""
     pacing = pacing or Pacing()
     say = on_progress or (lambda message: None)
     width, ramp = width_of(config), refills(config)
@@ -409,6 +420,9 @@ def benchmark(
                 if stop_below is not None and more():
                     if stopped := clearly_below(samples, stop_below, settle):
                         break
+            scored = _scored(
+                backend, config, prompts, completions, quality_reference, keep_reference
+            )
             details = backend.details()
 
     figures = [s.figure for s in samples]
@@ -417,7 +431,8 @@ def benchmark(
     rates = [rate for s in samples for rate in s.windows] or figures
     last = list(samples[-1].windows) or figures[-1:]
     failed = [c for c in completions if c.error is not None]
-    warnings = []
+    quality, reference_scores, unscored = scored
+    warnings = [unscored] if unscored else []
     if not steady:
         warnings.append(
             f"no steady state: a pass of {len(prompts)} prompts at {width} at once is too short "
@@ -473,5 +488,21 @@ def benchmark(
         peak_gpu_memory_bytes={str(g): b for g, b in sorted(memory.peak_gpu_bytes.items())},
         gpu_utilisation=memory.gpu_utilisation,
         stopped=stopped,
+        quality=None if quality is None else quality.to_dict(),
+        reference_scores=None if reference_scores is None else reference_scores.to_dict(),
         completions=completions,
     )
+
+
+def _scored(backend, config, prompts: Workload, completions, reference, keep: bool):
+    """(its `Quality` against ``reference``, its own `ReferenceScores` where ``keep``, a
+    warning where the backend cannot score): nothing is guessed where it cannot."""
+    if reference is None and not keep:
+        return None, None, None
+    try:
+        texts = {p.id: p.text for p in prompts.prompts}
+        own = score_reference(backend, config.generation, completions, texts) if keep else None
+        found = score_layout(backend, config.generation, reference) if reference else None
+    except BackendError as error:
+        return None, None, f"quality not measured: {error}"
+    return found, own, None

@@ -17,12 +17,16 @@ import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from autotune.config import TrialConfig
 from autotune.errors import ConfigError
 from autotune.failures import FailureClass
 from autotune.files import append_line, atomic_write
 from autotune.passes import Sample
+
+if TYPE_CHECKING:
+    from autotune.quality import Quality
 
 __all__ = ["Role", "StudyDir", "TrialRecord", "TrialState", "find", "newest"]
 
@@ -95,6 +99,14 @@ class TrialRecord:
     @property
     def backend(self) -> str | None:
         return self.config.backend if self.config else None
+
+    @property
+    def quality(self) -> Quality | None:
+        """Its per-token agreement with its family's reference (`autotune.quality`), where
+        it was scored."""
+        from autotune.quality import Quality
+
+        return Quality.from_dict((self.result or {}).get("quality"))
 
     def with_(self, **changes) -> TrialRecord:
         """A copy with some fields changed."""

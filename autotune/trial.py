@@ -133,6 +133,7 @@ def _measure(spec: dict) -> dict:
     from autotune.config import TrialConfig
     from autotune.measure import Pacing, benchmark
     from autotune.models import ModelSpec
+    from autotune.quality import ReferenceScores
     from autotune.topology import detect
     from autotune.workload import load_workload
 
@@ -145,7 +146,17 @@ def _measure(spec: dict) -> dict:
     topology = detect()
     if spec.get("paired"):
         return _paired(spec, config, workload, pacing, model, topology)
-    result = benchmark(config, workload, model, topology, pacing, stop_below=spec.get("stop_below"))
+    reference = spec.get("quality_reference")
+    result = benchmark(
+        config,
+        workload,
+        model,
+        topology,
+        pacing,
+        stop_below=spec.get("stop_below"),
+        quality_reference=ReferenceScores.load(reference) if reference else None,
+        keep_reference=bool(spec.get("keep_reference")),
+    )
     return {**result.to_dict(), "answers": result.answers()}
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from autotune.config import TrialConfig, env_name, field_default
-from autotune.errors import ConfigError
+from autotune.errors import BackendError, ConfigError
 from autotune.knobs import BackendSpace, Knob, Target
 from autotune.models import ModelSpec
 from autotune.pinning import cpu_sets
@@ -32,7 +32,9 @@ __all__ = [
     "GPU_THREADS",
     "Backend",
     "Completion",
+    "ScoreRequest",
     "SpeedTerms",
+    "TokenScores",
     "gpu_threads",
     "threads_knob",
 ]
@@ -150,6 +152,65 @@ class Completion:
         data = asdict(self)
         data["token_ids"] = list(self.token_ids)
         return data
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreRequest:
+    """A prompt and an answer to score by teacher forcing (`Backend.score`): the model reads
+    ``text`` (as `generate` formats it) and then ``answer``'s tokens, whatever it would have
+    generated, and reports its next-token distribution at each answer position. ``ids``: per
+    answer position, the tokens whose log-probabilities are wanted (a reference's top-k)."""
+
+    id: str
+    text: str
+    answer: tuple[int, ...]
+    ids: tuple[tuple[int, ...], ...] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenScores:
+    """A scored answer: per answer position, the model's own top-k tokens and their
+    log-probabilities (most likely first), and the log-probabilities of the tokens asked for
+    (`ScoreRequest.ids`; None where none were)."""
+
+    id: str
+    top_ids: tuple[tuple[int, ...], ...]
+    top_logprobs: tuple[tuple[float, ...], ...]
+    logprobs: tuple[tuple[float, ...], ...] | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        return {
+            "id": self.id,
+            "top_ids": [list(row) for row in self.top_ids],
+            "top_logprobs": [list(row) for row in self.top_logprobs],
+            "logprobs": None if self.logprobs is None else [list(r) for r in self.logprobs],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TokenScores:
+        """Inverse of `to_dict`."""
+        logprobs = data.get("logprobs")
+        return cls(
+            id=data["id"],
+            top_ids=tuple(tuple(row) for row in data["top_ids"]),
+            top_logprobs=tuple(tuple(row) for row in data["top_logprobs"]),
+            logprobs=None if logprobs is None else tuple(tuple(row) for row in logprobs),
+        )
+
+
+def top_k_scores(logits, k: int, ids: Sequence[int] | None) -> tuple[tuple, tuple, tuple | None]:
+    """One position's (top-k ids, their log-probabilities, the log-probabilities of ``ids``)
+    from its raw ``logits`` (a 1-D numpy array): a log-softmax in float64."""
+    import numpy as np
+
+    row = np.asarray(logits, dtype=np.float64)
+    shifted = row - row.max()
+    logprobs = shifted - np.log(np.exp(shifted).sum())
+    top = np.argpartition(-logprobs, k - 1)[:k] if k < len(row) else np.arange(len(row))
+    top = top[np.argsort(-logprobs[top], kind="stable")]
+    asked = None if ids is None else tuple(float(logprobs[i]) for i in ids)
+    return tuple(int(i) for i in top), tuple(float(logprobs[i]) for i in top), asked
 
 
 class Backend(ABC):
@@ -342,6 +403,15 @@ class Backend(ABC):
     @abstractmethod
     def generate(self, prompts: Sequence[Prompt], settings: GenerationSettings) -> list[Completion]:
         """Generate for every prompt; results in input order, one per prompt."""
+
+    def score(
+        self, requests: Sequence[ScoreRequest], settings: GenerationSettings, k: int
+    ) -> list[TokenScores]:
+        """Score each request's answer by teacher forcing with this layout (its weights, its
+        batch), one `TokenScores` each with the top ``k`` tokens of every position; results in
+        input order. A backend that cannot says so (BackendError): its quality is not
+        measured, never guessed."""
+        raise BackendError(f"{self.name} does not score answers (teacher forcing)")
 
     def details(self) -> dict:
         """What this backend chose or saw that the config does not say (JSON-ready); e.g. the

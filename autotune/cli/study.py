@@ -71,6 +71,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from autotune.config import TrialConfig
+    from autotune.quality import QualityFloor
     from autotune.study import newest
     from autotune.sweep import SweepOptions, run_sweep
     from autotune.units import parse_duration, parse_size
@@ -116,6 +117,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         # on a GPU host too, so more passes would only cost the budget.
         pacing=pacing_of(args, gpu_settle_s=GPU_SETTLE_S if topology.gpus else 0.0),
         min_agreement=args.min_agreement,
+        min_quality=QualityFloor.parse(args.min_quality),
         memory_limit_bytes=parse_size(args.memory_limit) if args.memory_limit else None,
         trial_timeout_s=(
             parse_duration(args.trial_timeout, "--trial-timeout") if args.trial_timeout else None
@@ -247,6 +249,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """The subcommands plan, sweep, export and report."""
+    from autotune.quality import DEFAULT_FLOOR
+
     plan = sub.add_parser(
         "plan",
         help="show what a sweep would search on a machine, without running anything",
@@ -327,6 +331,16 @@ def register(sub) -> None:
         metavar="SHARE",
         help="prune layouts whose answers agree with the batch-1 reference run less than this "
         "(share of identical sequences, e.g. 0.9; default: none pruned, agreement reported)",
+    )
+    sweep.add_argument(
+        "--min-quality",
+        metavar="FLOOR",
+        default=DEFAULT_FLOOR.as_flag(),
+        help="prune layouts whose next-token distributions, scored by teacher forcing against "
+        "the batch-1 reference run of the source weights, are under this floor: top1=SHARE "
+        "(share of positions whose most likely token is the reference's), kld=NATS (mean KL "
+        "divergence), both comma-separated, or none (default: %(default)s; README, "
+        "'Quality')",
     )
     sweep.add_argument(
         "--memory-limit",

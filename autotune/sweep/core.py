@@ -23,6 +23,7 @@ from autotune.failures import FailureClass
 from autotune.knobs import Target
 from autotune.measure import Pacing
 from autotune.memory_plan import MemoryPlanner, memory_limit
+from autotune.quality import Quality, ReferenceScores, requantized
 from autotune.space import SearchSpace, Unfit, config_key
 from autotune.study import Role, StudyDir, TrialRecord, TrialState
 from autotune.summary import SweepSummary
@@ -88,6 +89,7 @@ class Sweep:
         self.options = options
         self.topology = topology
         self.model = model
+        self.shape = shape
         self.runner = runner
         self.tell = on_event or (lambda event: None)
         self.dir = StudyDir(options.reports_dir / options.study)
@@ -282,6 +284,7 @@ class Sweep:
             self._run(study, _Candidate(ask(study), reference, Role.REFERENCE, "reference"))
         deadline = self.budget.trial_deadline_s(config, candidate.role)
         self.tell(TrialStarted(trial.number, config, candidate.role, candidate.name, deadline))
+        scores = self.dir.path / f"reference-{family}.json"
         if candidate.role is Role.REFERENCE:
             # Only its answers are wanted: one short cold pass, and it is no candidate.
             spec = trial_spec(self.options, config, REFERENCE_PACING)
@@ -290,6 +293,10 @@ class Sweep:
             if candidate.role is Role.SEARCH:
                 # Passes beyond its first stop once it is clearly slower than the leader.
                 spec["stop_below"] = self.ledger.leader_bar()
+            if scores.exists():  # scored against its family's reference, token by token
+                spec["quality_reference"] = str(scores)
+        if family not in references and is_reference(config):
+            spec["keep_reference"] = True  # its answers scored by itself: the reference's
         outcome = self.runner(spec, deadline)
         record = TrialRecord(
             number=trial.number,
@@ -304,10 +311,10 @@ class Sweep:
         )
         if outcome.complete:
             result = outcome.result
-            record = record.with_(
-                result={k: result.get(k) for k in RESULT_KEYS},
-                samples=result.get("samples"),
-            )
+            kept = {k: result.get(k) for k in RESULT_KEYS}
+            if kept.get("quality") and (own := requantized(config, self.shape)):
+                kept["quality"] = {**kept["quality"], "requantized_from": own}
+            record = record.with_(result=kept, samples=result.get("samples"))
             for step, sample in enumerate(record.samples or ()):
                 trial.report(sample.figure, step)  # Optuna sees each pass as it was measured
             self.planner.observe(config, result["peak_memory_bytes"])
@@ -316,6 +323,8 @@ class Sweep:
             if family not in references and is_reference(config):
                 references[family] = answers
                 record = record.with_(answers=answers)
+                if result.get("reference_scores"):
+                    ReferenceScores.from_dict(result["reference_scores"]).save(scores)
             if references.get(family) is not None:
                 record = record.with_(agreement=agreement(answers, references[family]))
             missing = unanswered(result)
@@ -325,6 +334,10 @@ class Sweep:
                 record = record.with_(failure_class=FailureClass.REQUESTS, stderr_tail=missing)
             elif (low := disagrees(record, self.options.min_agreement)) is not None:
                 record = record.with_(state=TrialState.PRUNED, reason=low)
+            elif (
+                poor := self.options.min_quality.why_below(Quality.from_dict(result.get("quality")))
+            ) is not None:
+                record = record.with_(state=TrialState.PRUNED, reason=poor)
             elif result.get("stopped"):
                 record = record.with_(
                     state=TrialState.PRUNED, reason=f"stopped: {result['stopped']}"

@@ -60,6 +60,7 @@ RESULT_KEYS = (
     "warnings",
     "details",
     "stopped",
+    "quality",
 )
 
 # A leader measured in one pass has no interval: its figure less this is taken as its lower

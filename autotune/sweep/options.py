@@ -7,6 +7,7 @@ from pathlib import Path
 
 from autotune.config import TrialConfig
 from autotune.measure import Pacing
+from autotune.quality import DEFAULT_FLOOR, QualityFloor
 from backends.llamacpp.probe import ExtraBuffersVerdict
 
 __all__ = ["SweepOptions"]
@@ -27,6 +28,8 @@ class SweepOptions:
     limit: int | None = None  # only the first N prompts of the workload
     pacing: Pacing = field(default_factory=Pacing)
     min_agreement: float | None = None  # layouts whose answers agree less are pruned
+    # Layouts whose per-token agreement with the reference is under it are pruned.
+    min_quality: QualityFloor = DEFAULT_FLOOR
     memory_limit_bytes: int | None = None
     trial_timeout_s: float | None = None
     base: TrialConfig = field(default_factory=TrialConfig)

@@ -16,7 +16,15 @@ from autotune.knobs import BackendSpace, Knob, Target
 from autotune.pinning import cpu_sets
 from autotune.placement import MAX_SHARE, default_placement
 from autotune.workload import GenerationSettings, Prompt
-from backends.base import Backend, Completion, SpeedTerms, gpu_threads, threads_knob
+from backends.base import (
+    Backend,
+    Completion,
+    ScoreRequest,
+    SpeedTerms,
+    TokenScores,
+    gpu_threads,
+    threads_knob,
+)
 from backends.llamacpp.pool import WorkerPool
 from backends.llamacpp.probe import resolve_extra_buffers
 from backends.llamacpp.quant import QUANT_BITS, QUANT_COST, gguf_variant
@@ -304,6 +312,38 @@ class LlamaCppBackend(Backend):
                 f"llamacpp: no result for {len(missing)} prompts ({missing[:3]} ...)"
             )
         return results  # type: ignore[return-value]
+
+    def score(
+        self, requests: Sequence[ScoreRequest], settings: GenerationSettings, k: int
+    ) -> list[TokenScores]:
+        """Teacher forcing, the requests dealt round-robin to the workers (each holds the
+        same weights and threads, and they run side by side as in a pass): each prompt and
+        answer in one prompt-processing pass (`LlamaEngine.score`)."""
+        if self._pool is None:
+            raise BackendError("llamacpp backend: score() before load()")
+        ranks = range(min(self._pool.size, len(requests)))
+        for rank in ranks:
+            payload = [
+                (r.text, list(r.answer), None if r.ids is None else [list(x) for x in r.ids], k)
+                for r in requests[rank :: self._pool.size]
+            ]
+            self._pool.ask(rank, ("score", payload, {"chat_template": settings.chat_template}))
+        found: dict[int, list] = {}
+        for kind, rank, scored in self._pool.messages(expect=len(ranks)):
+            if kind == "scores":
+                found[rank] = scored
+        results = []
+        for index, request in enumerate(requests):
+            top_ids, top_logprobs, asked = found[index % self._pool.size][index // self._pool.size]
+            results.append(
+                TokenScores(
+                    id=request.id,
+                    top_ids=tuple(top_ids),
+                    top_logprobs=tuple(top_logprobs),
+                    logprobs=None if asked is None else tuple(asked),
+                )
+            )
+        return results
 
     def close(self) -> None:
         """Ask every worker to exit, then make sure. Safe to call twice."""

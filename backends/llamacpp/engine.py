@@ -336,6 +336,57 @@ class LlamaEngine:
                     self.slot_cache[slot] = seq.prompt + fed
                     slots[slot] = None
 
+    # ------------------------------------------------------------------ scoring
+
+    def score(
+        self,
+        text: str,
+        answer: list[int],
+        ids: list[list[int]] | None,
+        *,
+        k: int,
+        chat_template: bool = True,
+    ) -> tuple[list, list, list | None]:
+        """Teacher forcing: decode ``text``'s prompt and then ``answer`` (whatever this model
+        would have generated) in slot 0, with logits at every answer position; per position
+        the top ``k`` (ids, log-probabilities) and the log-probabilities of ``ids[i]``
+        (`backends.base.top_k_scores`). Prompt and answer go in chunks of the batch
+        capacity, the prompt-processing path: one pass, not a decode step per token."""
+        from backends.base import top_k_scores
+
+        prompt = self.tokenize(self.format_prompt(text, chat_template))
+        tokens = prompt + list(answer[:-1])
+        first = len(prompt) - 1  # its logits predict answer[0]
+        llama_cpp.llama_memory_seq_rm(self.memory, 0, 0, -1)
+        self.slot_cache[0] = []
+        batch, rows = self.batch, []
+        top_ids, top_logprobs, asked = [], [], []
+        for start in range(0, len(tokens), self.batch_capacity):
+            chunk = tokens[start : start + self.batch_capacity]
+            batch.n_tokens = len(chunk)
+            rows.clear()
+            for row, token in enumerate(chunk):
+                position = start + row
+                batch.token[row] = token
+                batch.pos[row] = position
+                batch.n_seq_id[row] = 1
+                batch.seq_id[row][0] = 0
+                batch.logits[row] = position >= first
+                if position >= first:
+                    rows.append((row, position - first))
+            status = llama_cpp.llama_decode(self.ctx, batch)
+            if status != 0:
+                raise RuntimeError(f"llama_decode failed with status {status}")
+            for row, index in rows:
+                pointer = llama_cpp.llama_get_logits_ith(self.ctx, row)
+                logits = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
+                found = top_k_scores(logits, k, None if ids is None else ids[index])
+                top_ids.append(found[0])
+                top_logprobs.append(found[1])
+                asked.append(found[2])
+        self.slot_cache[0] = tokens
+        return top_ids, top_logprobs, None if ids is None else asked
+
     def _admit(self, item: EngineItem, chat_template: bool, max_new_tokens: int, seed: int):
         start = time.monotonic()
         prompt = self.tokenize(self.format_prompt(item.text, chat_template))

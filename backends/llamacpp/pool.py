@@ -21,6 +21,7 @@ from backends.llamacpp.worker import worker_main
 __all__ = ["WorkerPool"]
 
 _CLOSE_GRACE_S = 5.0
+_ENDS = ("ready", "done", "scores")  # the messages that end what the parent waits for
 
 
 class WorkerPool:
@@ -67,8 +68,12 @@ class WorkerPool:
         for _ in self._processes:
             self._tasks.put(None)
 
+    def ask(self, rank: int, message: tuple) -> None:
+        """Send ``message`` to worker ``rank`` alone (a scoring request)."""
+        self._conns[rank].send(message)
+
     def messages(self, expect: int) -> Iterator[tuple[str, int, Any]]:
-        """Yield (kind, rank, payload) until ``expect`` ready/done messages have arrived.
+        """Yield (kind, rank, payload) until ``expect`` ready/done/scores messages have arrived.
 
         Sleeps in a blocking wait; a worker that reports an error or dies ends it with
         BackendError naming the worker.
@@ -101,7 +106,7 @@ class WorkerPool:
                     while conn in open_conns and conn.poll():
                         if (message := receive(conn)) is not None:
                             kind, rank_, payload = handle(message)
-                            finished += kind in ("ready", "done")
+                            finished += kind in _ENDS
                             yield kind, rank_, payload
                     process = self._processes[rank]
                     process.join(1)
@@ -116,7 +121,7 @@ class WorkerPool:
                 if message is None:
                     continue  # the pipe closed: the worker's sentinel will say why
                 kind, rank, payload = handle(message)
-                finished += kind in ("ready", "done")
+                finished += kind in _ENDS
                 yield kind, rank, payload
 
     def close(self) -> None:

@@ -6,6 +6,8 @@ Protocol, over the worker's own pipe to the parent:
 - parent -> worker ``("generate", settings)``: the worker then takes ``(index, text)`` items
   from the shared task queue until it takes a ``None`` (one per worker ends a round), sends
   ``("result", rank, EngineResult)`` for each item as it finishes, then ``("done", rank)``;
+- parent -> worker ``("score", requests, settings)``: teacher forcing of each
+  (text, answer, ids, k) with `LlamaEngine.score`, answered by one ``("scores", rank, list)``;
 - parent -> worker ``("close",)``: free the model and exit;
 - worker -> parent ``("error", rank, traceback)`` if anything fails, then exit code 1.
 
@@ -38,6 +40,14 @@ def worker_main(rank, model_path, engine_kwargs, cpu_set, visible_gpus, tasks, c
             if message[0] == "close":
                 engine.close()
                 return
+            if message[0] == "score":
+                _, requests, settings = message
+                scored = [
+                    engine.score(text, answer, ids, k=k, chat_template=settings["chat_template"])
+                    for text, answer, ids, k in requests
+                ]
+                conn.send(("scores", rank, scored))
+                continue
             round_over = False
 
             def take(block: bool):

@@ -1,0 +1,147 @@
+"""Per-token quality (autotune.quality): the KL divergence and top-1 agreement of a layout
+against the reference's distributions, the floor of --min-quality, and both on a real
+llama.cpp layout of the tiny model (batching and workers change nothing; damaged weights
+score clearly worse)."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from autotune.config import TrialConfig
+from autotune.errors import ConfigError
+from autotune.measure import Pacing, benchmark
+from autotune.quality import Quality, QualityFloor, ReferenceScores, compare
+from autotune.workload import load_workload
+from backends.base import TokenScores, top_k_scores
+
+
+def _scores(logits_rows, k, asked=None) -> TokenScores:
+    found = [
+        top_k_scores(np.asarray(row), k, None if asked is None else asked[i])
+        for i, row in enumerate(logits_rows)
+    ]
+    return TokenScores(
+        id="p",
+        top_ids=tuple(f[0] for f in found),
+        top_logprobs=tuple(f[1] for f in found),
+        logprobs=None if asked is None else tuple(f[2] for f in found),
+    )
+
+
+def test_the_same_distribution_scores_full_agreement_and_no_divergence():
+    rows = np.random.default_rng(0).standard_normal((5, 50)) * 3
+    reference = _scores(rows, 8)
+    candidate = _scores(rows, 1, reference.top_ids)
+    found = compare([reference], [candidate])
+    assert found.top1 == 1.0 and found.positions == 5
+    assert abs(found.kld_mean) < 1e-12 and found.kld_p99 < 1e-12
+    assert 0 < found.tail_mass < 1, "the top-8 of 50 tokens leaves mass out"
+
+
+def test_the_divergence_is_the_top_k_plus_one_tail_bucket():
+    p = np.log(np.array([0.5, 0.3, 0.1, 0.1]))  # top-2 kept: the rest, 0.2, is one bucket
+    q = np.log(np.array([0.3, 0.5, 0.1, 0.1]))
+    reference = _scores([p], 2)
+    candidate = _scores([q], 1, reference.top_ids)
+    found = compare([reference], [candidate])
+    expected = 0.5 * math.log(0.5 / 0.3) + 0.3 * math.log(0.3 / 0.5)  # tail 0.2 vs 0.2: 0
+    assert found.kld_mean == pytest.approx(expected)
+    assert found.top1 == 0.0, "the candidate's most likely token is another"
+    full = sum(a * math.log(a / b) for a, b in zip(np.exp(p), np.exp(q), strict=True))
+    assert found.kld_mean <= full + 1e-12, "a lower bound of the full divergence"
+
+
+@pytest.mark.parametrize(
+    ("text", "floor"),
+    [
+        ("top1=0.95", QualityFloor(top1=0.95)),
+        ("kld=0.05", QualityFloor(kld=0.05)),
+        ("top1=0.9, kld=0.1", QualityFloor(top1=0.9, kld=0.1)),
+        ("none", QualityFloor()),
+    ],
+)
+def test_a_floor_parses(text, floor):
+    assert QualityFloor.parse(text) == floor
+    assert QualityFloor.parse(floor.as_flag()) == floor
+
+
+@pytest.mark.parametrize("text", ["top1=1.5", "kld=-1", "top2=0.9", "kld", "top1=x", ""])
+def test_a_bad_floor_names_the_flag(text):
+    with pytest.raises(ConfigError, match="--min-quality"):
+        QualityFloor.parse(text)
+
+
+def test_a_layout_under_the_floor_says_why_and_an_unscored_one_is_not_judged():
+    quality = Quality(top1=0.8, kld_mean=0.2, kld_p99=1.0, positions=100, tail_mass=0.01)
+    assert "top-1 agreement 80.0%" in QualityFloor(top1=0.9).why_below(quality)
+    assert "KL divergence 0.2000" in QualityFloor(kld=0.1).why_below(quality)
+    assert QualityFloor(top1=0.5, kld=0.5).why_below(quality) is None
+    assert QualityFloor(top1=0.99).why_below(None) is None
+
+
+def test_cli_refuses_a_bad_floor_in_one_line(cli):
+    result = cli("sweep", "--min-quality", "top1=2", "--budget", "10s")
+    assert result.returncode == 2
+    assert "--min-quality" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- a real layout (llama.cpp)
+
+# Batching and more workers run the same weights: their distributions may differ only by
+# rounding (kernels chosen by shape). Measured on the tiny model: KL under 1e-6.
+SAME_WEIGHTS_KLD = 1e-3
+
+
+def _damaged(tiny_gguf, tmp_path):
+    """A copy of the tiny model with one layer's feed-forward weights scrambled by noise."""
+    import gguf
+
+    from autotune.models import ModelSpec
+
+    path = tmp_path / "damaged.gguf"
+    shutil.copyfile(tiny_gguf.path, path)
+    reader = gguf.GGUFReader(str(path), "r+")
+    tensor = next(t for t in reader.tensors if t.name == "blk.1.ffn_up.weight")
+    rng = np.random.default_rng(1)
+    tensor.data[...] += rng.standard_normal(tensor.data.shape).astype(np.float32) * 0.5
+    del reader  # flush the memory map
+    return ModelSpec.resolve(str(path))
+
+
+@pytest.mark.slow
+def test_batching_and_workers_score_the_same_and_damaged_weights_clearly_worse(
+    tiny_gguf, topology, tmp_path
+):
+    workload = load_workload(None)
+    reference = benchmark(
+        TrialConfig(backend="llamacpp", max_new_tokens=24),
+        workload,
+        tiny_gguf,
+        topology,
+        Pacing(prompts=8, warmup=0),
+        keep_reference=True,
+    )
+    scores = ReferenceScores.from_dict(reference.reference_scores)
+    path = tmp_path / "reference.json"
+    scores.save(path)
+    scores = ReferenceScores.load(path)
+    assert len(scores.scores) >= 3 and all(len(s.top_ids[0]) == 32 for s in scores.scores)
+
+    def quality(config, model=tiny_gguf) -> Quality:
+        result = benchmark(
+            config, workload, model, topology, Pacing(prompts=8, warmup=0),
+            quality_reference=scores,
+        )  # fmt: skip
+        assert not [w for w in result.warnings if "quality" in w], result.warnings
+        return Quality.from_dict(result.quality)
+
+    for workers, batch in ((1, 1), (4, 1), (1, 8), (4, 8)):
+        found = quality(TrialConfig(backend="llamacpp", workers=workers, batch_size=batch))
+        assert found.top1 >= 0.99 and found.kld_mean < SAME_WEIGHTS_KLD, (workers, batch, found)
+        assert found.scoring_s is not None and found.positions >= 30
+    damaged = quality(TrialConfig(backend="llamacpp"), _damaged(tiny_gguf, tmp_path))
+    assert damaged.kld_mean > 100 * SAME_WEIGHTS_KLD and damaged.top1 < 0.95, damaged
