@@ -16,6 +16,10 @@ errors = Console(stderr=True)
 
 
 _SCREENED = "screened on a CPU host: every value measured on the backend's fastest layout first"
+_WEIGHTS = (
+    "changes the weights: each value scored against the source weights by teacher forcing "
+    "(top-1, KL), pruned under --min-quality"
+)
 
 
 def gib(value: int | None) -> str:
@@ -352,7 +356,11 @@ def show_plan(plan: dict) -> None:
                 shown = f"{values[0]}, {values[1]}, ... {values[-1]} ({len(values)} values)"
             else:
                 shown = ", ".join("file's own" if v is None else str(v) for v in values)
-            notes = [knob["note"], _SCREENED if knob["screen"] else ""]
+            notes = [
+                knob["note"],
+                _SCREENED if knob["screen"] else "",
+                _WEIGHTS if knob.get("weights") else "",
+            ]
             table.add_row(knob["name"], shown, "; ".join(n for n in notes if n))
         console.print(table)
     console.print(

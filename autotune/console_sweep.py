@@ -67,6 +67,8 @@ class SweepProgress:
                     line += f" (passes spread {record.result['pass_spread']:.0%}: not stable)"
                 if record.quality is not None:
                     line += f", {record.quality.describe()}"
+                elif any("quality not measured" in w for w in record.result.get("warnings", ())):
+                    line += ", quality not measured (its backend cannot score)"
                 if record.agreement and record.agreement.get("identical") is not None:
                     line += f", answers {record.agreement['identical']:.0%} identical"
             else:

@@ -83,6 +83,9 @@ class Knob:
     allow: Callable[[dict, Any], bool] | None = None
     note: str = ""
     screen: bool = False
+    # Whether its values change the weights the model computes with (a weight type, a dtype):
+    # such layouts are a different model, scored against the source weights (--min-quality).
+    weights: bool = False
 
     def applies(self, chosen: dict) -> bool:
         """Whether this knob is chosen at all after ``chosen``."""
@@ -95,13 +98,14 @@ class Knob:
         return tuple(v for v in self.values if self.allow(chosen, v))
 
     def to_dict(self) -> dict:
-        """JSON-ready: name, values, ordered, note, screen."""
+        """JSON-ready: name, values, ordered, note, screen, weights."""
         return {
             "name": self.name,
             "values": list(self.values),
             "ordered": self.ordered,
             "note": self.note,
             "screen": self.screen,
+            "weights": self.weights,
         }
 
 

@@ -30,6 +30,7 @@ class SweepSummary:
     uses_smt_siblings: bool = False
     note: str | None = None
     min_agreement: float | None = None
+    min_quality: str | None = None  # the --min-quality floor (`QualityFloor.as_flag`)
     dropped: dict[str, str] = field(default_factory=dict)  # backend -> why no more trials
     skipped: dict[str, str] = field(default_factory=dict)  # recipe -> why it never ran
     extra_buffers: str | None = None  # the probe's verdict in words, where it ran
@@ -58,6 +59,7 @@ class SweepSummary:
             "interrupted": self.interrupted,
             "note": self.note,
             "min_agreement": self.min_agreement,
+            "min_quality": self.min_quality,
             "dropped": self.dropped,
             "skipped_recipes": self.skipped,
             "llama_extra_buffers": self.extra_buffers,
@@ -86,6 +88,7 @@ class SweepSummary:
             uses_smt_siblings=bool(data.get("uses_smt_siblings")),
             note=data.get("note"),
             min_agreement=data.get("min_agreement"),
+            min_quality=data.get("min_quality"),
             dropped=dict(data.get("dropped") or {}),
             skipped=dict(data.get("skipped_recipes") or {}),
             extra_buffers=data.get("llama_extra_buffers"),

@@ -49,6 +49,7 @@ def top_rows(study: Study, count: int = 10) -> tuple[list[str], list[list[str]]]
         "tokens/s",
         "x baseline",
         "window spread",
+        "top-1 / KL vs source",
         "answers identical",
         "peak memory (GiB)",
     ]
@@ -58,6 +59,10 @@ def top_rows(study: Study, count: int = 10) -> tuple[list[str], list[list[str]]]
         memory = result.get("peak_memory_bytes")
         spread = result.get("window_spread")
         identical = (trial.agreement or {}).get("identical")
+        quality = trial.quality
+        scored = "-" if quality is None else f"{quality.top1:.1%} / {quality.kld_mean:.4f}"
+        if quality is not None and quality.requantized_from:
+            scored += f" (requantized from {quality.requantized_from})"
         rows.append(
             [
                 str(trial.number),
@@ -68,6 +73,7 @@ def top_rows(study: Study, count: int = 10) -> tuple[list[str], list[list[str]]]
                 if spread is None
                 # Not stable: its passes disagreed (one pass is not compared).
                 else f"{spread:.1%}" + (" (not stable)" if result.get("stable") is False else ""),
+                scored,
                 f"{identical:.0%}" if identical is not None else "-",
                 f"{memory / 2**30:.2f}" if memory else "-",
             ]

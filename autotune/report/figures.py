@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autotune.console import layout_text
+from autotune.quality import QualityFloor
 from autotune.report.data import Study
 from autotune.study import StudyDir, TrialRecord
 
@@ -158,6 +159,45 @@ def _fig_agreement(study: Study, ax) -> None:
     ax.legend(fontsize=8)
 
 
+def _fig_quality(study: Study, ax) -> None:
+    # Every scored trial, pruned-for-quality ones too: the trade-off is the point.
+    points = [
+        (t.quality.kld_mean, (t.result or {}).get("tokens_per_s"), t.backend, t.quality)
+        for t in study.trials
+        if t.result and t.quality is not None
+    ]
+    points = [(k, v, b, q) for k, v, b, q in points if v]
+    if not points:
+        _empty(ax, "no trial scored against the reference (teacher forcing)")
+        return
+    for backend in sorted({b for _, _, b, _ in points}):
+        mine = [(k, v) for k, v, b, _ in points if b == backend]
+        ax.scatter([k for k, _ in mine], [v for _, v in mine], label=backend, alpha=0.7)
+    requantized = [(k, v) for k, v, _, q in points if q.requantized_from]
+    if requantized:
+        source = next(q.requantized_from for _, _, _, q in points if q.requantized_from)
+        ax.scatter(
+            [k for k, _ in requantized], [v for _, v in requantized], facecolors="none",
+            edgecolors="black", s=90, label=f"requantized from {source}",
+        )  # fmt: skip
+    front, best = [], -1.0
+    for k, v, _, _ in sorted(points, key=lambda p: (p[0], -p[1])):  # closest first
+        if v > best:
+            front.append((k, v))
+            best = v
+    ax.plot(
+        [k for k, _ in front], [v for _, v in front], color="black", drawstyle="steps-post",
+        label="Pareto front",
+    )  # fmt: skip
+    flag = study.summary.min_quality if study.summary else None
+    floor = QualityFloor.parse(flag) if flag else None  # None: a study from before the floor
+    if floor is not None and floor.kld is not None:
+        ax.axvline(floor.kld, color="grey", linestyle="--", label="--min-quality kld")
+    ax.set_xlabel("mean KL divergence from the source weights, per token (nats)")
+    ax.set_ylabel("tokens/s")
+    ax.legend(fontsize=8)
+
+
 def _fig_pipeline(study: Study, ax) -> None:
     rows = []
     for trial in study.done:
@@ -297,6 +337,12 @@ FIGURES = (
         "agreement.png",
         "Tokens/s against the share of answers identical to the batch-1 reference",
         _fig_agreement,
+    ),
+    Figure(
+        "quality.png",
+        "Tokens/s against KL divergence from the source weights (teacher forcing), "
+        "Pareto front marked",
+        _fig_quality,
     ),
     Figure(
         "pipeline_stages.png",

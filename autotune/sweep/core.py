@@ -166,6 +166,7 @@ class Sweep:
             interrupted=interrupted,
             note=simulated_note(self.options.simulated, note),
             min_agreement=self.options.min_agreement,
+            min_quality=self.options.min_quality.as_flag(),
             dropped=dict(self.space.dropped),
             skipped=dict(self.steps.skipped),
             extra_buffers=verdict.describe() if (verdict := self.options.extra_buffers) else None,

@@ -89,8 +89,14 @@ class LlamaCppBackend(Backend):
                 (None, *(q for q in QUANTS if q != target.own_quant)),
                 ordered=False,
                 note="None: the file's own type"
-                + (f", {own}" if (own := target.own_quant) else ""),
+                + (f", {own}" if (own := target.own_quant) else "")
+                + (
+                    f"; the others requantize a {own} file (a copy of a copy)"
+                    if own and own not in ("f16", "bf16", "f32")
+                    else ""
+                ),
                 screen=True,
+                weights=True,
             ),
             Knob(
                 "pinning",

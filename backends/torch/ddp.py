@@ -55,7 +55,7 @@ class DDPBackend(RankGroupBackend):
             Knob("workers", tuple(range(2, most + 1)), note=f"ranks: 2 .. {most} ({why})"),
             threads_knob(target.cpus, "workers", (lambda chosen: True) if target.gpus else None),
             Knob("batch_size", target.batch_sizes),
-            Knob("dtype", torch_dtypes(target), ordered=False, screen=True),
+            Knob("dtype", torch_dtypes(target), ordered=False, screen=True, weights=True),
         ]
         if not target.gpus:  # where the GPU computes, CPU pinning changes little
             knobs.append(Knob("pinning", pinning, ordered=False))

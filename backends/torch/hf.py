@@ -10,12 +10,20 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from autotune.errors import ConfigError
+from autotune.errors import BackendError, ConfigError
 from autotune.knobs import BackendSpace, Knob, Target
 from autotune.models import hf_dir
 from autotune.placement import default_placement
 from autotune.workload import GenerationSettings, Prompt
-from backends.base import Backend, Completion, SpeedTerms, gpu_threads, threads_knob
+from backends.base import (
+    Backend,
+    Completion,
+    ScoreRequest,
+    SpeedTerms,
+    TokenScores,
+    gpu_threads,
+    threads_knob,
+)
 
 __all__ = [
     "DTYPE_BYTES",
@@ -148,6 +156,27 @@ class TransformersEngine:
             results.append((tokens, self.tokenizer.decode(tokens, skip_special_tokens=True)))
         return results
 
+    def score(
+        self, text: str, answer: Sequence[int], ids, *, k: int, chat_template: bool
+    ) -> tuple[list, list, list | None]:
+        """Teacher forcing: one forward of ``text``'s prompt and ``answer`` (but its last
+        token); per answer position, the top ``k`` (ids, log-probabilities) and the
+        log-probabilities of ``ids[i]`` (`backends.base.top_k_scores`)."""
+        from backends.base import top_k_scores
+
+        torch = self.torch
+        prompt = self.prompt_ids(text, chat_template)
+        tokens = torch.tensor([prompt + list(answer[:-1])], device=self.device)
+        with torch.inference_mode():
+            logits = self.model(input_ids=tokens).logits[0, len(prompt) - 1 :]
+        rows = logits.float().cpu().numpy()
+        found = [
+            top_k_scores(row, k, None if ids is None else ids[index])
+            for index, row in enumerate(rows)
+        ]
+        asked = None if ids is None else [f[2] for f in found]
+        return [f[0] for f in found], [f[1] for f in found], asked
+
 
 class _FirstToken:
     """A generate() streamer that notes when the first new token exists (time.monotonic()):
@@ -230,7 +259,7 @@ class HFBackend(Backend):
             (
                 threads_knob(target.cpus, None, on_gpu),
                 Knob("batch_size", target.batch_sizes),
-                Knob("dtype", torch_dtypes(target), ordered=False, screen=True),
+                Knob("dtype", torch_dtypes(target), ordered=False, screen=True, weights=True),
             ),
         )
 
@@ -289,6 +318,27 @@ class HFBackend(Backend):
 
     def generate(self, prompts: Sequence[Prompt], settings: GenerationSettings) -> list[Completion]:
         return generate_in_batches(self.engine, prompts, settings, self.config.batch_size, rank=0)
+
+    def score(
+        self, requests: Sequence[ScoreRequest], settings: GenerationSettings, k: int
+    ) -> list[TokenScores]:
+        """Teacher forcing: one forward per request (`TransformersEngine.score`)."""
+        if self.engine is None:
+            raise BackendError("hf backend: score() before load()")
+        results = []
+        for request in requests:
+            top_ids, top_logprobs, asked = self.engine.score(
+                request.text, request.answer, request.ids, k=k, chat_template=settings.chat_template
+            )
+            results.append(
+                TokenScores(
+                    id=request.id,
+                    top_ids=tuple(top_ids),
+                    top_logprobs=tuple(top_logprobs),
+                    logprobs=None if asked is None else tuple(asked),
+                )
+            )
+        return results
 
     def close(self) -> None:
         self.engine = None

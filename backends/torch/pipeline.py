@@ -200,7 +200,7 @@ class PipelineBackend(RankGroupBackend):
         knobs += [
             threads_knob(target.cpus, "stages", on_gpu),
             Knob("batch_size", target.batch_sizes, note="micro-batch"),
-            Knob("dtype", torch_dtypes(target), ordered=False, screen=True),
+            Knob("dtype", torch_dtypes(target), ordered=False, screen=True, weights=True),
             Knob(
                 "partition",
                 ("uniform", "compute", "shifted"),

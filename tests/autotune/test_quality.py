@@ -28,7 +28,7 @@ def _scores(logits_rows, k, asked=None) -> TokenScores:
         id="p",
         top_ids=tuple(f[0] for f in found),
         top_logprobs=tuple(f[1] for f in found),
-        logprobs=None if asked is None else tuple(f[2] for f in found),
+        logprobs=None if asked is None else tuple(f[2] or () for f in found),
     )
 
 
@@ -145,3 +145,33 @@ def test_batching_and_workers_score_the_same_and_damaged_weights_clearly_worse(
         assert found.scoring_s is not None and found.positions >= 30
     damaged = quality(TrialConfig(backend="llamacpp"), _damaged(tiny_gguf, tmp_path))
     assert damaged.kld_mean > 100 * SAME_WEIGHTS_KLD and damaged.top1 < 0.95, damaged
+
+
+def test_a_sweep_prunes_layouts_under_the_floor_and_they_cannot_win(tmp_path, simulated_sweep):
+    """Each trial's child reports its quality (here: worse the wider the batch, as if the
+    batch changed the weights); --min-quality prunes those under it, with the reason and the
+    figure, and the winner is above it."""
+    from autotune.study import TrialState
+    from autotune.sweep import SweepOptions
+
+    def scored(spec, outcome):
+        if outcome.result and not spec.get("paired"):
+            batch = spec["config"]["batch_size"]
+            quality = Quality(
+                top1=1.0 - 0.05 * (batch - 1), kld_mean=0.02 * batch, kld_p99=0.1 * batch,
+                positions=100, tail_mass=0.01, scoring_s=0.1,
+            )  # fmt: skip
+            outcome.result["quality"] = quality.to_dict()
+
+    options = SweepOptions(
+        study="s", reports_dir=tmp_path, budget_s=120.0, backends=["fake"],
+        min_quality=QualityFloor(top1=0.9),
+    )  # fmt: skip
+    summary, _, _ = simulated_sweep(options, change=scored)
+    pruned = [r for r in summary.trials if r.state is TrialState.PRUNED and r.result]
+    assert pruned and all("under --min-quality top1=0.9" in r.reason for r in pruned)
+    assert all(r.config.batch_size >= 3 for r in pruned)
+    measured = [r for r in summary.trials if r.complete and r.config.batch_size > 1]
+    assert measured and all(r.quality.top1 >= 0.9 for r in measured)
+    assert summary.winner.quality is None or summary.winner.quality.top1 >= 0.9
+    assert summary.winner.config.batch_size <= 2
