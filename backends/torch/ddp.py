@@ -10,10 +10,14 @@ not the wrapper class.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from autotune.config import PINNING, TrialConfig
+from autotune.errors import BackendError
 from autotune.knobs import BackendSpace, Knob, Target
 from autotune.placement import MAX_SHARE
-from backends.base import Completion, gpu_threads, threads_knob
+from autotune.workload import GenerationSettings
+from backends.base import Completion, ScoreRequest, TokenScores, gpu_threads, threads_knob
 from backends.torch.hf import torch_dtypes, torch_memory_bytes, torch_speed_terms
 from backends.torch.torchrun import RankGroupBackend, collective_timeout_s
 
@@ -109,6 +113,15 @@ class DDPBackend(RankGroupBackend):
             "timeout_s": collective_timeout_s(),
         }
 
+    def score(
+        self, requests: Sequence[ScoreRequest], settings: GenerationSettings, k: int
+    ) -> list[TokenScores]:
+        """Teacher forcing, the requests sharded over the ranks as a pass's prompts are, each
+        rank one forward per request with its own model (`DDPRank.score`)."""
+        if self.group is None:
+            raise BackendError("ddp backend: score() before load()")
+        return self.group.request(("score", tuple(requests), settings, k))  # type: ignore[return-value]
+
 
 class DDPRank:
     """One rank's work: its shard through an hf engine, completions gathered on rank 0."""
@@ -141,3 +154,28 @@ class DDPRank:
         # Rank by rank, so a timeout says which rank never answered.
         parts = [done] + [recv_object(src, ctx) for src in range(1, ctx.world)]
         return [completion for part in parts for completion in part]
+
+    def score(self, requests, settings, k: int) -> list[TokenScores] | None:
+        """This rank's shard of ``requests`` scored by its engine; all of them on rank 0."""
+        from backends.torch.rank import recv_object, send_object, shard
+
+        ctx = self.ctx
+        mine = shard(len(requests), ctx.rank, ctx.world)
+        done = []
+        for request in requests[mine.start : mine.stop]:
+            top_ids, top_logprobs, asked = self.engine.score(
+                request.text, request.answer, request.ids, k=k, chat_template=settings.chat_template
+            )
+            done.append(
+                TokenScores(
+                    id=request.id,
+                    top_ids=tuple(top_ids),
+                    top_logprobs=tuple(top_logprobs),
+                    logprobs=None if asked is None else tuple(asked),
+                )
+            )
+        if ctx.rank != 0:
+            send_object(done, 0)
+            return None
+        parts = [done] + [recv_object(src, ctx) for src in range(1, ctx.world)]
+        return [scored for part in parts for scored in part]

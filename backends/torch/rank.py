@@ -234,7 +234,7 @@ def run_rank(spec: dict, requests=None, on_result=None) -> None:
         source = iter(requests) if requests is not None else None
         posted: list = []
         while True:
-            message: tuple  # ("generate", prompts, settings) or ("close",)
+            message: tuple  # ("generate", prompts, settings), ("score", ...) or ("close",)
             if rank == 0:
                 if source is not None:
                     message = next(source, ("close",))
@@ -250,8 +250,12 @@ def run_rank(spec: dict, requests=None, on_result=None) -> None:
                 for work, _ in posted:  # every rank must hear it before rank 0 leaves
                     work.wait(timedelta(seconds=timeout_s))
                 break
-            _, prompts, settings = message
-            result = worker.generate(prompts, settings)
+            if message[0] == "score":  # teacher forcing (`Backend.score`)
+                _, requests, settings, k = message
+                result = worker.score(requests, settings, k)
+            else:
+                _, prompts, settings = message
+                result = worker.generate(prompts, settings)
             if rank == 0:
                 if conn is not None:
                     conn.send(("result", result))

@@ -69,7 +69,9 @@ def test_the_smt_server_plan_spans_its_threads_and_siblings(cli, machine_json):
     # The embedded model is Q4_1: its own type is offered once, as the file itself (None).
     quant = llamacpp["quant"]
     assert quant["values"] == [None, "f16", "q8_0", "q5_k_m", "q4_k_m", "q4_0"]
-    assert quant["screen"] and quant["note"] == "None: the file's own type, q4_1"
+    assert quant["screen"] and quant["note"].startswith("None: the file's own type, q4_1")
+    assert quant["weights"] and "requantize a q4_1 file" in quant["note"]
+    assert not llamacpp["batch_size"]["weights"], "batching does not change the weights"
 
 
 def test_the_gpu_node_plan_keeps_ranks_and_stages_within_its_gpus(cli, machine_json):
