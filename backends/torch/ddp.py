@@ -10,14 +10,10 @@ not the wrapper class.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from autotune.config import PINNING, TrialConfig
-from autotune.errors import BackendError
 from autotune.knobs import BackendSpace, Knob, Target
 from autotune.placement import MAX_SHARE
-from autotune.workload import GenerationSettings
-from backends.base import Completion, ScoreRequest, TokenScores, gpu_threads, threads_knob
+from backends.base import Completion, TokenScores, gpu_threads, threads_knob
 from backends.torch.hf import torch_dtypes, torch_memory_bytes, torch_speed_terms
 from backends.torch.torchrun import RankGroupBackend, collective_timeout_s
 
@@ -112,15 +108,6 @@ class DDPBackend(RankGroupBackend):
             "devices": cls.devices(config, topology),
             "timeout_s": collective_timeout_s(),
         }
-
-    def score(
-        self, requests: Sequence[ScoreRequest], settings: GenerationSettings, k: int
-    ) -> list[TokenScores]:
-        """Teacher forcing, the requests sharded over the ranks as a pass's prompts are, each
-        rank one forward per request with its own model (`DDPRank.score`)."""
-        if self.group is None:
-            raise BackendError("ddp backend: score() before load()")
-        return self.group.request(("score", tuple(requests), settings, k))  # type: ignore[return-value]
 
 
 class DDPRank:

@@ -342,6 +342,68 @@ class PipelineStage:
         }
         return results, stats
 
+    # ------------------------------------------------------------ scoring
+
+    def score(self, requests, settings, k: int):
+        """Teacher forcing down the stages, one request at a time (every stage has the same
+        requests): stage 0 embeds the prompt and the answer, each stage runs its layers
+        without a cache and passes the hidden states on, the last scores every answer
+        position (`backends.base.top_k_scores`) and sends them to stage 0, which returns
+        them as `TokenScores`."""
+        from backends.base import TokenScores, top_k_scores
+        from backends.torch.rank import recv_object, send_object
+
+        torch = self.torch
+        results = []
+        for request in requests:
+            tokens = None
+            if self.first:
+                from backends.torch.hf import prompt_token_ids
+
+                prompt = prompt_token_ids(self.tokenizer, request.text, settings.chat_template)
+                tokens = torch.tensor([prompt + list(request.answer[:-1])], dtype=torch.int64)
+                start, length, hidden = len(prompt) - 1, tokens.shape[1], None
+            else:
+                start, length = (int(x) for x in self._recv(self.prev_rank, (2,), torch.int64))
+                hidden = self._recv(
+                    self.prev_rank, (1, length, self.model_config.hidden_size), self.dtype
+                )
+            mask = torch.ones((1, length), dtype=torch.int64)
+            with torch.inference_mode():
+                out = forward_stage(
+                    self.model,
+                    hidden=None if hidden is None else hidden.to(self.ctx.device),
+                    input_ids=None if tokens is None else tokens.to(self.ctx.device),
+                    mask=mask.to(self.ctx.device),
+                    positions=positions_of(mask).to(self.ctx.device),
+                    cache=None,
+                    last=False,
+                )
+                if self.last:
+                    logits = self.model.lm_head(out[0, start:]).float().cpu().numpy()
+            if not self.last:
+                self._send(self.next_rank, torch.tensor([start, length], dtype=torch.int64), out)
+                scored = recv_object(self.ctx.world - 1, self.ctx) if self.first else None
+            else:
+                asked = request.ids
+                scored = [
+                    top_k_scores(row, k, None if asked is None else asked[index])
+                    for index, row in enumerate(logits)
+                ]
+                if not self.first:
+                    send_object(scored, 0)
+            if self.first:
+                results.append(
+                    TokenScores(
+                        id=request.id,
+                        top_ids=tuple(s[0] for s in scored),
+                        top_logprobs=tuple(s[1] for s in scored),
+                        logprobs=None if request.ids is None else tuple(s[2] for s in scored),
+                    )
+                )
+        self._flush()
+        return results if self.first else None
+
     def _finish(self, state: MicroBatch, prompts, ids, results, step_gaps) -> None:
         arrivals, start = state.arrivals, state.start
         step_gaps.extend(b - a for a, b in itertools.pairwise(arrivals))

@@ -39,7 +39,7 @@ from autotune.config import TrialConfig
 from autotune.errors import BackendError, ConfigError
 from autotune.failures import killed_by, signal_class
 from autotune.workload import GenerationSettings, Prompt
-from backends.base import Backend, Completion
+from backends.base import Backend, Completion, ScoreRequest, TokenScores
 
 __all__ = ["RankGroup", "RankGroupBackend", "collective_timeout_s"]
 
@@ -346,6 +346,15 @@ class RankGroupBackend(Backend):
         if self.group is None:
             raise BackendError(f"{self.name} backend: generate() before load()")
         return self._answer(self.group.request(("generate", tuple(prompts), settings)))
+
+    def score(
+        self, requests: Sequence[ScoreRequest], settings: GenerationSettings, k: int
+    ) -> list[TokenScores]:
+        """Teacher forcing on the ranks (each kind's worker ``score``: ddp's ranks shard the
+        requests, the pipeline's stages pass each one down); all of them back from rank 0."""
+        if self.group is None:
+            raise BackendError(f"{self.name} backend: score() before load()")
+        return self.group.request(("score", tuple(requests), settings, k))  # type: ignore[return-value]
 
     def close(self) -> None:
         if self.group is not None:

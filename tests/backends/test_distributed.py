@@ -192,3 +192,32 @@ def test_by_hand_torchrun_mode_writes_every_completion_in_order(tmp_path, tiny_g
     assert [line["id"] for line in lines] == [p.id for p in PROMPTS]
     assert [tuple(line["token_ids"]) for line in lines] == reference
     assert {line["worker_rank"] for line in lines} == {0, 1}
+
+
+def test_hf_ddp_and_the_pipeline_score_the_same_answers_alike(tiny_gguf, topology, reference):
+    """Teacher forcing (`Backend.score`) on the torch backends: the same float32 weights give
+    the same distributions, whether one process reads the answer (hf), ranks share the
+    requests (ddp) or stages pass each one down (pipeline)."""
+    from autotune.quality import compare
+    from backends.base import ScoreRequest
+
+    requests = [
+        ScoreRequest(id=p.id, text=p.text, answer=tuple(answer))
+        for p, answer in zip(PROMPTS[:3], reference, strict=False)
+        if answer
+    ]
+    hf = TrialConfig(backend="hf", threads_per_worker=1)
+    with create_backend(hf, tiny_gguf, topology) as backend:
+        own = backend.score(requests, SETTINGS, 8)
+    assert [len(s.top_ids) for s in own] == [len(r.answer) for r in requests]
+    asking = [
+        ScoreRequest(id=r.id, text=r.text, answer=r.answer, ids=s.top_ids)
+        for r, s in zip(requests, own, strict=True)
+    ]
+    for config in (
+        TrialConfig(backend="ddp", workers=2, threads_per_worker=1),
+        TrialConfig(backend="pipeline", stages=2, threads_per_worker=1),
+    ):
+        with create_backend(config, tiny_gguf, topology) as backend:
+            found = compare(own, backend.score(asking, SETTINGS, 1))
+        assert found.top1 == 1.0 and found.kld_mean < 1e-6, (config.backend, found)
