@@ -56,6 +56,8 @@ class SweepProgress:
                 return  # never ran: counted; a line each would drown the trials that ran
             if record.state.value == "pruned":
                 line = f"{record.result['tokens_per_s']:.1f} tok/s, pruned: {record.reason}"
+                if record.quality is not None and "--min-quality" not in (record.reason or ""):
+                    line += f" ({record.quality.describe()})"
             elif record.complete:
                 if record.role is Role.BASELINE:
                     self.baseline = record.value
@@ -67,6 +69,8 @@ class SweepProgress:
                     line += f" (passes spread {record.result['pass_spread']:.0%}: not stable)"
                 if record.quality is not None:
                     line += f", {record.quality.describe()}"
+                elif record.answers is not None:  # it is its family's reference
+                    line += ", the reference of per-token quality"
                 elif any("quality not measured" in w for w in record.result.get("warnings", ())):
                     line += ", quality not measured (its backend cannot score)"
                 if record.agreement and record.agreement.get("identical") is not None:
