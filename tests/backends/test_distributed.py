@@ -194,6 +194,7 @@ def test_by_hand_torchrun_mode_writes_every_completion_in_order(tmp_path, tiny_g
     assert {line["worker_rank"] for line in lines} == {0, 1}
 
 
+@pytest.mark.slow  # three backends loaded in turn (13 s): the default run stays near 5 minutes
 def test_hf_ddp_and_the_pipeline_score_the_same_answers_alike(tiny_gguf, topology, reference):
     """Teacher forcing (`Backend.score`) on the torch backends: the same float32 weights give
     the same distributions, whether one process reads the answer (hf), ranks share the
