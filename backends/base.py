@@ -178,6 +178,18 @@ class TokenScores:
     top_logprobs: tuple[tuple[float, ...], ...]
     logprobs: tuple[tuple[float, ...], ...] | None = None
 
+    @classmethod
+    def of(cls, id: str, scored: tuple) -> TokenScores:
+        """From an engine's ``(top ids, their log-probabilities, asked log-probabilities or
+        None)``, one row per position (as `top_k_scores` gives them, gathered)."""
+        top_ids, top_logprobs, asked = scored
+        return cls(
+            id=id,
+            top_ids=tuple(tuple(row) for row in top_ids),
+            top_logprobs=tuple(tuple(row) for row in top_logprobs),
+            logprobs=None if asked is None else tuple(tuple(row) for row in asked),
+        )
+
     def to_dict(self) -> dict:
         """JSON-ready dict."""
         return {

@@ -338,18 +338,11 @@ class LlamaCppBackend(Backend):
         for kind, rank, scored in self._pool.messages(expect=len(ranks)):
             if kind == "scores":
                 found[rank] = scored
-        results = []
-        for index, request in enumerate(requests):
-            top_ids, top_logprobs, asked = found[index % self._pool.size][index // self._pool.size]
-            results.append(
-                TokenScores(
-                    id=request.id,
-                    top_ids=tuple(top_ids),
-                    top_logprobs=tuple(top_logprobs),
-                    logprobs=None if asked is None else tuple(asked),
-                )
-            )
-        return results
+        size = self._pool.size
+        return [
+            TokenScores.of(request.id, found[index % size][index // size])
+            for index, request in enumerate(requests)
+        ]
 
     def close(self) -> None:
         """Ask every worker to exit, then make sure. Safe to call twice."""

@@ -148,19 +148,7 @@ class DDPRank:
 
         ctx = self.ctx
         mine = shard(len(requests), ctx.rank, ctx.world)
-        done = []
-        for request in requests[mine.start : mine.stop]:
-            top_ids, top_logprobs, asked = self.engine.score(
-                request.text, request.answer, request.ids, k=k, chat_template=settings.chat_template
-            )
-            done.append(
-                TokenScores(
-                    id=request.id,
-                    top_ids=tuple(top_ids),
-                    top_logprobs=tuple(top_logprobs),
-                    logprobs=None if asked is None else tuple(asked),
-                )
-            )
+        done = self.engine.score_all(requests[mine.start : mine.stop], settings, k)
         if ctx.rank != 0:
             send_object(done, 0)
             return None

@@ -177,6 +177,15 @@ class TransformersEngine:
         asked = None if ids is None else [f[2] for f in found]
         return [f[0] for f in found], [f[1] for f in found], asked
 
+    def score_all(self, requests, settings: GenerationSettings, k: int) -> list[TokenScores]:
+        """`score` each of ``requests`` (`backends.base.ScoreRequest`), in order."""
+        return [
+            TokenScores.of(
+                r.id, self.score(r.text, r.answer, r.ids, k=k, chat_template=settings.chat_template)
+            )
+            for r in requests
+        ]
+
 
 class _FirstToken:
     """A generate() streamer that notes when the first new token exists (time.monotonic()):
@@ -325,20 +334,7 @@ class HFBackend(Backend):
         """Teacher forcing: one forward per request (`TransformersEngine.score`)."""
         if self.engine is None:
             raise BackendError("hf backend: score() before load()")
-        results = []
-        for request in requests:
-            top_ids, top_logprobs, asked = self.engine.score(
-                request.text, request.answer, request.ids, k=k, chat_template=settings.chat_template
-            )
-            results.append(
-                TokenScores(
-                    id=request.id,
-                    top_ids=tuple(top_ids),
-                    top_logprobs=tuple(top_logprobs),
-                    logprobs=None if asked is None else tuple(asked),
-                )
-            )
-        return results
+        return self.engine.score_all(requests, settings, k)
 
     def close(self) -> None:
         self.engine = None

@@ -393,14 +393,9 @@ class PipelineStage:
                 if not self.first:
                     send_object(scored, 0)
             if self.first:
-                results.append(
-                    TokenScores(
-                        id=request.id,
-                        top_ids=tuple(s[0] for s in scored),
-                        top_logprobs=tuple(s[1] for s in scored),
-                        logprobs=None if request.ids is None else tuple(s[2] for s in scored),
-                    )
-                )
+                rows = ([s[0] for s in scored], [s[1] for s in scored], [s[2] for s in scored])
+                asked = None if request.ids is None else rows[2]
+                results.append(TokenScores.of(request.id, (rows[0], rows[1], asked)))
         self._flush()
         return results if self.first else None
 
