@@ -134,6 +134,8 @@ def test_a_killed_rank_ends_the_run_with_its_error(name, tiny_gguf, topology):
     assert children() <= before, "no rank outlives the run"
 
 
+# Slow: each waits out a collective timeout (14 s a backend); the default run stays near 5 min.
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ddp", "pipeline"])
 def test_a_hung_rank_ends_the_run_within_the_collective_timeout(
     name, tiny_gguf, topology, monkeypatch
