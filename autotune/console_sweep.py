@@ -71,7 +71,7 @@ class SweepProgress:
                     line += f", {record.quality.describe()}"
                 elif record.answers is not None:  # it is its family's reference
                     line += ", the reference of per-token quality"
-                elif any("quality not measured" in w for w in record.result.get("warnings", ())):
+                elif any("quality not measured" in w for w in record.result.get("warnings") or ()):
                     line += ", quality not measured (its backend cannot score)"
                 if record.agreement and record.agreement.get("identical") is not None:
                     line += f", answers {record.agreement['identical']:.0%} identical"

@@ -158,9 +158,12 @@ def describe_quality(record) -> str:
     """A trial's quality in words: its figures over how many positions, and, for a
     requantized file, that it is one (``record``: a `TrialRecord`)."""
     quality = record.quality
-    text = f"{quality.describe()} over {quality.positions} positions (teacher forcing)"
+    figures = replace(quality, requantized_from=None).describe()
+    text = f"{figures} over {quality.positions} positions (teacher forcing)"
     if quality.scoring_s is not None:
         text += f", scored in {quality.scoring_s:.1f} s"
+    if quality.requantized_from:
+        text += f"; requantized from {quality.requantized_from}"
     return text
 
 
