@@ -439,6 +439,7 @@ class SimulatedTrials:
             "latency_p95_s": None,
             "ttft_p50_s": None,
             "load_time_s": load,
+            "pacing": spec["pacing"],
             "peak_memory_bytes": self._peak_bytes(config),
             "failed_requests": 0,
             "cpu_utilisation": 1.0,

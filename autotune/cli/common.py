@@ -86,7 +86,10 @@ def share(flag: str):
 
 
 def add_pacing_arguments(
-    parser: argparse.ArgumentParser, repeats: int, settle: str = "no more passes"
+    parser: argparse.ArgumentParser,
+    repeats: int,
+    settle: str = "no more passes",
+    warmup: str = "",
 ):
     """How long one measurement runs (`autotune.measure.Pacing`): the same flags, the same
     meaning, for bench and for every trial of a sweep."""
@@ -115,7 +118,7 @@ def add_pacing_arguments(
         type=positive("--warmup", 0),
         default=1,
         metavar="W",
-        help="untimed warmup passes of one wave (default: 1)",
+        help=f"untimed warmup passes of one wave (default: 1{warmup})",
     )
     parser.add_argument(
         "--settle",

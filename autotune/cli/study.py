@@ -324,7 +324,13 @@ def register(sub) -> None:
         help="every prompt generates exactly --max-new-tokens, so every layout does the same "
         "work (as llama-bench does)",
     )
-    add_pacing_arguments(sweep, repeats=1, settle="30s on a GPU host, else no more passes")
+    add_pacing_arguments(
+        sweep,
+        repeats=1,
+        settle="30s on a GPU host, else no more passes",
+        warmup="; none in a search trial whose pass's ramp-up wave warms it: a layout that "
+        "refills its slots and does not settle",
+    )
     sweep.add_argument(
         "--min-agreement",
         type=share("--min-agreement"),

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from autotune.agreement import answer_family, family_reference, is_reference
 from autotune.config import TrialConfig
-from autotune.measure import Pacing, refills, width_of
+from autotune.measure import Pacing, refills, settles, width_of
 from autotune.space import config_key
 from autotune.study import Role
 from backends import backend_class
@@ -54,11 +54,12 @@ class Budget:
     """The clock of one sweep and its shares; what trials are expected to cost, from the
     ``ledger``'s measured costs (`autotune.sweep.ledger.Ledger`)."""
 
-    def __init__(self, options, clock: Callable[[], float], ledger, target) -> None:
+    def __init__(self, options, clock: Callable[[], float], ledger, target, topology) -> None:
         self.options = options
         self.clock = clock
         self.ledger = ledger
         self.target = target
+        self.topology = topology
         self.started = clock()
 
     def elapsed_s(self) -> float:
@@ -86,15 +87,27 @@ class Budget:
     def trial_pacing(self, config: TrialConfig) -> Pacing:
         """The sweep's pacing for a trial of ``config``, with as many windows a pass, from the
         pacing's own down to one, as fit `trial_share_s` (all of them where --prompts sized
-        the passes)."""
+        the passes), and no warmup wave where the pass's own ramp-up warms the layout
+        (`warmed_by_ramp`)."""
         pacing = self.options.pacing
         if pacing.prompts:
             return pacing
+        if self.warmed_by_ramp(config):
+            pacing = replace(pacing, warmup=0)
         for windows in range(pacing.windows, 1, -1):
             fitted = replace(pacing, windows=windows)
             if self.expected_s(config, fitted) <= self.trial_share_s():
                 return fitted
         return replace(pacing, windows=1)
+
+    def warmed_by_ramp(self, config: TrialConfig) -> bool:
+        """Whether a search trial of ``config`` needs no warmup wave: its layout refills its
+        slots, so its pass opens with a ramp-up wave that runs every slot before the window is
+        timed, and it does not settle (a GPU layout's first passes are slow beyond one wave).
+        On 2 vCPUs the warmup wave was a third of a batch-1 trial's time after its load and
+        moved its figure less than its noise (`experiments/bench_warmup.py`,
+        docs/results/dev-2vcpu-epyc.md)."""
+        return refills(config) and not settles(config, self.topology, self.options.pacing)
 
     def planned_tokens(self, config: TrialConfig, pacing: Pacing | None = None) -> int:
         """Tokens a trial of ``config`` generates at least: its warmup waves and its timed

@@ -101,7 +101,7 @@ class Sweep:
         self.planner = MemoryPlanner(shape, limit, topology)
         self.space = SearchSpace(self.target, options.backends, options.base, self.planner)
         self.ledger = Ledger(options.pacing.warmup, self.tell)
-        self.budget = Budget(options, clock, self.ledger, self.target)
+        self.budget = Budget(options, clock, self.ledger, self.target, topology)
         self.queue = Queue(self.space, [(config, Role.EXTRA, "injected") for config in extra])
         self.steps = Steps(
             space=self.space,
@@ -283,6 +283,13 @@ class Sweep:
             # 1, the model's own weights, greedy): measure that first, once.
             reference = family_reference(family, self.target, self.options.base)
             self._run(study, _Candidate(ask(study), reference, Role.REFERENCE, "reference"))
+            if not waiting(study):  # a drop renames the backend of trials queued before it
+                self.steps.drop_dominated()
+            dropped = self.space.dropped.get(config.backend)
+            if dropped and candidate.role in (Role.SEARCH, Role.RECIPE):
+                # Its reference run showed the backend clearly slower: not worth its trial.
+                self._prune(study, candidate, f"{config.backend} was dropped: {dropped}")
+                return
         deadline = self.budget.trial_deadline_s(config, candidate.role)
         self.tell(TrialStarted(trial.number, config, candidate.role, candidate.name, deadline))
         scores = self.dir.path / f"reference-{family}.json"

@@ -61,6 +61,7 @@ RESULT_KEYS = (
     "details",
     "stopped",
     "quality",
+    "pacing",
 )
 
 # A leader measured in one pass has no interval: its figure less this is taken as its lower
@@ -75,7 +76,8 @@ WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 class Ledger:
     """The records of one sweep, and what follows from them. ``warmup``: the warmup waves of
-    a trial (the sweep's pacing), counted in its cost; ``tell``: the sweep's event sink."""
+    a trial (the sweep's pacing) whose result does not say its own, counted in its cost;
+    ``tell``: the sweep's event sink."""
 
     def __init__(self, warmup: int, tell: Callable[[object], None]) -> None:
         self.warmup = warmup
@@ -134,6 +136,10 @@ class Ledger:
         number = self.seen.get(key)
         return next((r for r in self.records if r.number == number and r.result), None)
 
+    def reference_runs(self) -> list[TrialRecord]:
+        """The reference runs that measured a figure (complete)."""
+        return [r for r in self.records if r.complete and r.role is Role.REFERENCE]
+
     def measured_trials(self) -> list[TrialRecord]:
         """The trials measured as candidates (complete, not a reference run)."""
         return [r for r in self.records if r.complete and r.role is not Role.REFERENCE]
@@ -161,8 +167,10 @@ class Ledger:
 
 def trial_cost(record: TrialRecord, warmup: int) -> tuple[float, float] | None:
     """(load seconds, seconds per generated token) of a measured trial, or None; the tokens
-    are its timed passes' and its ``warmup`` waves' (as `Budget.planned_tokens` counts them)."""
+    are its timed passes' and its warmup waves' (as `Budget.planned_tokens` counts them): as
+    many as its pacing says, else ``warmup``."""
     result = record.result or {}
+    warmup = (result.get("pacing") or {}).get("warmup", warmup)
     samples = record.samples or []
     generated = sum(s.generated_tokens for s in samples)
     if not result.get("tokens_per_s") or not generated or not result.get("prompts"):

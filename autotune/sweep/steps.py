@@ -231,11 +231,19 @@ class Steps:
         """Drop each backend whose climb is over and whose best is under `DOMINATED` of the
         leader's, and on a CPU host one whose best is under `_SCREEN_DOMINATED` of the
         leading backend's fastest layout at a batch no wider, climbed or not: it gets no
-        more trials (the reason goes to the summary)."""
+        more trials (the reason goes to the summary). A backend with no trial yet but its
+        family's reference run (batch 1) counts that run as its best: on 2 vCPUs hf's
+        reference ran at x0.14 llama.cpp's batch 1, and its recipe then cost 17 s to say
+        the same (docs/sweep.md)."""
         bests = self._bests()
-        if len(bests) < 2:
+        if not bests:
             return
         leader = max(bests.values(), key=lambda r: r.value)
+        for record in self.ledger.reference_runs():
+            if record.backend in self.space.backends:
+                bests.setdefault(record.backend, record)
+        if len(bests) < 2:
+            return
         for backend, best in bests.items():
             if backend == leader.backend or self.gpu.pending(best):
                 continue

@@ -589,7 +589,9 @@ def test_trials_cycle_the_prompts_so_batches_go_past_them(tmp_path, simulated_sw
     batches = {r.config.batch_size for r in summary.trials if r.complete}
     assert max(batches) >= 16, batches
     for spec in runner.calls:
-        assert spec["limit"] == 4 and spec["pacing"] == Pacing().to_dict()
+        # A search trial's ramp-up wave warms it; a pair keeps its warmup wave.
+        warmup = 1 if spec.get("paired") else 0
+        assert spec["limit"] == 4 and spec["pacing"] == Pacing(warmup=warmup).to_dict()
     wide = next(r for r in summary.trials if r.complete and r.config.batch_size >= 16)
     width = wide.config.workers * wide.config.batch_size
     assert wide.result["prompts"] == 5 * width, "a ramp-up wave, 3 windows, a tail"
@@ -942,6 +944,8 @@ def test_a_gpu_host_starts_where_the_gpu_speed_is_and_cpu_trials_do_not_settle(c
     gpu = [r for r in measured if r["config"]["backend"] == "hf"]
     assert cpu and all(len(r["samples"]) == 1 for r in cpu), "a CPU layout does not settle"
     assert gpu and all(len(r["samples"]) >= 3 for r in gpu), "a GPU layout settles"
+    assert all(r["result"]["pacing"]["warmup"] == 0 for r in cpu), "its ramp-up warms it"
+    assert all(r["result"]["pacing"]["warmup"] == 1 for r in gpu), "static batches: a wave"
     summary = json.loads((tmp_path / "h" / "summary.json").read_text())
     assert summary["winner"]["config"]["backend"] in ("hf", "ddp")
     assert summary["winner"]["config"]["batch_size"] >= 128
@@ -1006,3 +1010,84 @@ def test_the_owed_pair_goes_to_a_candidate_whose_pair_fits(pass_s, paired):
     assert asked[: len(paired)] == paired
     if pass_s[paired[0]] <= 60:
         assert found.winner.number == paired[0] and found.winner.paired["pairs"] >= 1
+
+
+def test_time_left_after_the_top_goes_to_short_pairs_of_the_winner():
+    from autotune.sweep.confirm import confirm
+    from autotune.trial import TrialOutcome
+
+    baseline, winner = _measured(0, 10.0, 2.0), _measured(1, 50.0, 8.0, workers=2)
+    clock = {"left": 60.0}
+    paced = []
+
+    def run_pairs(candidate, base, pairs, deadline_s, pacing):
+        paced.append(pacing.windows)
+        clock["left"] -= 30.0 if pacing.windows > 1 else 20.0
+        result = {"candidate": [50.0] * pairs, "baseline": [10.0] * pairs}
+        return TrialOutcome(True, result=result, duration_s=1.0)
+
+    found = confirm(
+        baseline,
+        [baseline, winner],
+        ["fake"],
+        pairs=1,
+        pacing=Pacing(),
+        time_left_s=lambda: clock["left"],
+        run_pairs=run_pairs,
+        tell=lambda event: None,
+    )
+    # A full pair (priced 31 s) no longer fits the 25 s left after the first; a short one
+    # (21 s) does: the time kept for confirming is spent on it, not left over.
+    assert paced == [3, 1]
+    assert found.winner.number == 1 and found.winner.paired["pairs"] == 2
+
+
+def test_on_a_cpu_host_a_backend_whose_reference_run_is_under_a_third_runs_no_trial(
+    tmp_path, simulated_sweep, slowfake, monkeypatch
+):
+    from backends import backend_class
+
+    # A family of its own: its reference run (batch 1) comes before its first trial.
+    monkeypatch.setattr(backend_class("slowfake"), "answer_family", "slow")
+    summary = _with_slowfake(tmp_path, simulated_sweep, 0.15)
+    slow = [r for r in summary.trials if r.backend == "slowfake"]
+    reference = next(r for r in slow if r.role is Role.REFERENCE)
+    assert reference.complete
+    reason = summary.dropped["slowfake"]
+    assert f"its best, {reference.value:.1f} tokens/s (trial {reference.number})" in reason
+    assert "at batch 1 or less, under x0.33" in reason, reason
+    recipe = next(r for r in slow if r.name == "slow recipe")
+    assert recipe.state is TrialState.PRUNED and recipe.result is None
+    assert recipe.reason == f"slowfake was dropped: {reason}"
+    assert not [r for r in slow if r.result and r.role is not Role.REFERENCE]
+    # At x0.5 of fake it is not dropped by its reference run: its recipe runs.
+    kept = _with_slowfake(tmp_path / "kept", simulated_sweep, 0.5)
+    assert any(r.name == "slow recipe" and r.complete for r in kept.trials)
+
+
+def test_a_search_trial_whose_pass_ramps_up_runs_no_warmup_wave(tmp_path, simulated_sweep):
+    summary, _, runner = simulated_sweep(options(tmp_path, budget_s=120.0))
+    trials = [s for s in runner.calls if not s.get("paired")]
+    pairs = [s for s in runner.calls if s.get("paired")]
+    assert trials and pairs
+    # The reference's short cold pass has none either; the paired runs keep theirs.
+    assert {s["pacing"]["warmup"] for s in trials} == {0}
+    assert {s["pacing"]["warmup"] for s in pairs} == {1}
+    # The cost the sweep learns counts the waves each trial ran: none.
+    measured = [r for r in summary.trials if r.complete]
+    assert all(r.result["pacing"]["warmup"] == 0 for r in measured)
+
+
+def test_a_static_batch_layout_keeps_its_warmup_wave(topology):
+    from autotune.sweep.budget import Budget
+    from autotune.sweep.ledger import Ledger
+
+    budget = Budget(
+        options(Path("/nonexistent"), budget_s=300.0),
+        lambda: 0.0,
+        Ledger(1, print),
+        Target(topology, layers=30),
+        topology,
+    )
+    assert budget.trial_pacing(TrialConfig(backend="llamacpp")).warmup == 0
+    assert budget.trial_pacing(TrialConfig(backend="hf")).warmup == 1, "each batch starts empty"
