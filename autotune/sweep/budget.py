@@ -123,19 +123,31 @@ class Budget:
         tokens the trial generates (more for a wider layout). The seconds per token are those
         of its backend's trials at the same width where there are some (their median), else
         the backend's best so far: a wider layout is worth trying only if it is at least that
-        fast (the naive and the recipes' batch-1 layouts would price it at twice its cost)."""
+        fast (the naive and the recipes' batch-1 layouts would price it at twice its cost).
+        A layout on fewer cores than those it is priced by is slower in proportion
+        (`_fewer_cores`)."""
         seen = self.ledger.costs.get(config.backend) or self._kin_costs(config)
         if seen:
-            load = statistics.fmean(load for _, load, _ in seen)
+            load = statistics.fmean(load for _, _, load, _ in seen)
             width = width_of(config)
-            alike = [per for w, _, per in seen if w == width]
-            per_token = statistics.median(alike) if alike else min(per for _, _, per in seen)
+            alike = [per * self._fewer_cores(config, t) for w, t, _, per in seen if w == width]
+            per_token = statistics.median(alike) if alike else min(per for *_, per in seen)
         else:
             guess = backend_class(config.backend)
             load, per_token = guess.first_guess_load_s, 1.0 / guess.first_guess_tokens_per_s
         return load + per_token * self.planned_tokens(config, pacing)
 
-    def _kin_costs(self, config: TrialConfig) -> list[tuple[int, float, float]]:
+    def _fewer_cores(self, config: TrialConfig, threads: int) -> float:
+        """How many times slower a token of ``config`` is taken to be than one of a measured
+        layout of the same width running ``threads`` threads: their share of the usable CPUs
+        over its own where it computes on the CPUs only, else 1. A real 5-minute sweep priced
+        a 1x1 batch-32 neighbour by 1x2 batch 32 at 26 s, and it took 44 s."""
+        if any(d.is_gpu for d in backend_class(config.backend).placement(config, self.topology)):
+            return 1.0
+        usable = self.topology.usable_cpus
+        return max(1.0, min(threads, usable) / max(1, min(config.total_threads, usable)))
+
+    def _kin_costs(self, config: TrialConfig) -> list[tuple[int, int, float, float]]:
         """The measured costs of the other backends that run the same weights (its answer
         family: hf's for ddp and the pipeline), for a backend with none yet: a far better
         guess than one number for every machine (ddp on a GPU node was priced at 685 s where

@@ -87,8 +87,9 @@ class Ledger:
         # Per answer family (`autotune.agreement.answer_family`): the reference run's answers,
         # or None where the reference failed (agreement unknown for that family).
         self.references: dict[str, dict | None] = {}
-        # Per backend, (width, load seconds, seconds per generated token) of its measured trials.
-        self.costs: dict[str, list[tuple[int, float, float]]] = {}
+        # Per backend, (width, threads over all its processes, load seconds, seconds per
+        # generated token) of its measured trials.
+        self.costs: dict[str, list[tuple[int, int, float, float]]] = {}
         self.log = None  # trials.jsonl, open while the sweep runs
 
     def resume(self, records: list[TrialRecord]) -> None:
@@ -129,7 +130,10 @@ class Ledger:
             self.references[answer_family(record.config)] = record.answers
         cost = trial_cost(record, 0 if record.role is Role.REFERENCE else self.warmup)
         if cost is not None:
-            self.costs.setdefault(record.backend, []).append((width_of(record.config), *cost))
+            threads = record.config.total_threads
+            self.costs.setdefault(record.backend, []).append(
+                (width_of(record.config), threads, *cost)
+            )
 
     def measured(self, key: str) -> TrialRecord | None:
         """The record that measured the config of ``key``, if one did."""

@@ -1091,3 +1091,27 @@ def test_a_static_batch_layout_keeps_its_warmup_wave(topology):
     )
     assert budget.trial_pacing(TrialConfig(backend="llamacpp")).warmup == 0
     assert budget.trial_pacing(TrialConfig(backend="hf")).warmup == 1, "each batch starts empty"
+
+
+def test_a_layout_on_fewer_cores_is_priced_slower_than_its_width_alone_says(topology):
+    from autotune.sweep.budget import Budget
+    from autotune.sweep.ledger import Ledger
+
+    ledger = Ledger(0, print)
+    budget = Budget(
+        options(Path("/nonexistent"), budget_s=300.0),
+        lambda: 0.0,
+        ledger,
+        Target(topology, layers=30),
+        topology,
+    )
+    two = TrialConfig(backend="llamacpp", workers=1, threads_per_worker=2, batch_size=32)
+    one = two.replace(threads_per_worker=1)
+    assert topology.usable_cpus >= 2
+    # A measured 1x2 batch 32: 1 s to load, 10 ms a token.
+    ledger.costs["llamacpp"] = [(32, 2, 1.0, 0.01)]
+    generation = budget.expected_s(two) - 1.0
+    assert budget.expected_s(one) - 1.0 == pytest.approx(2 * generation)
+    assert budget.expected_s(two.replace(workers=2, batch_size=16)) - 1.0 == pytest.approx(
+        generation
+    ), "as many cores: the width's cost"
