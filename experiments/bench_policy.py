@@ -27,12 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_search  # noqa: E402
 
-from autotune.config import TrialConfig  # noqa: E402
-from autotune.knobs import Target  # noqa: E402
-from autotune.memory_plan import MemoryPlanner  # noqa: E402
 from autotune.models import ModelSpec, model_shape  # noqa: E402
-from autotune.simulate import MachineModel  # noqa: E402
-from autotune.space import SearchSpace  # noqa: E402
 from autotune.units import parse_duration  # noqa: E402
 
 
@@ -68,16 +63,7 @@ def main() -> int:
     shape = model_shape(ModelSpec.resolve())
     means = []
     for key in args.machines.split(","):
-        _, path, backends = bench_search.MACHINES[key]
-        machine = MachineModel.load(str(path), shape)
-        topology = machine.topology
-        planner = MemoryPlanner(shape, int(topology.memory_available_bytes * 0.8), topology)
-        space = SearchSpace(
-            Target.of(topology, shape),
-            backends.split(","),
-            TrialConfig(max_new_tokens=32),
-            planner,
-        )
+        _, path, backends, machine, space = bench_search.simulated(key, shape)
         optimum = max(value for _, value in bench_search.grid(space, machine))
         shares = []
         with tempfile.TemporaryDirectory() as reports:
@@ -85,7 +71,7 @@ def main() -> int:
                 summary = bench_search.sweep(
                     machine,
                     path,
-                    backends.split(","),
+                    backends,
                     seed,
                     budget_s=budget_s,
                     reports=Path(reports),

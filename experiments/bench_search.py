@@ -71,6 +71,24 @@ GOAL = 0.95
 TOP, PAIRS = 3, 3  # what `autotune sweep` re-measures, and how often (--pairs)
 
 
+def simulated(key: str, shape):
+    """The fixture machine ``key`` of `MACHINES` as the sweep sees it: (its title, its file,
+    its backends, its `MachineModel` for ``shape``, its `SearchSpace`)."""
+    from autotune.config import TrialConfig
+    from autotune.knobs import Target
+    from autotune.memory_plan import MemoryPlanner
+    from autotune.simulate import MachineModel
+    from autotune.space import SearchSpace
+
+    title, path, backends = MACHINES[key]
+    machine = MachineModel.load(str(path), shape)
+    topology = machine.topology
+    planner = MemoryPlanner(shape, int(topology.memory_available_bytes * 0.8), topology)
+    names = backends.split(",")
+    space = SearchSpace(Target.of(topology, shape), names, TrialConfig(max_new_tokens=32), planner)
+    return title, path, names, machine, space
+
+
 def grid(space, machine) -> list[tuple[object, float]]:
     """Every layout of the space the machine can run, with its noise-free tokens/s."""
     return [(config, machine.tokens_per_s(config)) for config in space.layouts()]
@@ -158,12 +176,7 @@ def main() -> int:
 
     import optuna
 
-    from autotune.config import TrialConfig
-    from autotune.knobs import Target
-    from autotune.memory_plan import MemoryPlanner
     from autotune.models import ModelSpec, model_shape
-    from autotune.simulate import MachineModel
-    from autotune.space import SearchSpace
     from autotune.units import parse_duration
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -174,14 +187,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         reports = Path(scratch)
         for key in args.machines.split(","):
-            title, path, backends = MACHINES[key]
-            machine = MachineModel.load(str(path), shape)
-            topology = machine.topology
-            target = Target.of(topology, shape)
-            planner = MemoryPlanner(shape, int(topology.memory_available_bytes * 0.8), topology)
-            space = SearchSpace(
-                target, backends.split(","), TrialConfig(max_new_tokens=32), planner
-            )
+            title, path, names, machine, space = simulated(key, shape)
+            backends = ",".join(names)
             layouts = grid(space, machine)
             optimum = max(value for _, value in layouts)
             fixed = [space.baseline(), *space.recipes()]
@@ -198,7 +205,7 @@ def main() -> int:
                 summary = sweep(
                     machine,
                     path,
-                    backends.split(","),
+                    names,
                     seed,
                     trials=counts[-1],
                     budget_s=1e9,
@@ -208,9 +215,7 @@ def main() -> int:
                 for share, count in zip(SHARES, counts, strict=True):
                     found[share].append(picked(summary.trials, count, machine, rng) / optimum)
                     randoms[share].append(random_search(layouts, count, machine, rng) / optimum)
-                timed = sweep(
-                    machine, path, backends.split(","), seed, budget_s=budget_s, reports=reports
-                )
+                timed = sweep(machine, path, names, seed, budget_s=budget_s, reports=reports)
                 winner = timed.winner.config
                 budgeted.append(machine.tokens_per_s(winner) / optimum)
                 budget_trials.append(sum(r.result is not None for r in timed.trials))
@@ -266,12 +271,7 @@ def wall_time(args) -> int:
     simulated clock, over --seeds seeds."""
     import optuna
 
-    from autotune.config import TrialConfig
-    from autotune.knobs import Target
-    from autotune.memory_plan import MemoryPlanner
     from autotune.models import ModelSpec, model_shape
-    from autotune.simulate import MachineModel
-    from autotune.space import SearchSpace
     from autotune.units import format_duration, parse_duration
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -289,13 +289,8 @@ def wall_time(args) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as scratch:
         for key in keys:
-            title, path, backends = MACHINES[key]
-            machine = MachineModel.load(str(path), shape)
-            topology = machine.topology
-            target = Target.of(topology, shape)
-            planner = MemoryPlanner(shape, int(topology.memory_available_bytes * 0.8), topology)
-            names = backends.split(",")
-            space = SearchSpace(target, names, TrialConfig(max_new_tokens=32), planner)
+            title, path, names, machine, space = simulated(key, shape)
+            backends = ",".join(names)
             layouts = grid(space, machine)
             optimum = max(value for _, value in layouts)
             fixed = [space.baseline(), *space.recipes()]

@@ -130,22 +130,24 @@ class Budget:
         if seen:
             load = statistics.fmean(load for _, _, load, _ in seen)
             width = width_of(config)
-            alike = [per * self._fewer_cores(config, t) for w, t, _, per in seen if w == width]
+            slower = self._fewer_cores(config)
+            alike = [per * slower(threads) for w, threads, _, per in seen if w == width]
             per_token = statistics.median(alike) if alike else min(per for *_, per in seen)
         else:
             guess = backend_class(config.backend)
             load, per_token = guess.first_guess_load_s, 1.0 / guess.first_guess_tokens_per_s
         return load + per_token * self.planned_tokens(config, pacing)
 
-    def _fewer_cores(self, config: TrialConfig, threads: int) -> float:
-        """How many times slower a token of ``config`` is taken to be than one of a measured
-        layout of the same width running ``threads`` threads: their share of the usable CPUs
-        over its own where it computes on the CPUs only, else 1. A real 5-minute sweep priced
-        a 1x1 batch-32 neighbour by 1x2 batch 32 at 26 s, and it took 44 s."""
+    def _fewer_cores(self, config: TrialConfig) -> Callable[[int], float]:
+        """For a measured layout of ``config``'s width that ran ``threads`` threads, how many
+        times slower a token of ``config`` is taken to be: that layout's share of the usable
+        CPUs over its own where it computes on the CPUs only, else 1. A real 5-minute sweep
+        priced a 1x1 batch-32 neighbour by 1x2 batch 32 at 26 s, and it took 44 s."""
         if any(d.is_gpu for d in backend_class(config.backend).placement(config, self.topology)):
-            return 1.0
+            return lambda threads: 1.0
         usable = self.topology.usable_cpus
-        return max(1.0, min(threads, usable) / max(1, min(config.total_threads, usable)))
+        own = max(1, min(config.total_threads, usable))
+        return lambda threads: max(1.0, min(threads, usable) / own)
 
     def _kin_costs(self, config: TrialConfig) -> list[tuple[int, int, float, float]]:
         """The measured costs of the other backends that run the same weights (its answer
