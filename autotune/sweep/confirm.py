@@ -25,6 +25,7 @@ from autotune.stats import speedup_interval
 from autotune.study import Role, TrialRecord
 from autotune.sweep.budget import MARGIN_S
 from autotune.sweep.events import ConfirmFailed, ConfirmSkipped, ConfirmStarted
+from autotune.sweep.surrogate import pooled
 from autotune.trial import TrialOutcome
 
 __all__ = ["TOP", "Confirmation", "confirm"]
@@ -60,6 +61,9 @@ def confirm(
     speedup, or the baseline where no layout beat it."""
     if baseline is None:
         return Confirmation(None)
+    # Ranked by their pooled estimates, not their own single passes (`pooled`): the best of
+    # thirty single passes is mostly the luckiest.
+    estimates = pooled(r for r in records if r.role is not Role.REFERENCE)
     done = sorted(
         (
             r
@@ -68,7 +72,7 @@ def confirm(
             and r.role not in (Role.BASELINE, Role.REFERENCE)
             and r.backend in set(searched) | {baseline.backend}
         ),
-        key=lambda r: r.value,
+        key=lambda r: estimates[config_key(r.config)],
         reverse=True,
     )
     unique, keys = [], {config_key(baseline.config)}

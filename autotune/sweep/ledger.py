@@ -19,6 +19,7 @@ from autotune.measure import width_of
 from autotune.space import config_key
 from autotune.study import Role, StudyDir, TrialRecord, TrialState
 from autotune.sweep.events import TrialEnded
+from autotune.sweep.surrogate import pooled
 
 __all__ = [
     "RESULT_KEYS",
@@ -91,6 +92,7 @@ class Ledger:
         # generated token) of its measured trials.
         self.costs: dict[str, list[tuple[int, int, float, float]]] = {}
         self.log = None  # trials.jsonl, open while the sweep runs
+        self._pooled: tuple[int, dict[str, float]] = (0, {})  # (records fitted, estimates)
 
     def resume(self, records: list[TrialRecord]) -> None:
         """Take the records a study already holds (a resumed sweep)."""
@@ -158,12 +160,22 @@ class Ledger:
         low = (leader.result or {}).get("tokens_per_s_low")
         return low if low is not None else leader.value * (1 - LEADER_MARGIN)
 
+    def estimate(self, record: TrialRecord) -> float:
+        """A measured trial's layout's pooled estimate of tokens/s
+        (`autotune.sweep.surrogate.pooled`: its own figure weighed with every other trial's
+        of the same knob values), what the search ranks layouts by."""
+        if self._pooled[0] != len(self.records):  # new records since: fit again
+            self._pooled = (len(self.records), pooled(self.measured_trials()))
+        return self._pooled[1].get(config_key(record.config), record.value or 0.0)
+
     def bests(self, backends) -> dict[str, TrialRecord]:
-        """Per backend of ``backends`` (those still searched), its fastest measured trial."""
+        """Per backend of ``backends`` (those still searched), its fastest measured trial by
+        the pooled estimates (`estimate`)."""
         found: dict[str, TrialRecord] = {}
         for record in self.measured_trials():
             if record.backend in backends and (
-                record.backend not in found or record.value > found[record.backend].value
+                record.backend not in found
+                or self.estimate(record) > self.estimate(found[record.backend])
             ):
                 found[record.backend] = record
         return found
