@@ -22,7 +22,7 @@ __all__ = ["GpuStart"]
 
 _OVER = "over"
 _RANKS = ("workers", "stages")  # the knobs that count a layout's processes
-# A backend under this share of the leader after the walk's first steps walks no further.
+# A backend under this share of the leader at a batch no wider does not walk (`_behind`).
 _WALK_BAR = 0.25
 
 
@@ -67,13 +67,7 @@ class GpuStart:
                 self.lines[backend] = (0.0, config_key(start))
                 return True
             if isinstance(state, _Ranks):
-                # The walk on from its first steps is for a contender: one far behind the
-                # leader would not catch up by it (ddp gained x2.6 by its walk on the 8-GPU
-                # node; on the H200 host the pipeline walked at x0.02 hf's speed, 25-60 s a
-                # step, and ddp, still unmeasured, got no time). Not judged before the first
-                # steps: a start priced before its backend's first trial may be narrow.
-                leader = max(r.value for r in bests.values())
-                if best.value >= _WALK_BAR * leader and self._walk(study, backend, state):
+                if not self._behind(best, bests) and self._walk(study, backend, state):
                     return True
                 self.lines[backend] = _OVER
                 continue
@@ -82,7 +76,7 @@ class GpuStart:
             step = self.ledger.measured(key)
             if step is None or not step.complete or step.value <= last:
                 self.lines[backend] = _OVER
-                if self._ranks(study, best):
+                if not self._behind(best, bests) and self._ranks(study, best):
                     return True
                 continue
             half = self.space.step(step.config, "batch_size", -1)
@@ -94,6 +88,28 @@ class GpuStart:
             self.lines[backend] = (step.value, config_key(half))
             return True
         return False
+
+    def _behind(self, best: TrialRecord, bests: dict[str, TrialRecord]) -> bool:
+        """Whether ``best``'s backend is under `_WALK_BAR` of the leading backend's fastest
+        layout at a batch no wider than ``best``'s: the walk is for a contender. ddp gained
+        x2.6 by its walk on the 8-GPU node; on the H200 host the pipeline (x0.16 hf at batch
+        32) walked at 25-60 s a step while ddp, not measured yet, got no time, and a 10-minute
+        sweep ended at hf's 25% of the optimum. At a batch no wider: a GPU start priced before
+        its backend's first trial may be narrow (ddp started at batch 8 there, x0.03 hf's
+        batch 512 and x1.7 its batch 8)."""
+        leader = max(bests.values(), key=lambda r: r.value)
+        if leader.backend == best.backend:
+            return False
+        batch = best.config.batch_size
+        rival = max(
+            (
+                r.value
+                for r in self.ledger.measured_trials()
+                if r.backend == leader.backend and r.config.batch_size <= batch
+            ),
+            default=0.0,
+        )
+        return best.value < _WALK_BAR * rival
 
     def _ranks(self, study, best: TrialRecord) -> bool:
         """After a GPU backend's halving: its fastest layout with one process fewer and one
