@@ -100,16 +100,8 @@ class GpuStart:
         leader = max(bests.values(), key=lambda r: r.value)
         if leader.backend == best.backend:
             return False
-        batch = best.config.batch_size
-        rival = max(
-            (
-                r.value
-                for r in self.ledger.measured_trials()
-                if r.backend == leader.backend and r.config.batch_size <= batch
-            ),
-            default=0.0,
-        )
-        return best.value < _WALK_BAR * rival
+        rival = self.ledger.fastest_within(leader.backend, best)
+        return rival is not None and best.value < _WALK_BAR * rival.value
 
     def _ranks(self, study, best: TrialRecord) -> bool:
         """After a GPU backend's halving: its fastest layout with one process fewer and one

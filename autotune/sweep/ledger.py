@@ -160,6 +160,20 @@ class Ledger:
         low = (leader.result or {}).get("tokens_per_s_low")
         return low if low is not None else leader.value * (1 - LEADER_MARGIN)
 
+    def fastest_within(self, backend: str, record: TrialRecord) -> TrialRecord | None:
+        """``backend``'s fastest measured trial at a batch no wider than ``record``'s (a
+        narrower batch is slower: what ``record`` must at least match)."""
+        batch = record.config.batch_size
+        return max(
+            (
+                r
+                for r in self.measured_trials()
+                if r.backend == backend and r.config.batch_size <= batch
+            ),
+            key=lambda r: r.value,
+            default=None,
+        )
+
     def estimate(self, record: TrialRecord) -> float:
         """A measured trial's layout's pooled estimate of tokens/s
         (`autotune.sweep.surrogate.pooled`: its own figure weighed with every other trial's

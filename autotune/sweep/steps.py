@@ -308,7 +308,8 @@ class Steps:
             if climbed and best.value < DOMINATED * leader.value:
                 rival, share, where = leader, DOMINATED, ""
             else:
-                rival = None if self.target.gpus else self._fastest_within(leader.backend, best)
+                fastest = self.ledger.fastest_within
+                rival = None if self.target.gpus else fastest(leader.backend, best)
                 if rival is None or best.value >= _SCREEN_DOMINATED * rival.value:
                     continue
                 share, where = _SCREEN_DOMINATED, f" at batch {best.config.batch_size} or less"
@@ -385,16 +386,3 @@ class Steps:
                 self.queue.layout(study, config, f"{name} {value.get(knob_name)}")
                 queued = True
         return queued
-
-    def _fastest_within(self, backend: str, record: TrialRecord) -> TrialRecord | None:
-        """``backend``'s fastest measured trial at a batch no wider than ``record``'s."""
-        batch = record.config.batch_size
-        return max(
-            (
-                r
-                for r in self.ledger.measured_trials()
-                if r.backend == backend and r.config.batch_size <= batch
-            ),
-            key=lambda r: r.value,
-            default=None,
-        )
