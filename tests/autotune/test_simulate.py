@@ -546,6 +546,7 @@ def test_a_torn_last_line_is_cut_before_resuming(cli, tmp_path):
     )
 
 
+@pytest.mark.slow  # 10 s
 def test_on_an_8_gpu_node_the_gpu_start_walks_the_ranks_to_where_the_speed_is(cli, tmp_path):
     # ddp's recipe runs 8 ranks; on this node it is fastest at 24 (3 a GPU) at batch 512, the
     # most ranks at which that batch fits a GPU's memory. One rank either side of 8 left the
