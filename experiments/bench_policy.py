@@ -37,7 +37,12 @@ def apply(setting: str) -> str:
     module_name, _, constant = name.rpartition(".")
     module = importlib.import_module(module_name)
     old = getattr(module, constant)
-    setattr(module, constant, type(old)(value))
+    if isinstance(old, bool):  # bool("False") is True
+        if value not in ("True", "False"):
+            raise SystemExit(f"--set {name}: True or False, not {value!r}")
+        setattr(module, constant, value == "True")
+    else:
+        setattr(module, constant, type(old)(value))
     return f"{name}: {old} -> {getattr(module, constant)}"
 
 

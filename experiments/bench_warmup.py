@@ -52,26 +52,37 @@ def spread(values: list[float]) -> float:
     return statistics.stdev(math.log(v) for v in values) if len(values) > 1 else 0.0
 
 
+def alternating(config, sides: dict, rounds: int, measured_with) -> tuple[dict, dict]:
+    """``rounds`` rounds of one fresh measurement (`autotune.measure.benchmark`: a new load,
+    as a trial's child does) per side of ``sides`` (label -> `Pacing`), the sides' order
+    reversed every other round so drift falls on both alike; ``measured_with`` is (topology,
+    model, workload). Returns per label the tokens/s figures and the seconds each took after
+    its load."""
+    topology, model, workload = measured_with
+    figures: dict = {label: [] for label in sides}
+    seconds: dict = {label: [] for label in sides}
+    labels = list(sides)
+    for index in range(rounds):
+        for label in labels if index % 2 == 0 else labels[::-1]:
+            started = time.monotonic()
+            result = benchmark(config, workload, model, topology, sides[label])
+            figures[label].append(result.tokens_per_s)
+            seconds[label].append(time.monotonic() - started - result.load_time_s)
+    return figures, seconds
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--layouts", default="2x1b1,2x1b4,1x2b8")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args()
-    topology, model, workload = detect(), ModelSpec.resolve(), load_workload()
+    measured_with = detect(), ModelSpec.resolve(), load_workload()
     print(f"{'layout':<22} {'warmup':>6} {'tokens/s mean':>13} {'sd':>6} {'s after load':>12}")
     for text in args.layouts.split(","):
         config = parse_layout(text, args.max_new_tokens)
-        figures: dict[int, list[float]] = {1: [], 0: []}
-        seconds: dict[int, list[float]] = {1: [], 0: []}
-        for index in range(args.rounds):
-            for warmup in (1, 0) if index % 2 == 0 else (0, 1):
-                started = time.monotonic()
-                result = benchmark(
-                    config, workload, model, topology, Pacing(warmup=warmup, windows=1)
-                )
-                figures[warmup].append(result.tokens_per_s)
-                seconds[warmup].append(time.monotonic() - started - result.load_time_s)
+        sides = {warmup: Pacing(warmup=warmup, windows=1) for warmup in (1, 0)}
+        figures, seconds = alternating(config, sides, args.rounds, measured_with)
         for warmup in (1, 0):
             print(
                 f"{describe(config):<22} {warmup:>6} {statistics.fmean(figures[warmup]):>13.1f} "

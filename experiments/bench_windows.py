@@ -21,9 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_warmup import parse_layout, spread  # noqa: E402
+from bench_warmup import alternating, parse_layout, spread  # noqa: E402
 
-from autotune.measure import Pacing, benchmark  # noqa: E402
+from autotune.measure import Pacing  # noqa: E402
 from autotune.models import ModelSpec  # noqa: E402
 from autotune.topology import detect  # noqa: E402
 from autotune.workload import load_workload  # noqa: E402
@@ -36,16 +36,12 @@ def main() -> int:
     parser.add_argument("--layouts", default="2x1b4,1x2b8")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args()
-    topology, model, workload = detect(), ModelSpec.resolve(), load_workload()
+    measured_with = detect(), ModelSpec.resolve(), load_workload()
     print(f"{'layout':<22} {'windows':>7} {'tokens/s mean':>13} {'sd':>6}")
     for text in args.layouts.split(","):
         config = parse_layout(text, args.max_new_tokens)
-        figures: dict[int, list[float]] = {1: [], 3: []}
-        for index in range(args.rounds):
-            for windows in (1, 3) if index % 2 == 0 else (3, 1):
-                pacing = Pacing(windows=windows)
-                result = benchmark(config, workload, model, topology, pacing)
-                figures[windows].append(result.tokens_per_s)
+        sides = {windows: Pacing(windows=windows) for windows in (1, 3)}
+        figures, _ = alternating(config, sides, args.rounds, measured_with)
         for windows in (1, 3):
             print(
                 f"{describe(config):<22} {windows:>7} {statistics.fmean(figures[windows]):>13.1f} "

@@ -211,7 +211,7 @@ class Steps:
         and on from there while a step keeps `_CLIMB_KEEPS` of the speed it started from.
         Batch moves tokens/s the most, and a sampler drawing it at random spends a short
         budget before trying a wide one."""
-        leader = max(self._bests().values(), key=self.ledger.estimate, default=None)
+        leader = self._leader()
         for origin in self._origins():
             line = lineage(origin.config)
             state = self.climbs.get(line)
@@ -269,7 +269,7 @@ class Steps:
         before the sampler's draws. Not on a GPU host (docs/sweep.md)."""
         if self.target.gpus:
             return False
-        best = max(self._bests().values(), key=self.ledger.estimate, default=None)
+        best = self._leader()
         if best is None or config_key(best.config) in self.visited:
             return False
         self.visited.add(config_key(best.config))
@@ -355,6 +355,10 @@ class Steps:
 
     def _bests(self) -> dict[str, TrialRecord]:
         return self.ledger.bests(self.space.backends)
+
+    def _leader(self) -> TrialRecord | None:
+        """The fastest layout of all the searched backends', by the pooled estimates."""
+        return max(self._bests().values(), key=self.ledger.estimate, default=None)
 
     def _origins(self) -> list[TrialRecord]:
         """Where batch climbs start, the fastest backend first: each backend's fastest layout,

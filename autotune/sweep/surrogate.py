@@ -30,7 +30,9 @@ __all__ = ["EFFECT", "NOISE", "OWN", "pooled"]
 # Prior standard deviations, in log tokens/s (0.1: about 10%).
 NOISE = 0.1  # of one trial's figure about its layout's speed
 EFFECT = 0.5  # of one knob value's effect (q8_0 against q4_0, batch 16 against 4, ...)
-OWN = 0.1  # of a layout's departure from the sum of its knob values' effects
+# Of a layout's departure from the sum of its knob values' effects: a choice (0.03-0.2 moved
+# the simulated sweeps' ranking less than a point, docs/sweep.md).
+OWN = 0.1
 _BACKEND = 3.0  # of a backend's own level (hf and llama.cpp differ x10 on a CPU)
 
 
