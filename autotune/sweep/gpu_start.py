@@ -5,13 +5,15 @@ widest batch the memory planner and the time a trial may take allow (where a GPU
 the recipes' batches 4-8 leave it launch-bound), then halved while halving is faster, then one
 process fewer and one more, each at the widest batch that then fits, and on along the
 processes in the direction that was faster, twice as far each step while that is faster still
-(`_Ranks`). Until that is over the backend is not dropped (`pending`). One of the sweep's
+(`_Ranks`), a layout that lost to a wider batch measured again at one (like for like). A
+backend whose only trial stopped early starts from that trial. Until that is over the backend
+is not dropped (`pending`). One of the sweep's
 steps (`autotune.sweep.steps.Steps`); the simulated runs behind it: docs/sweep.md, step 2.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from autotune.config import TrialConfig
 from autotune.space import config_key
@@ -35,6 +37,7 @@ class _Ranks:
     keys: list[str]
     direction: int = 0  # 0: one fewer and one more are queued, the direction not known yet
     stride: int = 1
+    retried: list[int] = field(default_factory=list)  # processes queued again, wider
 
 
 class GpuStart:
@@ -54,7 +57,7 @@ class GpuStart:
         returns whether one was queued."""
         if not self.target.gpus:
             return False
-        for backend, best in bests.items():
+        for backend, best in {**bests, **self._stopped(bests)}.items():
             state = self.lines.get(backend)
             if state == _OVER or not self._on_gpu(best.config):
                 continue
@@ -88,6 +91,20 @@ class GpuStart:
             self.lines[backend] = (step.value, config_key(half))
             return True
         return False
+
+    def _stopped(self, bests: dict[str, TrialRecord]) -> dict[str, TrialRecord]:
+        """Per searched backend without a complete trial, its last trial stopped early (it ran
+        a pass, clearly slower than the leader): its start comes from there. On the simulated
+        H200 host, with the GPU's settling passes, ddp's one draw (2 ranks at batch 32, where a
+        GPU is launch-bound) stopped under hf's batch 512, no GPU start followed, and a
+        10-minute sweep confirmed hf at a quarter of ddp's 4 ranks at batch 512."""
+        stopped = {}
+        for record in self.ledger.records:
+            if not (record.reason or "").startswith("stopped:"):  # `Sweep._run`'s word
+                continue
+            if record.backend not in bests and record.backend in self.space.backends:
+                stopped[record.backend] = record
+        return stopped
 
     def _behind(self, best: TrialRecord, bests: dict[str, TrialRecord]) -> bool:
         """Whether ``best``'s backend is under `_WALK_BAR` of the leading backend's fastest
@@ -128,12 +145,14 @@ class GpuStart:
         done = [r for r in measured if r is not None and r.complete]
         faster = max(done, key=lambda r: r.value, default=None)
         self.lines[backend] = _OVER
+        knob = self._knob(backend)
+        assert knob is not None  # its layouts were queued by `_move`
         if faster is not None and faster.value > walk.best.value:
-            knob = self._knob(backend)
-            assert knob is not None  # its layouts were queued by `_move`
             moved = getattr(faster.config, knob) - getattr(walk.best.config, knob)
             if not moved:  # its own processes at a wider batch: the walk starts again there
                 return self._ranks(study, faster)
+            if walk.retried and getattr(faster.config, knob) in walk.retried:
+                return False  # a layout left behind by its batch alone won: the walk is over
             direction = walk.direction or (1 if moved > 0 else -1)
             stride = 2 * walk.stride if walk.direction else 2
             best = faster
@@ -141,13 +160,25 @@ class GpuStart:
             direction, stride, best = walk.direction, 1, walk.best
         else:
             return False
-        key = self._move(study, best, direction * stride)
-        if key is None and stride > 1:
+        keys = [key] if (key := self._move(study, best, direction * stride)) else []
+        if not keys and stride > 1:
             stride = 1
-            key = self._move(study, best, direction)
-        if key is None:
+            keys = [key] if (key := self._move(study, best, direction)) else []
+        # Like for like: a layout of this step that lost at a narrower batch than the one
+        # that won (the widest batch that fitted its time when it was queued, priced from
+        # the backend's narrow first trial) runs again at a wider one where one fits now.
+        # On the simulated H200 host ddp's 4 ranks ran at batch 128 beside 3 at 256, lost,
+        # and were never measured at 512, where they are x1.33 3 ranks'.
+        retried = []
+        for record in done:
+            if record is not best and record.config.batch_size < best.config.batch_size:
+                wider = self._widest(record.config, measured=True)
+                if wider is not None and (key := self._queue(study, best, wider, knob)):
+                    keys.append(key)
+                    retried.append(getattr(record.config, knob))
+        if not keys:
             return False
-        return self._await(study, _Ranks(best, [key], direction, stride))
+        return self._await(study, _Ranks(best, keys, direction, stride, retried))
 
     def _await(self, study, walk: _Ranks) -> bool:
         """Wait for ``walk``'s layouts to be measured; where every one of them is measured
@@ -172,8 +203,13 @@ class GpuStart:
         start = self._widest(moved, measured=True) if moved is not None else None
         if start is None or (not positions and start.batch_size <= best.config.batch_size):
             return None  # (not moved: only a wider batch than its own is worth a trial)
+        return self._queue(study, best, start, knob)
+
+    def _queue(self, study, best: TrialRecord, start: TrialConfig, knob: str) -> str:
+        """Queue ``start`` (a step of the walk from ``best``) unless measured already (then
+        judged by its record); returns its key."""
         key = config_key(start)
-        if key not in self.ledger.seen:  # one measured already is judged by its record
+        if key not in self.ledger.seen:
             name = f"gpu ranks: trial {best.number}'s layout with {knob} {getattr(start, knob)}"
             self.queue.layout(study, start, f"{name} at batch {start.batch_size}")
         return key

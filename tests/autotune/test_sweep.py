@@ -1115,3 +1115,33 @@ def test_a_layout_on_fewer_cores_is_priced_slower_than_its_width_alone_says(topo
     assert budget.expected_s(two.replace(workers=2, batch_size=16)) - 1.0 == pytest.approx(
         generation
     ), "as many cores: the width's cost"
+
+
+def test_the_winner_is_chosen_by_its_median_pair_not_by_one_disturbed_pass():
+    from autotune.sweep.confirm import confirm
+    from autotune.trial import TrialOutcome
+
+    baseline = _measured(0, 10.0, 2.0)
+    records = [baseline, _measured(1, 100.0, 2.0, workers=2), _measured(2, 99.0, 2.0, workers=3)]
+    # Layout 1 is x10 in two pairs of three and x7.5 in the third, its baseline pass 25% slow
+    # against its own pass (a neighbour's burst); layout 2 is x9.5 in all three. The
+    # geometric mean (x9.09 against x9.5) would pick layout 2 for that one pass.
+    paired = {2: [100.0, 75.0, 100.0], 3: [95.0, 95.0, 95.0]}
+
+    def run_pairs(candidate, base, pairs, deadline_s, pacing):
+        rates = paired[candidate.workers][:pairs]
+        return TrialOutcome(True, result={"candidate": rates, "baseline": [10.0] * len(rates)})
+
+    found = confirm(
+        baseline,
+        records,
+        ["fake"],
+        pairs=3,
+        pacing=Pacing(),
+        time_left_s=lambda: 60.0,
+        run_pairs=run_pairs,
+        tell=lambda event: None,
+    )
+    assert found.winner.number == 1
+    # What it reports is still the geometric mean of its pairs, with their interval.
+    assert found.winner.paired["speedup"] == pytest.approx((10 * 7.5 * 10) ** (1 / 3))
