@@ -1123,9 +1123,9 @@ def test_the_winner_is_chosen_by_its_median_pair_not_by_one_disturbed_pass():
 
     baseline = _measured(0, 10.0, 2.0)
     records = [baseline, _measured(1, 100.0, 2.0, workers=2), _measured(2, 99.0, 2.0, workers=3)]
-    # Layout 1 is x10 in two pairs of three and x7.5 in the third, its baseline pass 25% slow
-    # against its own pass (a neighbour's burst); layout 2 is x9.5 in all three. The
-    # geometric mean (x9.09 against x9.5) would pick layout 2 for that one pass.
+    # Layout 1 is x10 in two pairs of three and x7.5 in the third, its own pass there 25%
+    # slow (a neighbour's burst); layout 2 is x9.5 in all three. The geometric mean (x9.09
+    # against x9.5) would pick layout 2 for that one pass.
     paired = {2: [100.0, 75.0, 100.0], 3: [95.0, 95.0, 95.0]}
 
     def run_pairs(candidate, base, pairs, deadline_s, pacing):
