@@ -100,7 +100,7 @@ class GpuStart:
         10-minute sweep confirmed hf at a quarter of ddp's 4 ranks at batch 512."""
         stopped = {}
         for record in self.ledger.records:
-            if not (record.reason or "").startswith("stopped:"):  # `Sweep._run`'s word
+            if not (record.result or {}).get("stopped"):  # why it stopped, where it did
                 continue
             if record.backend not in bests and record.backend in self.space.backends:
                 stopped[record.backend] = record
