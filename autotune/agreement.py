@@ -62,8 +62,8 @@ def family_reference(family: str, target, base: TrialConfig) -> TrialConfig:
 
 def agreement(answers: Iterable, reference: Iterable) -> dict:
     """Agreement of ``answers`` with ``reference``, each completions or output dicts (with
-    ``id`` and ``token_ids``; failed requests, with an error, are left out) or a mapping of
-    id to token ids, matched by id.
+    ``id`` and ``token_ids``; failed requests, with an error, and those cut with their pass's
+    tail are left out) or a mapping of id to token ids, matched by id.
 
     Returns ``compared`` (sequences in both), ``identical`` (their share equal token for
     token) and ``mean_first_difference`` (0-based position, over those that differ; None if
@@ -102,6 +102,7 @@ def _tokens(items: Iterable | Mapping) -> dict[str, tuple[int, ...]]:
     found = {}
     for item in items:
         data = item if isinstance(item, dict) else item.to_dict()
-        if data.get("error") is None:
+        # A request cut with its pass's tail stopped before its answer ended: no answer.
+        if data.get("error") is None and not data.get("cut"):
             found[str(data["id"])] = tuple(data["token_ids"])
     return found

@@ -185,7 +185,7 @@ def _paired(spec, candidate, workload, pacing, model, topology) -> dict:
             # machine warming up, a neighbour starting) then favours neither side.
             for name, backend in order if pair % 2 == 0 else order[::-1]:
                 sample, answers = timed_pass(
-                    backend, passes[name], configs[name], topology.usable_cpus
+                    backend, passes[name], configs[name], topology.usable_cpus, pacing.cut_tail
                 )
                 rates[name].append(sample.figure)
                 failed[name] += sum(c.error is not None for c in answers)

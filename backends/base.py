@@ -146,6 +146,9 @@ class Completion:
     # When it finished, on time.monotonic()'s clock (one clock for every process of a node),
     # so a measurement can tell the steady state from the ramp-up and the tail.
     finished_at: float | None = None
+    # Stopped before its end because its pass's last window had closed (`Backend.generate_pass`):
+    # its tokens so far count in the windows they fell in; it has no latency and no answer.
+    cut: bool = False
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
@@ -243,6 +246,9 @@ class Backend(ABC):
     # Whether a slot that frees is refilled at once (continuous batching), so a measured pass
     # has a ramp-up and a tail to leave out; False for static batches (`autotune.measure`).
     continuous_batching: ClassVar[bool] = True
+    # Whether `generate_pass` stops the requests still running once its pass's last window has
+    # closed, rather than running its tail to the end.
+    cuts_tail: ClassVar[bool] = False
     # Layouts of one answer family compute with the same weights and library, so one batch-1
     # greedy run is the reference for all their answers (`autotune.agreement`).
     answer_family: ClassVar[str]
@@ -415,6 +421,15 @@ class Backend(ABC):
     @abstractmethod
     def generate(self, prompts: Sequence[Prompt], settings: GenerationSettings) -> list[Completion]:
         """Generate for every prompt; results in input order, one per prompt."""
+
+    def generate_pass(
+        self, prompts: Sequence[Prompt], settings: GenerationSettings, cut_after: int | None
+    ) -> list[Completion]:
+        """`generate` for a timed pass: where ``cut_after`` is given and the backend can stop
+        requests it is running (`cuts_tail`), the requests still running once ``cut_after``
+        have finished are stopped and come back ``cut`` (the pass's last window closed there:
+        the tail after it is measured by nothing). By default the pass runs to its end."""
+        return self.generate(prompts, settings)
 
     def score(
         self, requests: Sequence[ScoreRequest], settings: GenerationSettings, k: int

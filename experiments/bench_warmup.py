@@ -52,12 +52,12 @@ def spread(values: list[float]) -> float:
     return statistics.stdev(math.log(v) for v in values) if len(values) > 1 else 0.0
 
 
-def alternating(config, sides: dict, rounds: int, measured_with) -> tuple[dict, dict]:
+def alternating(config, sides: dict, rounds: int, measured_with, keep=None) -> tuple[dict, dict]:
     """``rounds`` rounds of one fresh measurement (`autotune.measure.benchmark`: a new load,
     as a trial's child does) per side of ``sides`` (label -> `Pacing`), the sides' order
     reversed every other round so drift falls on both alike; ``measured_with`` is (topology,
-    model, workload). Returns per label the tokens/s figures and the seconds each took after
-    its load."""
+    model, workload); ``keep(label, result)``, if given, sees each `RunResult`. Returns per
+    label the tokens/s figures and the seconds each took after its load."""
     topology, model, workload = measured_with
     figures: dict = {label: [] for label in sides}
     seconds: dict = {label: [] for label in sides}
@@ -66,6 +66,8 @@ def alternating(config, sides: dict, rounds: int, measured_with) -> tuple[dict, 
         for label in labels if index % 2 == 0 else labels[::-1]:
             started = time.monotonic()
             result = benchmark(config, workload, model, topology, sides[label])
+            if keep is not None:
+                keep(label, result)
             figures[label].append(result.tokens_per_s)
             seconds[label].append(time.monotonic() - started - result.load_time_s)
     return figures, seconds

@@ -60,6 +60,7 @@ class LlamaCppBackend(Backend):
     first_guess_tokens_per_s = 40.0
     answer_family = "llama.cpp"
     baseline_rank = 0  # llama-cpp-python is what people run a GGUF with
+    cuts_tail = True
     process_overhead_bytes = 80 * 2**20
 
     @classmethod
@@ -284,6 +285,13 @@ class LlamaCppBackend(Backend):
         return {"extra_buffers": self._extra_buffers}
 
     def generate(self, prompts: Sequence[Prompt], settings: GenerationSettings) -> list[Completion]:
+        return self.generate_pass(prompts, settings, None)
+
+    def generate_pass(
+        self, prompts: Sequence[Prompt], settings: GenerationSettings, cut_after: int | None
+    ) -> list[Completion]:
+        """The prompts through the workers' shared queue; with ``cut_after``, the round is cut
+        (`WorkerPool.cut`) as soon as that many have finished."""
         if self._pool is None:
             raise BackendError("llamacpp backend: generate() before load()")
         round_settings = {
@@ -296,10 +304,14 @@ class LlamaCppBackend(Backend):
         }
         self._pool.submit(round_settings, [prompt.text for prompt in prompts])
         results: list[Completion | None] = [None] * len(prompts)
+        finished = 0
         for kind, rank, payload in self._pool.messages(expect=self._pool.size):
             if kind != "result":
                 continue
             r = payload
+            finished += not r.cut
+            if cut_after is not None and finished == cut_after:
+                self._pool.cut()
             results[r.index] = Completion(
                 id=prompts[r.index].id,
                 text=r.text,
@@ -311,6 +323,7 @@ class LlamaCppBackend(Backend):
                 error=r.error,
                 prefill_tokens=r.prefill_tokens,
                 finished_at=r.end_s,
+                cut=r.cut,
             )
         missing = [prompts[i].id for i, c in enumerate(results) if c is None]
         if missing:

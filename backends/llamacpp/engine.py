@@ -49,6 +49,7 @@ class EngineResult:
     end_s: float
     error: str | None = None
     prefill_tokens: int = 0  # prompt tokens decoded for it (the rest came from the slot's KV)
+    cut: bool = False  # stopped by ``run``'s ``cut`` before it ended: its tokens so far
 
 
 @dataclass
@@ -231,8 +232,12 @@ class LlamaEngine:
         seed: int = 0,
         chat_template: bool = True,
         ignore_eos: bool = False,
+        cut: Callable[[], bool] | None = None,
     ) -> None:
-        """Generate until ``take`` has no more items and every slot is finished.
+        """Generate until ``take`` has no more items and every slot is finished, or until
+        ``cut()`` says to stop (checked before every decode step): then every running
+        sequence and every item still to take is emitted at once, ``cut``, with the tokens it
+        had.
 
         ``take(block)`` returns the next item or None. ``block`` is True only when every slot
         is idle, so a busy engine never waits for work; None from a blocking take means the
@@ -256,6 +261,9 @@ class LlamaEngine:
                 wants_logits.append((slot, row))
 
         while True:
+            if cut is not None and cut():
+                self._stop(slots, take, emit)
+                return
             # Admit new prompts into free slots, at most this worker's share of them per step.
             free = sum(s is None for s in slots)
             allowance = -(-free // self.workers)
@@ -319,22 +327,52 @@ class LlamaEngine:
                 if not finished:
                     seq.generated.append(token)
                 if finished or len(seq.generated) >= max_new_tokens:
-                    emit(
-                        EngineResult(
-                            index=seq.item.index,
-                            token_ids=list(seq.generated),
-                            text=self.detokenize(seq.generated),
-                            prompt_tokens=len(seq.prompt),
-                            start_s=seq.start_s,
-                            first_token_s=seq.first_token_s,
-                            end_s=now,
-                            prefill_tokens=len(seq.prompt) - seq.reused,
-                        )
-                    )
+                    emit(self._result(seq, now))
                     # Every token but a last one cut off by max_new_tokens was decoded.
                     fed = seq.generated if finished else seq.generated[:-1]
                     self.slot_cache[slot] = seq.prompt + fed
                     slots[slot] = None
+
+    def _result(self, seq: _Sequence, now: float, cut: bool = False) -> EngineResult:
+        """What ``seq`` produced, ending at ``now`` (``cut``: stopped before its end)."""
+        return EngineResult(
+            index=seq.item.index,
+            token_ids=list(seq.generated),
+            text=self.detokenize(seq.generated),
+            prompt_tokens=len(seq.prompt),
+            start_s=seq.start_s,
+            first_token_s=seq.first_token_s,
+            end_s=now,
+            prefill_tokens=seq.fed - seq.reused,  # the whole prompt less the reused, once fed
+            cut=cut,
+        )
+
+    def _stop(self, slots: list, take: Callable[[bool], EngineItem | None], emit) -> None:
+        """`run`'s cut: each running sequence emitted with the tokens it has (its slot keeps
+        the KV it decoded, for the next round's prefix), then each item left to take, with
+        none, up to the round's end."""
+        now = time.monotonic()
+        for slot, seq in enumerate(slots):
+            if seq is None:
+                continue
+            emit(self._result(seq, now, cut=True))
+            # Decoded so far: the prompt's fed part, then every generated token but the last.
+            fed = seq.prompt[: seq.fed]
+            self.slot_cache[slot] = fed + seq.generated[:-1] if seq.fed == len(seq.prompt) else fed
+            slots[slot] = None
+        while (item := take(True)) is not None:
+            emit(
+                EngineResult(
+                    index=item.index,
+                    token_ids=[],
+                    text="",
+                    prompt_tokens=0,
+                    start_s=now,
+                    first_token_s=None,
+                    end_s=now,
+                    cut=True,
+                )
+            )
 
     # ------------------------------------------------------------------ scoring
 

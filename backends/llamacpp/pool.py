@@ -27,10 +27,11 @@ _ENDS = ("ready", "done", "scores")  # the messages that end what the parent wai
 class WorkerPool:
     """Started worker processes with their pipes and the shared task queue."""
 
-    def __init__(self, processes: list, conns: list, tasks: Any) -> None:
+    def __init__(self, processes: list, conns: list, tasks: Any, cut: Any) -> None:
         self._processes = processes
         self._conns = conns
         self._tasks = tasks  # a spawn context's Queue
+        self._cut = cut  # a spawn context's Event, seen by every worker
 
     @classmethod
     def start(cls, worker_args: Sequence[tuple]) -> WorkerPool:
@@ -38,13 +39,13 @@ class WorkerPool:
         queue and its pipe end)."""
         # spawn, not fork: a fresh interpreter per worker, no inherited threads or locks.
         context = multiprocessing.get_context("spawn")
-        tasks = context.Queue()
+        tasks, cut = context.Queue(), context.Event()
         processes, conns = [], []
         for args in worker_args:
             parent_end, child_end = context.Pipe()
             process = context.Process(
                 target=worker_main,
-                args=(*args, tasks, child_end),
+                args=(*args, tasks, cut, child_end),
                 name=f"autotune-llamacpp-{args[0]}",
                 daemon=True,
             )
@@ -52,7 +53,7 @@ class WorkerPool:
             child_end.close()
             processes.append(process)
             conns.append(parent_end)
-        return cls(processes, conns, tasks)
+        return cls(processes, conns, tasks, cut)
 
     @property
     def size(self) -> int:
@@ -61,12 +62,18 @@ class WorkerPool:
     def submit(self, settings: dict, texts: Sequence[str]) -> None:
         """One round: every worker gets ``settings``; the texts go into the shared queue,
         then one end-of-round marker per worker."""
+        self._cut.clear()
         for conn in self._conns:
             conn.send(("generate", settings))
         for index, text in enumerate(texts):
             self._tasks.put((index, text))
         for _ in self._processes:
             self._tasks.put(None)
+
+    def cut(self) -> None:
+        """Stop the round: every worker sends what it runs, and what is left in the queue,
+        as results marked cut, then its done."""
+        self._cut.set()
 
     def ask(self, rank: int, message: tuple) -> None:
         """Send ``message`` to worker ``rank`` alone (a scoring request)."""

@@ -6,6 +6,8 @@ Protocol, over the worker's own pipe to the parent:
 - parent -> worker ``("generate", settings)``: the worker then takes ``(index, text)`` items
   from the shared task queue until it takes a ``None`` (one per worker ends a round), sends
   ``("result", rank, EngineResult)`` for each item as it finishes, then ``("done", rank)``;
+  once the pool's cut event is set, it sends what it runs and what it takes then as results
+  marked ``cut``, up to its marker;
 - parent -> worker ``("score", requests, settings)``: teacher forcing of each
   (text, answer, ids, k) with `LlamaEngine.score`, answered by one ``("scores", rank, list)``;
 - parent -> worker ``("close",)``: free the model and exit;
@@ -22,9 +24,10 @@ import time
 import traceback
 
 
-def worker_main(rank, model_path, engine_kwargs, cpu_set, visible_gpus, tasks, conn) -> None:
+def worker_main(rank, model_path, engine_kwargs, cpu_set, visible_gpus, tasks, cut, conn) -> None:
     """Load the model once, then serve generate rounds until told to close. ``visible_gpus``:
-    this worker's CUDA_VISIBLE_DEVICES (None: leave it as it is)."""
+    this worker's CUDA_VISIBLE_DEVICES (None: leave it as it is). ``cut``: the pool's event
+    that stops a round's running sequences (`WorkerPool.cut`)."""
     try:
         if cpu_set is not None:
             os.sched_setaffinity(0, cpu_set)
@@ -63,8 +66,11 @@ def worker_main(rank, model_path, engine_kwargs, cpu_set, visible_gpus, tasks, c
                     return None
                 return EngineItem(index=task[0], text=task[1])
 
+            def emit(result) -> None:
+                conn.send(("result", rank, result))
+
             # run() returns only when a blocking take comes back empty, i.e. at the marker.
-            engine.run(take, lambda result: conn.send(("result", rank, result)), **message[1])
+            engine.run(take, emit, cut=cut.is_set, **message[1])
             conn.send(("done", rank))
     except (EOFError, BrokenPipeError, KeyboardInterrupt):  # the parent went away: just exit
         return

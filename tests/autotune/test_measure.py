@@ -153,6 +153,34 @@ def test_windows_leave_out_the_first_and_the_last_wave():
     assert windows([replace(c, finished_at=None) for c in completions], width=2) == []
 
 
+def test_a_pass_cut_at_its_last_window_measures_the_same_windows_sooner(tiny_gguf, topology):
+    from autotune.measure import timed_pass
+    from backends import create_backend
+
+    config = TrialConfig(backend="fake", workers=2, batch_size=4)
+    prompts = Pacing(windows=1).pass_of(load_workload(TINY_WORKLOAD), 8)  # 8 + 8 + 8
+    with create_backend(config, tiny_gguf, topology) as backend:
+        full, whole = timed_pass(backend, prompts, config, topology.usable_cpus)
+        cut, stopped = timed_pass(backend, prompts, config, topology.usable_cpus, cut=True)
+    assert not any(c.cut for c in whole)
+    # The window ends at the 16th finish, when the queue is empty; what runs on is the tail:
+    # stopped there, marked, with the tokens it had. The window's figure is the same.
+    assert len(full.windows) == len(cut.windows) == 1
+    assert cut.windows == pytest.approx(full.windows, rel=0.02)
+    assert sum(c.cut for c in stopped) == 8 and not any(c.cut for c in stopped[:8])
+    assert all(
+        len(c.token_ids) < len(w.token_ids) for c, w in zip(stopped, whole, strict=True) if c.cut
+    )
+
+    def span(completions):  # first start to last finish, on the fake's modelled clock
+        return max(c.finished_at for c in completions) - min(
+            c.finished_at - c.latency_s for c in completions
+        )
+
+    # The pass ends a wave sooner: two of its three waves' time (the answers are alike).
+    assert span(stopped) < 0.8 * span(whole)
+
+
 def test_a_balanced_workload_spreads_long_prompts_over_its_blocks():
     from autotune.workload import load_workload
 

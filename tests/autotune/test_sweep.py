@@ -419,6 +419,9 @@ def test_pairs_alternate_which_side_runs_first(monkeypatch, tiny_gguf, topology)
             order.append(self.name)
             return []
 
+        def generate_pass(self, prompts, settings, cut_after):
+            return self.generate(prompts, settings)
+
     monkeypatch.setattr(backends, "create_backend", lambda config, *_: Recorder(config))
     spec = {"paired": TrialConfig(backend="fake").to_dict(), "pairs": 4}
     workload = load_workload(TINY_WORKLOAD)

@@ -180,3 +180,24 @@ def test_repeated_passes_compute_the_same_prefill_no_borrowed_cache(tiny_gguf, t
     shared = prompt_tokens - prefill[0]
     assert 0 <= shared <= len(result.completions) * 40, "at most the template's prefix is reused"
     assert result.prefill_tokens_per_s > 0 and result.ttft_p95_s >= result.ttft_p50_s
+
+
+def test_a_cut_pass_stops_what_still_runs_and_the_next_pass_answers_all(tiny_gguf, topology):
+    prompts = load_workload(DEFAULT_WORKLOAD).prompts[:24]
+    settings = GenerationSettings(max_new_tokens=64, ignore_eos=True)
+    config = TrialConfig(backend="llamacpp", workers=2, batch_size=4)
+    with create_backend(config, tiny_gguf, topology) as backend:
+        # Width 8: once 16 have finished, the queue is empty and the last window closed.
+        cut = backend.generate_pass(prompts, settings, cut_after=16)
+        again = backend.generate(prompts, settings)
+    finished = [c for c in cut if not c.cut]
+    stopped = [c for c in cut if c.cut]
+    assert len(cut) == 24 and len(finished) >= 16 and stopped, [c.cut for c in cut]
+    # What was stopped had started last and has fewer tokens than asked; it has no error.
+    assert all(len(c.token_ids) < 64 and c.error is None for c in stopped)
+    assert {c.id for c in stopped} <= {p.id for p in prompts[8:]}
+    # The workers go on: the next pass answers every prompt, and what finished in the cut
+    # pass answered token for token as it does (a slot's kept cache after a cut is right).
+    assert not any(c.cut for c in again) and all(len(c.token_ids) == 64 for c in again)
+    full = {c.id: c.token_ids for c in again}
+    assert all(c.token_ids == full[c.id] for c in finished)
