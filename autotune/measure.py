@@ -190,9 +190,10 @@ class Pacing:
     settle_on_cpu: bool = True
     windows: int = WINDOWS
     # End each timed pass when its last window closes, stopping what still runs (its tail),
-    # where the backend can (`Backend.cuts_tail`). Off everywhere: measured on 2 vCPUs, a
-    # one-window pass of a batched layout reads 11-17% lower cut than run to its end, and
-    # lower than the same window of a long pass (`experiments/bench_tail.py`).
+    # where the backend can (`Backend.cuts_tail`). Not used by any command yet: on 2 vCPUs a
+    # one-window pass of a batched layout reads 11-17% lower cut than run to its end, whose
+    # window is credited tokens generated in the tail (`experiments/bench_tail.py`,
+    # docs/backends.md).
     cut_tail: bool = False
 
     def pass_prompts(self, width: int, ramp: bool = True) -> int:
