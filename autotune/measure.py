@@ -280,7 +280,7 @@ class RunResult:
     def answers(self) -> dict[str, list[int]]:
         """The last pass's generated tokens by request id, for the agreement with a
         reference run (`autotune.agreement`)."""
-        return {c.id: list(c.token_ids) for c in self.completions if c.error is None and not c.cut}
+        return {c.id: list(c.token_ids) for c in self.completions if c.answered}
 
 
 def _prefill_tokens(completion: Completion) -> int:
@@ -324,10 +324,11 @@ def timed_pass(
     completions = backend.generate_pass(workload.prompts, config.generation, cut_after)
     wall_s = time.monotonic() - start
     cpu_s = tree_cpu_seconds() - cpu_before
-    answered = [c for c in completions if c.error is None]
-    tokens = sum(len(c.token_ids) for c in answered)
-    prefill = sum(_prefill_tokens(c) for c in answered)
-    ttfts = [c.ttft_s for c in answered if c.ttft_s is not None and not c.cut]
+    # Requests cut with the pass's tail count their tokens; they have no latency or finish.
+    ran = [c for c in completions if c.error is None]
+    tokens = sum(len(c.token_ids) for c in ran)
+    prefill = sum(_prefill_tokens(c) for c in ran)
+    ttfts = [c.ttft_s for c in ran if c.answered and c.ttft_s is not None]
     sample = Sample(
         wall_s=wall_s,
         generated_tokens=tokens,
@@ -335,7 +336,7 @@ def timed_pass(
         tokens_per_s=tokens / wall_s,
         windows=tuple(windows(completions, width, ramp)),
         prefill_tokens_per_s=prefill / wall_s,
-        requests_per_s=len(completions) / wall_s,
+        requests_per_s=sum(not c.cut for c in completions) / wall_s,
         ttft_p50_s=percentile(ttfts, 50),
         ttft_p95_s=percentile(ttfts, 95),
         cpu_utilisation=cpu_s / (wall_s * usable_cpus),
@@ -440,8 +441,7 @@ def benchmark(
                 )
                 memory.sample()
                 samples.append(sample)
-                # A request stopped with its pass's tail has no latency to report.
-                answered = [c for c in completions if c.error is None and not c.cut]
+                answered = [c for c in completions if c.answered]
                 latencies.extend(c.latency_s for c in answered)
                 ttfts.extend(c.ttft_s for c in answered if c.ttft_s is not None)
                 tpots.extend(

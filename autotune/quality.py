@@ -173,7 +173,7 @@ def score_reference(backend, settings, completions, texts: Mapping[str, str]) ->
     -> text). The shortest, because every later trial reads them again: one long prompt of
     the shipped workload (1 261 characters) cost most of a scoring pass, 20-27% of a batch-1
     trial of a 4-minute sweep on 2 vCPUs where the limit is 20%."""
-    answered = [c for c in completions if c.error is None and c.token_ids and not c.cut]
+    answered = [c for c in completions if c.answered and c.token_ids]
     answered = sorted(answered, key=lambda c: len(texts[c.id]))[:SCORED_PROMPTS]
     requests = [
         ScoreRequest(id=c.id, text=texts[c.id], answer=tuple(c.token_ids)) for c in answered

@@ -150,6 +150,11 @@ class Completion:
     # its tokens so far count in the windows they fell in; it has no latency and no answer.
     cut: bool = False
 
+    @property
+    def answered(self) -> bool:
+        """Whether it has a whole answer: no error, and not cut."""
+        return self.error is None and not self.cut
+
     def to_dict(self) -> dict:
         """JSON-ready dict."""
         data = asdict(self)

@@ -151,7 +151,7 @@ class GpuStart:
             moved = getattr(faster.config, knob) - getattr(walk.best.config, knob)
             if not moved:  # its own processes at a wider batch: the walk starts again there
                 return self._ranks(study, faster)
-            if walk.retried and getattr(faster.config, knob) in walk.retried:
+            if getattr(faster.config, knob) in walk.retried:
                 return False  # a layout left behind by its batch alone won: the walk is over
             direction = walk.direction or (1 if moved > 0 else -1)
             stride = 2 * walk.stride if walk.direction else 2

@@ -954,6 +954,23 @@ def test_a_gpu_host_starts_where_the_gpu_speed_is_and_cpu_trials_do_not_settle(c
     assert summary["winner"]["config"]["batch_size"] >= 128
 
 
+def _confirm(baseline, records, run_pairs, *, pairs: int, time_left_s):
+    """`autotune.sweep.confirm.confirm` of ``records`` (the fake backend searched), up to
+    ``pairs`` pairs each, with the default pacing."""
+    from autotune.sweep.confirm import confirm
+
+    return confirm(
+        baseline,
+        records,
+        ["fake"],
+        pairs=pairs,
+        pacing=Pacing(),
+        time_left_s=time_left_s,
+        run_pairs=run_pairs,
+        tell=lambda event: None,
+    )
+
+
 def _measured(number: int, value: float, pass_s: float, workers: int = 1):
     """A search trial of the fake backend whose one pass took ``pass_s`` (what a pair of it
     is priced from)."""
@@ -985,7 +1002,6 @@ def _measured(number: int, value: float, pass_s: float, workers: int = 1):
     ],
 )
 def test_the_owed_pair_goes_to_a_candidate_whose_pair_fits(pass_s, paired):
-    from autotune.sweep.confirm import confirm
     from autotune.trial import TrialOutcome
 
     baseline = _measured(0, 10.0, 2.0)
@@ -1000,23 +1016,13 @@ def test_the_owed_pair_goes_to_a_candidate_whose_pair_fits(pass_s, paired):
         result = {"candidate": [record.value] * pairs, "baseline": [10.0] * pairs}
         return TrialOutcome(True, result=result, duration_s=1.0)
 
-    found = confirm(
-        baseline,
-        records,
-        ["fake"],
-        pairs=1,
-        pacing=Pacing(),
-        time_left_s=lambda: 60.0,
-        run_pairs=run_pairs,
-        tell=lambda event: None,
-    )
+    found = _confirm(baseline, records, run_pairs, pairs=1, time_left_s=lambda: 60.0)
     assert asked[: len(paired)] == paired
     if pass_s[paired[0]] <= 60:
         assert found.winner.number == paired[0] and found.winner.paired["pairs"] >= 1
 
 
 def test_time_left_after_the_top_goes_to_short_pairs_of_the_winner():
-    from autotune.sweep.confirm import confirm
     from autotune.trial import TrialOutcome
 
     baseline, winner = _measured(0, 10.0, 2.0), _measured(1, 50.0, 8.0, workers=2)
@@ -1029,15 +1035,8 @@ def test_time_left_after_the_top_goes_to_short_pairs_of_the_winner():
         result = {"candidate": [50.0] * pairs, "baseline": [10.0] * pairs}
         return TrialOutcome(True, result=result, duration_s=1.0)
 
-    found = confirm(
-        baseline,
-        [baseline, winner],
-        ["fake"],
-        pairs=1,
-        pacing=Pacing(),
-        time_left_s=lambda: clock["left"],
-        run_pairs=run_pairs,
-        tell=lambda event: None,
+    found = _confirm(
+        baseline, [baseline, winner], run_pairs, pairs=1, time_left_s=lambda: clock["left"]
     )
     # A full pair (priced 31 s) no longer fits the 25 s left after the first; a short one
     # (21 s) does: the time kept for confirming is spent on it, not left over.
@@ -1121,7 +1120,6 @@ def test_a_layout_on_fewer_cores_is_priced_slower_than_its_width_alone_says(topo
 
 
 def test_the_winner_is_chosen_by_its_median_pair_not_by_one_disturbed_pass():
-    from autotune.sweep.confirm import confirm
     from autotune.trial import TrialOutcome
 
     baseline = _measured(0, 10.0, 2.0)
@@ -1135,16 +1133,7 @@ def test_the_winner_is_chosen_by_its_median_pair_not_by_one_disturbed_pass():
         rates = paired[candidate.workers][:pairs]
         return TrialOutcome(True, result={"candidate": rates, "baseline": [10.0] * len(rates)})
 
-    found = confirm(
-        baseline,
-        records,
-        ["fake"],
-        pairs=3,
-        pacing=Pacing(),
-        time_left_s=lambda: 60.0,
-        run_pairs=run_pairs,
-        tell=lambda event: None,
-    )
+    found = _confirm(baseline, records, run_pairs, pairs=3, time_left_s=lambda: 60.0)
     assert found.winner.number == 1
     # What it reports is still the geometric mean of its pairs, with their interval.
     assert found.winner.paired["speedup"] == pytest.approx((10 * 7.5 * 10) ** (1 / 3))
