@@ -58,6 +58,7 @@ __all__ = [
     "TreeSampler",
     "benchmark",
     "settles",
+    "spent_prompts",
     "tail_from",
     "timed_pass",
 ]
@@ -190,10 +191,11 @@ class Pacing:
     settle_on_cpu: bool = True
     windows: int = WINDOWS
     # End each timed pass when its last window closes, stopping what still runs (its tail),
-    # where the backend can (`Backend.cuts_tail`). Not used by any command yet: on 2 vCPUs a
-    # one-window pass of a batched layout reads 11-17% lower cut than run to its end, whose
+    # where the backend can (`Backend.cuts_tail`). The sweep's trials and pairs do: on 2 vCPUs
+    # a one-window pass of a batched layout reads 11-17% lower cut than run to its end, whose
     # window is credited tokens generated in the tail (`experiments/bench_tail.py`,
-    # docs/backends.md).
+    # docs/backends.md), and so does `verify`, which checks their figures; `bench`, over three
+    # windows, runs it to its end.
     cut_tail: bool = False
 
     def pass_prompts(self, width: int, ramp: bool = True) -> int:
@@ -212,6 +214,12 @@ class Pacing:
     def to_dict(self) -> dict:
         """JSON-ready dict."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> Pacing:
+        """The pacing `to_dict` wrote (a result's ``pacing``); the default where none was
+        (a record written before results carried it)."""
+        return cls(**data) if data else cls()
 
 
 @dataclass(kw_only=True)
@@ -352,6 +360,19 @@ def tail_from(count: int, width: int, ramp: bool) -> int | None:
     if not ramp or (count - 2 * width) // window_size(width) < 1:
         return None
     return count - width
+
+
+def spent_prompts(config: TrialConfig, pacing: Pacing, count: int | None = None) -> int:
+    """The requests a timed pass of ``config`` (``count`` of them, else as ``pacing`` sizes
+    it) spends its time on: all of them, or, where the pass is cut (``pacing.cut_tail`` and a
+    backend that cuts, `Backend.cuts_tail`), those up to its last window (`tail_from`). What
+    the sweep prices a pass by: a cut pass of a batched layout takes 11-15% less time."""
+    width, ramp = width_of(config), refills(config)
+    if count is None:
+        count = pacing.pass_prompts(width, ramp)
+    if pacing.cut_tail and backend_class(config.backend).cuts_tail:
+        return tail_from(count, width, ramp) or count
+    return count
 
 
 def clearly_below(samples: Sequence[Sample], bar: float, settling: bool = False) -> str | None:

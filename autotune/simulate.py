@@ -311,7 +311,7 @@ class SimulatedTrials:
             return pacing.repeats
         return max(pacing.repeats, 1 + STABLE_PASSES)
 
-    def _timed_passes(self, config, pacing, tokens: int, spec: dict):
+    def _timed_passes(self, config, pacing, tokens: float, spec: dict):
         """A trial's timed passes, each its own noisy draw: (their figures, their samples as
         a child reports them, why it stopped early or None). With the spec's ``stop_below``
         (a search trial's leader bar), it stops after a pass whose upper bound is under it,
@@ -363,7 +363,7 @@ class SimulatedTrials:
 
     def __call__(self, spec: dict, deadline_s: float):
         from autotune.config import TrialConfig
-        from autotune.measure import Pacing, refills, width_of
+        from autotune.measure import Pacing, refills, spent_prompts, width_of
         from autotune.stats import summarize
         from autotune.trial import TrialOutcome
         from autotune.workload import load_workload
@@ -384,7 +384,9 @@ class SimulatedTrials:
 
         def one_pass(layout):  # (its prompts, its generated tokens) as a trial sizes them
             prompts = pacing.pass_of(workload, width_of(layout), refills(layout)).prompts
-            return prompts, sum(fake_answer_length(p.text, layout.generation) for p in prompts)
+            tokens = sum(fake_answer_length(p.text, layout.generation) for p in prompts)
+            # A cut pass spends its time on the requests up to its last window only.
+            return prompts, tokens * spent_prompts(layout, pacing, len(prompts)) / len(prompts)
 
         def warmup_tokens(layout, prompts) -> int:
             wave = prompts[: width_of(layout)]

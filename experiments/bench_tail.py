@@ -5,8 +5,9 @@
 A llama.cpp pass is a ramp-up wave, its windows and a tail; its figure is the windows'
 tokens/s, and the windows end when the queue is empty, at the ``width``-th last finish
 (`autotune.passes.windows`). What runs after that, the tail, is measured by nothing. With
-`Pacing.cut_tail` (off in every command; this script turns it on) the requests still running
-then are stopped (`Backend.generate_pass`) and come back marked ``cut``.
+`Pacing.cut_tail` (on in a sweep's trials and pairs and in `verify`, off in `bench`) the
+requests still running then are stopped (`Backend.generate_pass`) and come back marked
+``cut``.
 
 For each layout, in one run, ``--rounds`` rounds of two fresh measurements (a new load each,
 as a trial's child does; no warmup wave and --windows windows, one as a sweep's search trial

@@ -35,6 +35,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from dataclasses import replace
     from pathlib import Path
 
     from autotune import console
@@ -52,7 +53,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     workload = load_workload(args.workload)
     if args.limit:
         workload = workload.head(args.limit)
-    result = benchmark(config, workload, ModelSpec.resolve(config.model), topology, pacing_of(args))
+    # Measured as the sweep's paired passes were, whose figures it checks: cut at the last
+    # window (`Pacing.cut_tail`).
+    pacing = replace(pacing_of(args), cut_tail=True)
+    result = benchmark(config, workload, ModelSpec.resolve(config.model), topology, pacing)
     warnings, inside = console.show_verify(recorded, result, topology.fingerprint())
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)

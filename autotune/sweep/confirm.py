@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 from autotune.config import TrialConfig
 from autotune.failures import FailureClass
-from autotune.measure import Pacing, refills, width_of
+from autotune.measure import Pacing, spent_prompts, width_of
 from autotune.space import config_key
 from autotune.stats import speedup_interval
 from autotune.study import Role, TrialRecord
@@ -34,6 +34,11 @@ __all__ = ["TOP", "Confirmation", "confirm"]
 TOP = 3
 _AGREE = 0.10  # a search figure this close to the paired median needs no note
 _MAX_PAIRS = 12  # of the winner, where the time kept for confirming allows more
+# Full pairs are run only where this many times their expected cost fits: a pair is priced
+# from the candidate's one search pass, and one that overran was killed at its deadline,
+# leaving no paired figure (simulated sweeps, a VM and a 2-socket host); a short pair is the
+# fallback.
+_HEADROOM = 1.25
 
 
 @dataclass
@@ -90,9 +95,9 @@ def confirm(
         time kept for."""
         left = time_left_s() - MARGIN_S
         count, paced = most, pacing
-        while count > 1 and _paired_cost(record, baseline, count, paced) > left:
+        while count > 1 and _HEADROOM * _paired_cost(record, baseline, count, paced) > left:
             count -= 1
-        if _paired_cost(record, baseline, count, paced) > left:
+        if _HEADROOM * _paired_cost(record, baseline, count, paced) > left:
             paced = replace(pacing, windows=1)
             if _paired_cost(record, baseline, 1, paced) > left and not owed:
                 tell(ConfirmSkipped(record.number))
@@ -181,10 +186,11 @@ def _paired_cost(record: TrialRecord, baseline: TrialRecord, pairs: int, pacing:
         passes = [s.wall_s for s in r.samples or () if s.wall_s]
         one = statistics.median(passes) if passes else (r.duration_s - load) / 2
         prompts = result.get("prompts") or 1
-        width = width_of(r.config)
-        per_request = one / prompts
-        planned = pacing.pass_prompts(width, refills(r.config))
-        return load, per_request * min(width, prompts), per_request * planned
+        # A pass cut at its last window spent its time on the requests before the cut.
+        ran = Pacing.from_dict(result.get("pacing"))
+        per_request = one / spent_prompts(r.config, ran, prompts)
+        planned = spent_prompts(r.config, pacing)
+        return load, per_request * min(width_of(r.config), prompts), per_request * planned
 
     load_a, warm_a, run_a = parts(record)
     load_b, warm_b, run_b = parts(baseline)

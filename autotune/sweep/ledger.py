@@ -15,7 +15,7 @@ import socket
 from collections.abc import Callable
 
 from autotune.agreement import answer_family
-from autotune.measure import width_of
+from autotune.measure import Pacing, spent_prompts, width_of
 from autotune.space import config_key
 from autotune.study import Role, StudyDir, TrialRecord, TrialState
 from autotune.sweep.events import TrialEnded
@@ -205,7 +205,9 @@ def trial_cost(record: TrialRecord, warmup: int) -> tuple[float, float] | None:
     generated = sum(s.generated_tokens for s in samples)
     if not result.get("tokens_per_s") or not generated or not result.get("prompts"):
         return None
-    per_request = samples[0].generated_tokens / result["prompts"]
+    # A pass cut at its last window generated its tokens in the requests before the cut.
+    ran = Pacing.from_dict(result.get("pacing"))
+    per_request = samples[0].generated_tokens / spent_prompts(record.config, ran, result["prompts"])
     width = width_of(record.config)
     generated += warmup * width * per_request
     load = result.get("load_time_s") or 0.0

@@ -181,6 +181,21 @@ def test_a_pass_cut_at_its_last_window_measures_the_same_windows_sooner(tiny_ggu
     assert span(stopped) < 0.8 * span(whole)
 
 
+def test_a_cut_pass_is_priced_by_the_requests_up_to_its_last_window():
+    from autotune.measure import spent_prompts
+
+    llama = TrialConfig(backend="llamacpp", batch_size=4)
+    cut = Pacing(windows=1, cut_tail=True)
+    whole = cut.pass_prompts(4)
+    assert spent_prompts(llama, cut) == whole - 4, "its tail, the last 4 requests, is cut"
+    assert spent_prompts(llama, Pacing(windows=1)) == whole
+    # hf runs static batches: no tail to cut, every request is spent.
+    hf = TrialConfig(backend="hf", batch_size=4)
+    assert spent_prompts(hf, cut) == cut.pass_prompts(4, ramp=False)
+    # A pass too short for a window is measured whole.
+    assert spent_prompts(llama, cut, count=8) == 8
+
+
 def test_a_balanced_workload_spreads_long_prompts_over_its_blocks():
     from autotune.workload import load_workload
 

@@ -244,6 +244,25 @@ def test_verify_checks_against_the_paired_figure_and_passes_inside_it(cli, tmp_p
     assert "mean of the last" in result.stdout and "median of" not in result.stdout
 
 
+def test_verify_measures_as_the_sweeps_pairs_did_cut_at_the_last_window(tmp_path, monkeypatch):
+    import autotune.measure
+    from autotune.cli import main
+
+    real, paced = autotune.measure.benchmark, []
+
+    def benchmark(config, workload, model, topology, pacing, **options):
+        paced.append(pacing)
+        return real(config, workload, model, topology, pacing, **options)
+
+    monkeypatch.setattr(autotune.measure, "benchmark", benchmark)
+    config = TrialConfig(backend="fake", workers=1, batch_size=4, max_new_tokens=8)
+    header = "# measured: 100000.0 tokens/s (trial 3)\n"
+    env = write_env(tmp_path / "best.env", config, header)
+    assert main(["verify", "--env", str(env), "--limit", "4", "--repeats", "1"]) == 1
+    # The figure it checks (a sweep's, its trials and pairs cut) is measured the same way.
+    assert [p.cut_tail for p in paced] == [True]
+
+
 def test_the_accepted_range_comes_from_the_spread_of_the_paired_runs():
     from autotune.console import verify_range
     from autotune.export import parse_header

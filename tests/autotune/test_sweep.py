@@ -594,7 +594,9 @@ def test_trials_cycle_the_prompts_so_batches_go_past_them(tmp_path, simulated_sw
     for spec in runner.calls:
         # A search trial's ramp-up wave warms it; a pair keeps its warmup wave.
         warmup = 1 if spec.get("paired") else 0
-        assert spec["limit"] == 4 and spec["pacing"] == Pacing(warmup=warmup).to_dict()
+        assert (
+            spec["limit"] == 4 and spec["pacing"] == Pacing(warmup=warmup, cut_tail=True).to_dict()
+        )
     wide = next(r for r in summary.trials if r.complete and r.config.batch_size >= 16)
     width = wide.config.workers * wide.config.batch_size
     assert wide.result["prompts"] == 5 * width, "a ramp-up wave, 3 windows, a tail"
@@ -1067,7 +1069,9 @@ def test_on_a_cpu_host_a_backend_whose_reference_run_is_under_a_third_runs_no_tr
     assert any(r.name == "slow recipe" and r.complete for r in kept.trials)
 
 
-def test_a_search_trial_whose_pass_ramps_up_runs_no_warmup_wave(tmp_path, simulated_sweep):
+def test_a_search_trial_whose_pass_ramps_up_runs_no_warmup_wave_and_is_cut(
+    tmp_path, simulated_sweep
+):
     summary, _, runner = simulated_sweep(options(tmp_path, budget_s=120.0))
     trials = [s for s in runner.calls if not s.get("paired")]
     pairs = [s for s in runner.calls if s.get("paired")]
@@ -1075,6 +1079,8 @@ def test_a_search_trial_whose_pass_ramps_up_runs_no_warmup_wave(tmp_path, simula
     # The reference's short cold pass has none either; the paired runs keep theirs.
     assert {s["pacing"]["warmup"] for s in trials} == {0}
     assert {s["pacing"]["warmup"] for s in pairs} == {1}
+    # Both end each pass when its last window closes.
+    assert all(s["pacing"]["cut_tail"] for s in pairs + trials)
     # The cost the sweep learns counts the waves each trial ran: none.
     measured = [r for r in summary.trials if r.complete]
     assert all(r.result["pacing"]["warmup"] == 0 for r in measured)
@@ -1117,6 +1123,54 @@ def test_a_layout_on_fewer_cores_is_priced_slower_than_its_width_alone_says(topo
     assert budget.expected_s(two.replace(workers=2, batch_size=16)) - 1.0 == pytest.approx(
         generation
     ), "as many cores: the width's cost"
+
+
+def test_a_pair_of_a_cut_trial_is_priced_by_the_requests_its_pass_ran():
+    from autotune.measure import spent_prompts
+    from autotune.sweep.confirm import _paired_cost
+
+    cut = Pacing(windows=1, cut_tail=True)
+    record = _measured(1, 50.0, 8.0, workers=2)
+    prompts = cut.pass_prompts(2)
+    record = record.with_(result={**record.result, "prompts": prompts, "pacing": cut.to_dict()})
+
+    def one_pass(pacing):  # what a pair prices one more pass of the record at, both sides
+        return (
+            _paired_cost(record, record, 2, pacing) - _paired_cost(record, record, 1, pacing)
+        ) / 2
+
+    # Its 8 s went to the requests before the cut: a cut pass again takes 8 s, a whole one
+    # its tail's requests more.
+    assert one_pass(cut) == pytest.approx(8.0)
+    whole = 8.0 * prompts / spent_prompts(record.config, cut)
+    assert one_pass(Pacing(windows=1)) == pytest.approx(whole) and whole > 8.0
+
+
+def test_a_full_pair_runs_only_where_a_quarter_more_than_its_price_fits():
+    from autotune.sweep.budget import MARGIN_S
+    from autotune.sweep.confirm import _paired_cost
+    from autotune.trial import TrialOutcome
+
+    baseline, winner = _measured(0, 10.0, 2.0), _measured(1, 50.0, 8.0, workers=2)
+    price = _paired_cost(winner, baseline, 1, Pacing())
+    paced = []
+
+    def run_pairs(candidate, base, pairs, deadline_s, pacing):
+        paced.append(pacing.windows)
+        return TrialOutcome(True, result={"candidate": [50.0], "baseline": [10.0]}, duration_s=1.0)
+
+    # A pair priced from one search pass can overrun and be killed at its deadline, leaving
+    # no paired figure: where only its price fits, a short pair (one window a pass) runs.
+    for left, windows in ((1.2 * price, 1), (1.3 * price, WINDOWS)):
+        paced.clear()
+        _confirm(
+            baseline,
+            [baseline, winner],
+            run_pairs,
+            pairs=1,
+            time_left_s=lambda left=left: left + MARGIN_S,
+        )
+        assert paced[0] == windows
 
 
 def test_the_winner_is_chosen_by_its_median_pair_not_by_one_disturbed_pass():
