@@ -36,11 +36,9 @@ DOMINATED = 0.5
 # on llama.cpp per x4 batch step on 2 vCPUs). On a GPU batching gains far more: not there.
 _SCREEN_DOMINATED = 1 / 3
 _CLIMB = 2  # positions up the batch list per climbing step: batch x4
-# A climbing step under this share of the speed it started from ends the climb. It was 0.8,
-# for one pass's noise, and a step slower than its start went on to a wider, dearer one (a real
-# 5-minute sweep on 2 vCPUs: 56 s of its search on batch 16 and 32, both under batch 4); 1.0
-# measured better in simulated sweeps (docs/sweep.md).
-_CLIMB_KEEPS = 1.0
+# A climbing step under this share of the speed it started from ends the climb: one pass is
+# noisy (docs/sweep.md).
+_CLIMB_KEEPS = 0.8
 _CLIMBED = "climbed"
 # Another layout of a backend within this share of the backend's best climbs too, one only
 # (a tie inside one pass's noise; docs/sweep.md).
@@ -210,8 +208,8 @@ class Steps:
         backend's fastest layout (the fastest backend first) and a near tie of it (`_origins`;
         while the backend has climbed fewer than `_LINEAGES` layouts, but the fastest layout
         of all always), the same layout at batch x4 (x2 where that does not fit `room_s`),
-        and on from there while a step keeps `_CLIMB_KEEPS` of the speed it started from (all
-        of it). Batch moves tokens/s the most, and a sampler drawing it at random spends a short
+        and on from there while a step keeps `_CLIMB_KEEPS` of the speed it started from.
+        Batch moves tokens/s the most, and a sampler drawing it at random spends a short
         budget before trying a wide one."""
         leader = self._leader()
         for origin in self._origins():
