@@ -84,15 +84,19 @@ class Budget:
         `LAYOUTS_AIMED`."""
         return self.options.budget_s * (1 - CONFIRM_SHARE) / LAYOUTS_AIMED
 
+    def sweep_pacing(self) -> Pacing:
+        """The options' pacing, each pass ending when its last window closes
+        (`Pacing.cut_tail`), for the search trials and the pairs alike: a one-window pass run
+        to its end credits its window with tokens generated in the tail (on 2 vCPUs, a batched
+        layout 10-17% too fast, `experiments/bench_tail.py`)."""
+        return replace(self.options.pacing, cut_tail=True)
+
     def trial_pacing(self, config: TrialConfig) -> Pacing:
         """The sweep's pacing for a trial of ``config``, with as many windows a pass, from the
         pacing's own down to one, as fit `trial_share_s` (all of them where --prompts sized
         the passes), and no warmup wave where the pass's own ramp-up warms the layout
-        (`warmed_by_ramp`). Each pass ends when its last window closes (`Pacing.cut_tail`):
-        the tail is not measured, and a one-window pass run to its end credits its window with
-        tokens generated in the tail (on 2 vCPUs, a batched layout 10-17% too fast,
-        `experiments/bench_tail.py`)."""
-        pacing = replace(self.options.pacing, cut_tail=True)
+        (`warmed_by_ramp`); each pass cut at its last window (`sweep_pacing`)."""
+        pacing = self.sweep_pacing()
         if pacing.prompts:
             return pacing
         if self.warmed_by_ramp(config):

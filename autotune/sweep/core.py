@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from autotune.agreement import agreement, answer_family, family_reference, is_reference
@@ -145,8 +145,7 @@ class Sweep:
                         records,
                         self.space.backends,
                         pairs=self.options.pairs,
-                        # Cut like the search trials, whose figures the pairs check.
-                        pacing=replace(self.options.pacing, cut_tail=True),
+                        pacing=self.budget.sweep_pacing(),  # cut like the search trials
                         time_left_s=self.budget.time_left_s,
                         run_pairs=self._run_pairs,
                         tell=self.tell,
