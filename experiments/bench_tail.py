@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_warmup import alternating, parse_layout, spread  # noqa: E402
 
-from autotune.measure import Pacing  # noqa: E402
+from autotune.measure import Pacing, width_of  # noqa: E402
 from autotune.models import ModelSpec  # noqa: E402
 from autotune.topology import detect  # noqa: E402
 from autotune.workload import load_workload  # noqa: E402
@@ -42,7 +42,7 @@ def by_finishes(result, config) -> float:
     """Tokens/s of the last pass's window span counted by its finishes alone: the requests
     that finished inside it times the tokens each generates (all alike, ``ignore_eos``), over
     its time."""
-    width = config.workers * config.batch_size
+    width = width_of(config)
     ends = sorted(c.finished_at for c in result.completions if not c.cut)
     began, ended = ends[width - 1], ends[len(result.completions) - width - 1]
     inside = len(result.completions) - 2 * width

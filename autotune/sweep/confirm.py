@@ -26,6 +26,7 @@ from autotune.stats import speedup_interval
 from autotune.study import Role, TrialRecord
 from autotune.sweep.budget import MARGIN_S
 from autotune.sweep.events import ConfirmFailed, ConfirmSkipped, ConfirmStarted
+from autotune.sweep.ledger import spent_requests
 from autotune.sweep.surrogate import pooled
 from autotune.trial import TrialOutcome
 
@@ -187,8 +188,7 @@ def _paired_cost(record: TrialRecord, baseline: TrialRecord, pairs: int, pacing:
         one = statistics.median(passes) if passes else (r.duration_s - load) / 2
         prompts = result.get("prompts") or 1
         # A pass cut at its last window spent its time on the requests before the cut.
-        ran = Pacing.from_dict(result.get("pacing"))
-        per_request = one / spent_prompts(r.config, ran, prompts)
+        per_request = one / spent_requests(r)
         planned = spent_prompts(r.config, pacing)
         return load, per_request * min(width_of(r.config), prompts), per_request * planned
 

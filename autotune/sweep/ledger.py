@@ -28,6 +28,7 @@ __all__ = [
     "abandoned",
     "ask",
     "previous_records",
+    "spent_requests",
     "unanswered",
     "waiting",
 ]
@@ -195,6 +196,14 @@ class Ledger:
         return found
 
 
+def spent_requests(record: TrialRecord) -> int:
+    """The requests a measured trial's pass spent its time on: all of them, or those before
+    its cut where its pacing cut the tail (`autotune.measure.spent_prompts`)."""
+    result = record.result or {}
+    ran = Pacing.from_dict(result.get("pacing"))
+    return spent_prompts(record.config, ran, result.get("prompts") or 1)
+
+
 def trial_cost(record: TrialRecord, warmup: int) -> tuple[float, float] | None:
     """(load seconds, seconds per generated token) of a measured trial, or None; the tokens
     are its timed passes' and its warmup waves' (as `Budget.planned_tokens` counts them): as
@@ -205,9 +214,7 @@ def trial_cost(record: TrialRecord, warmup: int) -> tuple[float, float] | None:
     generated = sum(s.generated_tokens for s in samples)
     if not result.get("tokens_per_s") or not generated or not result.get("prompts"):
         return None
-    # A pass cut at its last window generated its tokens in the requests before the cut.
-    ran = Pacing.from_dict(result.get("pacing"))
-    per_request = samples[0].generated_tokens / spent_prompts(record.config, ran, result["prompts"])
+    per_request = samples[0].generated_tokens / spent_requests(record)
     width = width_of(record.config)
     generated += warmup * width * per_request
     load = result.get("load_time_s") or 0.0
