@@ -72,6 +72,10 @@ class Quality:
     scoring_s: float | None = None
     # The file's own type where the layout quantized weights that were quantized already.
     requantized_from: str | None = None
+    # The trial whose scoring pass these figures are, where this layout's was not run (its
+    # ``scoring_s`` None): the first of the sweep that scores alike
+    # (`autotune.sweep.ledger.scoring_key`).
+    scored_by: int | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
@@ -160,7 +164,9 @@ def describe_quality(record) -> str:
     quality = record.quality
     figures = replace(quality, requantized_from=None).describe()
     text = f"{figures} over {quality.positions} positions (teacher forcing)"
-    if quality.scoring_s is not None:
+    if quality.scored_by is not None:
+        text += f", trial {quality.scored_by}'s (the same weights and scoring pass)"
+    elif quality.scoring_s is not None:
         text += f", scored in {quality.scoring_s:.1f} s"
     if quality.requantized_from:
         text += f"; requantized from {quality.requantized_from}"

@@ -254,6 +254,9 @@ class Backend(ABC):
     # Whether `generate_pass` stops the requests still running once its pass's last window has
     # closed, rather than running its tail to the end.
     cuts_tail: ClassVar[bool] = False
+    # TrialConfig fields its `score` does not read: layouts that differ only in these score
+    # alike, so a sweep scores one of them and the others carry its figures (`scoring_key`).
+    unscored: ClassVar[frozenset[str]] = frozenset()
     # Layouts of one answer family compute with the same weights and library, so one batch-1
     # greedy run is the reference for all their answers (`autotune.agreement`).
     answer_family: ClassVar[str]

@@ -225,6 +225,15 @@ class Sweep:
                 unfit = 0 if queued else unfit + 1
                 continue
             unfit = 0
+            if not reason and (poor := self._under_floor(candidate)):
+                # It cannot win and its run would tell nothing new: pruned unrun, and settled
+                # (`seen`), so that neither the sampler nor a step asks for it again (no time
+                # passes: a search of such layouts alone would never end), another queued.
+                self._prune(study, candidate, poor)
+                self.ledger.settle(candidate.config, candidate.trial.number)
+                idle += 1
+                self.steps.explore(study)
+                continue
             if reason:
                 # The space refused it: recorded (the reason says why), and a refusal tells
                 # the sampler nothing (it is told FAIL), so it would ask for the same region
@@ -256,6 +265,25 @@ class Sweep:
             return _Candidate(trial, self.space.suggest(trial), role, name)
         except Unfit as why:
             return _Candidate(trial, why.config, role, name, refused=str(why))
+
+    def _scored_alike(self, candidate: _Candidate) -> TrialRecord | None:
+        """The trial whose quality ``candidate`` would score, where one scored it already (the
+        same weights and scoring pass, `autotune.sweep.ledger.scoring_key`) against its
+        family's reference."""
+        config = candidate.config
+        if candidate.role is Role.REFERENCE or config is None:
+            return None
+        if not (self.dir.path / f"reference-{answer_family(config)}.json").exists():
+            return None
+        return self.ledger.scored_alike(config)
+
+    def _under_floor(self, candidate: _Candidate) -> str | None:
+        """Why ``candidate`` cannot win before it runs: its weights scored under
+        --min-quality already (`_scored_alike`); None where that is not known."""
+        alike = self._scored_alike(candidate)
+        if alike is None or (poor := self.options.min_quality.why_below(alike.quality)) is None:
+            return None
+        return f"{poor}, as trial {alike.number} scored its weights"
 
     def _repeated(self, candidate: _Candidate) -> bool:
         """Whether the sampler asked for a layout measured already."""
@@ -290,9 +318,12 @@ class Sweep:
                 # Its reference run showed the backend clearly slower: not worth its trial.
                 self._prune(study, candidate, f"{config.backend} was dropped: {dropped}")
                 return
+        scores = self.dir.path / f"reference-{family}.json"
+        # A layout that scores alike with one scored already takes its figures: the same
+        # scoring pass again would give the same.
+        alike = self._scored_alike(candidate)
         deadline = self.budget.trial_deadline_s(config, candidate.role)
         self.tell(TrialStarted(trial.number, config, candidate.role, candidate.name, deadline))
-        scores = self.dir.path / f"reference-{family}.json"
         if candidate.role is Role.REFERENCE:
             # Only its answers are wanted: one short cold pass, and it is no candidate.
             spec = trial_spec(self.options, config, REFERENCE_PACING)
@@ -301,7 +332,7 @@ class Sweep:
             if candidate.role is Role.SEARCH:
                 # Passes beyond its first stop once it is clearly slower than the leader.
                 spec["stop_below"] = self.ledger.leader_bar()
-            if scores.exists():  # scored against its family's reference, token by token
+            if scores.exists() and alike is None:  # scored against its family's reference
                 spec["quality_reference"] = str(scores)
         if family not in references and is_reference(config):
             spec["keep_reference"] = True  # its answers scored by itself: the reference's
@@ -320,7 +351,10 @@ class Sweep:
         if outcome.complete:
             result = outcome.result
             kept = {k: result.get(k) for k in RESULT_KEYS}
-            if kept.get("quality") and (own := requantized(config, self.shape)):
+            if alike is not None:  # its figures, not its seconds: this trial spent none
+                found = {**(alike.result or {})["quality"], "scoring_s": None}
+                kept["quality"] = {**found, "scored_by": alike.number}
+            elif kept.get("quality") and (own := requantized(config, self.shape)):
                 kept["quality"] = {**kept["quality"], "requantized_from": own}
             record = record.with_(result=kept, samples=result.get("samples"))
             for step, sample in enumerate(record.samples or ()):

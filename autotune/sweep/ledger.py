@@ -5,7 +5,8 @@ Every trial, finished, failed or pruned, is a `TrialRecord`: a line in ``trials.
 ``--storage`` URL, so several machines can share one study), from which a resumed sweep
 rebuilds its records (`previous_records`). `Ledger.keep` writes both and tells Optuna the
 trial's state; the ledger remembers what was measured (``seen``), the reference runs' answers
-(``references``) and what trials cost (``costs``, for `autotune.sweep.budget.Budget`).
+(``references``), which trial scored each weights' quality (``scored``, by `scoring_key`) and
+what trials cost (``costs``, for `autotune.sweep.budget.Budget`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from autotune.space import config_key
 from autotune.study import Role, StudyDir, TrialRecord, TrialState
 from autotune.sweep.events import TrialEnded
 from autotune.sweep.surrogate import pooled
+from backends import backend_class
 
 __all__ = [
     "RESULT_KEYS",
@@ -28,6 +30,7 @@ __all__ = [
     "abandoned",
     "ask",
     "previous_records",
+    "scoring_key",
     "spent_requests",
     "unanswered",
     "waiting",
@@ -89,6 +92,7 @@ class Ledger:
         # Per answer family (`autotune.agreement.answer_family`): the reference run's answers,
         # or None where the reference failed (agreement unknown for that family).
         self.references: dict[str, dict | None] = {}
+        self.scored: dict[str, int] = {}  # scoring key -> the trial whose scoring pass it is
         # Per backend, (width, threads over all its processes, load seconds, seconds per
         # generated token) of its measured trials.
         self.costs: dict[str, list[tuple[int, int, float, float]]] = {}
@@ -131,6 +135,8 @@ class Ledger:
         self.seen[config_key(record.config)] = record.number
         if record.answers is not None:
             self.references[answer_family(record.config)] = record.answers
+        if record.quality is not None and record.quality.scored_by is None:
+            self.scored.setdefault(scoring_key(record.config), record.number)
         cost = trial_cost(record, 0 if record.role is Role.REFERENCE else self.warmup)
         if cost is not None:
             threads = record.config.total_threads
@@ -138,10 +144,21 @@ class Ledger:
                 (width_of(record.config), threads, *cost)
             )
 
+    def settle(self, config, number: int) -> None:
+        """Take ``config``'s layout as decided without a run (trial ``number`` pruned it
+        unrun: it cannot win), so that it is not asked for again."""
+        self.seen[config_key(config)] = number
+
     def measured(self, key: str) -> TrialRecord | None:
         """The record that measured the config of ``key``, if one did."""
         number = self.seen.get(key)
         return next((r for r in self.records if r.number == number and r.result), None)
+
+    def scored_alike(self, config) -> TrialRecord | None:
+        """The trial whose quality ``config``'s layout would score: one of the same
+        `scoring_key` that was scored, if one was."""
+        number = self.scored.get(scoring_key(config))
+        return next((r for r in self.records if r.number == number), None)
 
     def reference_runs(self) -> list[TrialRecord]:
         """The reference runs that measured a figure (complete)."""
@@ -194,6 +211,14 @@ class Ledger:
             ):
                 found[record.backend] = record
         return found
+
+
+def scoring_key(config) -> str:
+    """One string per scoring pass: ``config`` without the fields its backend's `score` does
+    not read (`Backend.unscored`). Layouts of one key score alike, so a sweep scores the first
+    and gives the others its figures (with ``scored_by``) rather than the same pass again."""
+    unscored = backend_class(config.backend).unscored
+    return config_key({k: v for k, v in config.to_dict().items() if k not in unscored})
 
 
 def spent_requests(record: TrialRecord) -> int:

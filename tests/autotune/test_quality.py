@@ -1,12 +1,13 @@
 """Per-token quality (autotune.quality): the KL divergence and top-1 agreement of a layout
 against the reference's distributions, the floor of --min-quality, and both on a real
-llama.cpp layout of the tiny model (batching and workers change nothing; damaged weights
-score clearly worse)."""
+llama.cpp layout of the tiny model (the batch, workers and threads change nothing, to the bit;
+damaged weights score clearly worse), and a sweep scoring each weights once."""
 
 from __future__ import annotations
 
 import math
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from autotune.measure import Pacing, benchmark
 from autotune.quality import Quality, QualityFloor, ReferenceScores, compare
 from autotune.workload import load_workload
 from backends.base import TokenScores, top_k_scores
+from backends.llamacpp import LlamaCppBackend
 
 
 def _scores(logits_rows, k, asked=None) -> TokenScores:
@@ -115,7 +117,7 @@ def _damaged(tiny_gguf, tmp_path):
 
 
 @pytest.mark.slow
-def test_batching_and_workers_score_the_same_and_damaged_weights_clearly_worse(
+def test_batching_workers_and_threads_score_alike_and_damaged_weights_clearly_worse(
     tiny_gguf, topology, tmp_path
 ):
     workload = load_workload(None)
@@ -145,8 +147,18 @@ def test_batching_and_workers_score_the_same_and_damaged_weights_clearly_worse(
         found = quality(TrialConfig(backend="llamacpp", workers=workers, batch_size=batch))
         assert found.top1 >= 0.99 and found.kld_mean < SAME_WEIGHTS_KLD, (workers, batch, found)
         assert found.scoring_s is not None and found.positions >= 30
-    damaged = quality(TrialConfig(backend="llamacpp"), _damaged(tiny_gguf, tmp_path))
-    assert damaged.kld_mean > 100 * SAME_WEIGHTS_KLD and damaged.top1 < 0.95, damaged
+    damaged = _damaged(tiny_gguf, tmp_path)
+    # The fields llama.cpp's scoring pass does not read (`unscored`, whose figures a sweep
+    # gives every layout that differs only in them) change none of its figures, to the bit.
+    unscored = ({}, {"workers": 2, "batch_size": 4, "pinning": "spread"},
+                {"threads_per_worker": 2, "prefill_threads": 1, "batch_size": 8})  # fmt: skip
+    assert {k for fields in unscored for k in fields} == LlamaCppBackend.unscored
+    alike = [
+        replace(quality(TrialConfig(backend="llamacpp", **fields), damaged), scoring_s=None)
+        for fields in unscored
+    ]
+    assert alike[0].kld_mean > 100 * SAME_WEIGHTS_KLD and alike[0].top1 < 0.95, alike[0]
+    assert all(each == alike[0] for each in alike), alike
 
 
 def test_a_sweep_prunes_layouts_under_the_floor_and_they_cannot_win(tmp_path, simulated_sweep):
@@ -177,3 +189,69 @@ def test_a_sweep_prunes_layouts_under_the_floor_and_they_cannot_win(tmp_path, si
     assert measured and all(r.quality.top1 >= 0.9 for r in measured)
     assert summary.winner.quality is None or summary.winner.quality.top1 >= 0.9
     assert summary.winner.config.batch_size <= 2
+
+
+def test_a_sweep_scores_the_same_weights_once_and_does_not_run_a_layout_they_failed(
+    tmp_path, simulated_sweep, monkeypatch
+):
+    """Layouts that differ only in fields their backend's scoring pass does not read
+    (`Backend.unscored`; here, as if the fake's were llama.cpp's, the batch and the threads)
+    are scored once: the others carry that score and the trial it is from (``scored_by``),
+    and a layout whose weights scored under the floor is pruned without running."""
+    from autotune.space import config_key
+    from autotune.study import TrialState
+    from autotune.sweep import SweepOptions
+    from autotune.sweep.ledger import scoring_key
+    from backends.fake import FakeBackend
+
+    monkeypatch.setattr(FakeBackend, "unscored", frozenset({"batch_size", "threads_per_worker"}))
+    scored = []
+
+    def score(spec, outcome):
+        if not outcome.result:
+            return
+        if spec.get("keep_reference"):  # the reference run scores its own answers
+            own = TokenScores(id="p", top_ids=((1, 2),), top_logprobs=((-0.1, -2.4),))
+            reference = ReferenceScores(texts={"p": "hi"}, answers={"p": [1]}, scores=[own])
+            outcome.result["reference_scores"] = reference.to_dict()
+        elif spec.get("quality_reference"):  # a child scores where it is asked to
+            config = TrialConfig.from_dict(spec["config"])
+            scored.append(config)
+            outcome.result["quality"] = Quality(
+                top1=0.5 if config.workers == 2 else 1.0, kld_mean=0.01 * config.workers,
+                kld_p99=0.1, positions=100, tail_mass=0.0, scoring_s=0.1,
+            ).to_dict()  # fmt: skip
+
+    extra = [
+        TrialConfig(backend="fake", workers=2, batch_size=1),  # weights under the floor
+        TrialConfig(backend="fake", workers=2, batch_size=2),  # the same: not run
+        TrialConfig(backend="fake", workers=1, batch_size=2),  # the baseline's score
+    ]
+    options = SweepOptions(
+        study="s", reports_dir=tmp_path, budget_s=120.0, backends=["fake"],
+        min_quality=QualityFloor(top1=0.9),
+    )  # fmt: skip
+    summary, _, _ = simulated_sweep(options, extra=extra, change=score)
+
+    keys = [scoring_key(config) for config in scored]
+    assert len(keys) == len(set(keys)) >= 2, keys  # no weights scored twice
+    numbers = {r.number: r for r in summary.trials}
+    carried = [r for r in summary.trials if r.quality and r.quality.scored_by is not None]
+    assert any(r.config == extra[2] for r in carried), carried
+    for record in carried:
+        source = numbers[record.quality.scored_by]
+        assert scoring_key(source.config) == scoring_key(record.config)
+        assert source.quality.scored_by is None and record.quality.scoring_s is None
+        assert replace(record.quality, scored_by=None, scoring_s=0.1) == source.quality
+    failed, unrun = (next(r for r in summary.trials if r.config == c) for c in extra[:2])
+    assert failed.state is TrialState.PRUNED and failed.result is not None, failed
+    assert unrun.state is TrialState.PRUNED and unrun.result is None, unrun
+    assert f"trial {failed.number}" in unrun.reason and "--min-quality" in unrun.reason
+    # Each is settled once pruned: never asked for again (no time passes, so a sweep that
+    # asked again would not end).
+    unrun_keys = [
+        config_key(r.config)
+        for r in summary.trials
+        if r.result is None and "scored its weights" in (r.reason or "")
+    ]
+    assert len(unrun_keys) == len(set(unrun_keys)), unrun_keys

@@ -22,6 +22,7 @@ from autotune.sweep.surrogate import pooled
 
 MACHINES = Path(__file__).resolve().parents[1] / "fixtures" / "machines"
 EPYC = MACHINES / "epyc_16c32t"  # 16 cores, 32 threads
+VM = MACHINES / "vm_2vcpu"
 GPU_NODE = MACHINES / "gpu_node_8x_h100.json"
 SMALL = ModelShape(
     file_bytes=98_000_000, parameters=134_500_000, layers=30, kv_heads=3, head_dim=64
@@ -270,6 +271,29 @@ def test_the_close_weights_are_screened_again_once_the_batch_climbed(cli, tmp_pa
         # Only the weights that came close at the screen (the file's own, None, is the
         # screen's origin and may come back too).
         assert value is None or screened[value] >= 0.6 * best, (value, screened)
+
+
+def test_the_weights_are_screened_again_at_the_narrowest_batch_the_climb_measured(cli, tmp_path):
+    # Seed 6 on the 2-vCPU VM: the climb of 2x1 q8_0 went from batch 1 to 4 and on to 16,
+    # which led; the rescreen measured the other weights at batch 16 (four trials of 96
+    # requests each in a 5-minute sweep), where batch 4 tells the weights' order as well.
+    assert _sweep(cli, tmp_path, "w", "--seed", "6", "--budget", "5m", machine=VM).returncode == 0
+    records = [json.loads(line) for line in (tmp_path / "w" / "trials.jsonl").open()]
+    by_number = {r["number"]: r for r in records}
+    at = next(i for i, r in enumerate(records) if (r.get("name") or "").startswith("rescreen: "))
+    origin = by_number[int(records[at]["name"].split()[2].removesuffix("'s"))]
+
+    def rest(config):  # the layout but its batch and weights
+        return {**config, "batch_size": None, "quant": None}
+
+    climbed = sorted(
+        r["config"]["batch_size"]
+        for r in records[:at]
+        if r["state"] == "complete" and rest(r["config"]) == rest(origin["config"])
+        and r["config"]["quant"] == origin["config"]["quant"]
+    )  # fmt: skip
+    assert climbed[0] == 1 and len(climbed) >= 3, climbed  # it climbed past its first step
+    assert origin["config"]["batch_size"] == climbed[1], (origin["config"], climbed)
 
 
 def test_the_fastest_layout_climbs_even_after_two_others_did(cli, tmp_path):
