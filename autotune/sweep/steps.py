@@ -47,6 +47,11 @@ _LINEAGES = 2  # layouts whose batch climbs, per backend
 # A screened value within this share of the screen's fastest is measured again once the batch
 # climbed (`rescreen`).
 _RESCREEN = 0.6
+# Once the leader's neighbours are measured, those of each layout within this share of the
+# leader's estimate are, the fastest first, before the sampler draws: one window's noise
+# apart, the true fastest may be any of them (simulated 10-minute sweeps, six CPU machines,
+# 16 seeds: 96.1% of the optimum picked, 95.4% with the leader's neighbours alone).
+_BEAM = 0.9
 
 
 def lineage(config: TrialConfig) -> tuple[str, str]:
@@ -281,23 +286,38 @@ class Steps:
         one a position either way (workers 24 -> 23 and 25; `SearchSpace.step`), another one
         every other value (pinning); never the batch (the climb's) or the screened knobs (the
         screen's). Where a neighbour is faster, its own neighbours come next: a hill climb,
-        before the sampler's draws. Not on a GPU host (docs/sweep.md)."""
+        before the sampler's draws; once the leader's are measured, those of each layout
+        within `_BEAM` of it, the fastest first. Not on a GPU host (docs/sweep.md)."""
         if self.target.gpus:
             return False
-        best = self._leader()
-        if best is None or config_key(best.config) in self.visited:
+        leader, estimate = self._leader(), self.ledger.estimate
+        if leader is None:
             return False
-        self.visited.add(config_key(best.config))
-        config, queued = best.config, False
-        for knob in self.space.spaces[best.backend].knobs:
-            if knob.name == "batch_size" or knob.screen:
+        near = sorted(
+            (
+                r
+                for r in self.ledger.measured_trials()
+                if r.backend in self.space.backends and estimate(r) >= _BEAM * estimate(leader)
+            ),
+            key=estimate,
+            reverse=True,
+        )
+        for best in [leader] + near:
+            if config_key(best.config) in self.visited:
                 continue
-            if knob.ordered:
-                moved = [self.space.step(config, knob.name, positions) for positions in (-1, 1)]
-            else:
-                moved = self.space.variants(config, knob.name)
-            queued |= self._queue_moves(study, "neighbour", best, knob.name, moved)
-        return queued
+            self.visited.add(config_key(best.config))
+            config, queued = best.config, False
+            for knob in self.space.spaces[best.backend].knobs:
+                if knob.name == "batch_size" or knob.screen:
+                    continue
+                if knob.ordered:
+                    moved = [self.space.step(config, knob.name, step) for step in (-1, 1)]
+                else:
+                    moved = self.space.variants(config, knob.name)
+                queued |= self._queue_moves(study, "neighbour", best, knob.name, moved)
+            if queued:
+                return True
+        return False
 
     def drop_dominated(self) -> None:
         """Drop each backend whose climb is over and whose best is under `DOMINATED` of the
