@@ -189,7 +189,7 @@ class Steps:
             # real 5-minute sweep on 2 vCPUs rescreened at batch 16: 3 trials, 60 s of its
             # 223 s search, where a batch-4 trial took 6-8 s).
             line = lineage(best.config)
-            best = min(
+            at = min(
                 (
                     r
                     for r in self.ledger.measured_trials()
@@ -209,7 +209,7 @@ class Steps:
                     if (measured := self.ledger.measured(config_key(variant))) and measured.complete
                 ]
                 bar = _RESCREEN * max(estimate(r) for r in screened)
-                mine = values(best.config, self.target).get(knob.name)
+                mine = values(at.config, self.target).get(knob.name)
                 # In the screen's order (a set's would change with the process's hash seed).
                 again = [
                     value
@@ -217,8 +217,8 @@ class Steps:
                     if estimate(r) >= bar
                     and (value := values(r.config, self.target).get(knob.name)) != mine
                 ]
-                moved = [self.space.with_value(best.config, knob.name, v) for v in again]
-                queued |= self._queue_moves(study, "rescreen", best, knob.name, moved)
+                moved = [self.space.with_value(at.config, knob.name, v) for v in again]
+                queued |= self._queue_moves(study, "rescreen", at, knob.name, moved)
             if queued:
                 return True
         return False
