@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from autotune.agreement import agreement, answer_family, family_reference, is_reference
@@ -273,9 +274,13 @@ class Sweep:
         config = candidate.config
         if candidate.role is Role.REFERENCE or config is None:
             return None
-        if not (self.dir.path / f"reference-{answer_family(config)}.json").exists():
+        if not self._reference_scores(answer_family(config)).exists():
             return None
         return self.ledger.scored_alike(config)
+
+    def _reference_scores(self, family: str) -> Path:
+        """Where the reference run of ``family`` keeps its scored answers (`ReferenceScores`)."""
+        return self.dir.path / f"reference-{family}.json"
 
     def _under_floor(self, candidate: _Candidate) -> str | None:
         """Why ``candidate`` cannot win before it runs: its weights scored under
@@ -318,7 +323,7 @@ class Sweep:
                 # Its reference run showed the backend clearly slower: not worth its trial.
                 self._prune(study, candidate, f"{config.backend} was dropped: {dropped}")
                 return
-        scores = self.dir.path / f"reference-{family}.json"
+        scores = self._reference_scores(family)
         # A layout that scores alike with one scored already takes its figures: the same
         # scoring pass again would give the same.
         alike = self._scored_alike(candidate)
