@@ -92,7 +92,7 @@ class Ledger:
         # Per answer family (`autotune.agreement.answer_family`): the reference run's answers,
         # or None where the reference failed (agreement unknown for that family).
         self.references: dict[str, dict | None] = {}
-        self.scored: dict[str, int] = {}  # scoring key -> the trial whose scoring pass it is
+        self.scored: dict[str, TrialRecord] = {}  # scoring key -> the trial that scored it
         # Per backend, (width, threads over all its processes, load seconds, seconds per
         # generated token) of its measured trials.
         self.costs: dict[str, list[tuple[int, int, float, float]]] = {}
@@ -136,7 +136,7 @@ class Ledger:
         if record.answers is not None:
             self.references[answer_family(record.config)] = record.answers
         if record.quality is not None and record.quality.scored_by is None:
-            self.scored.setdefault(scoring_key(record.config), record.number)
+            self.scored.setdefault(scoring_key(record.config), record)
         cost = trial_cost(record, 0 if record.role is Role.REFERENCE else self.warmup)
         if cost is not None:
             threads = record.config.total_threads
@@ -157,8 +157,7 @@ class Ledger:
     def scored_alike(self, config) -> TrialRecord | None:
         """The trial whose quality ``config``'s layout would score: one of the same
         `scoring_key` that was scored, if one was."""
-        number = self.scored.get(scoring_key(config))
-        return next((r for r in self.records if r.number == number), None)
+        return self.scored.get(scoring_key(config))
 
     def reference_runs(self) -> list[TrialRecord]:
         """The reference runs that measured a figure (complete)."""
