@@ -2,9 +2,10 @@
 
 A claim that A is faster than B is made on A and B measured alternately in one run (A B A B),
 never on two figures from different runs: the best `TOP` layouts of the search each run as many
-pairs with the naive baseline as fit the time left, and the winner is the best paired speedup
-(the median of its pairs' ratios, which one disturbed pass does not move), reported as their
-geometric mean with its 95% interval (`autotune.stats.speedup_interval`).
+pairs with the naive baseline as fit its share of the time left, and the winner is the best
+by the median of its pairs' ratios (which one disturbed pass does not move) weighed with its
+search estimate (`_choice`), reported as the geometric mean of its pairs' ratios with its 95%
+interval (`autotune.stats.speedup_interval`).
 
 The time kept for this is always spent on it: where a full pair no longer fits, a candidate
 runs one short pair (one window a pass); where not even that fits any of them, the cheapest
@@ -14,6 +15,7 @@ the winner (short ones where a full one no longer fits), which narrow its interv
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -64,8 +66,9 @@ def confirm(
     """Re-measure the best `TOP` of ``records`` (backends ``searched`` and the baseline's)
     beside ``baseline``, up to ``pairs`` A B pairs each as ``time_left_s`` allows, through
     ``run_pairs(candidate, baseline, pairs, deadline_s, pacing)`` (a `TrialOutcome`; ``pacing``
-    sizes each pass, one window a pass where time is short); the winner is the best paired
-    speedup (the median of its pairs' ratios), or the baseline where no layout beat it."""
+    sizes each pass, one window a pass where time is short), each in its share of the time
+    left; the winner is the best by `_choice` (its pairs' ratios weighed with its search
+    estimate), or the baseline where its paired speedup is not above 1."""
     if baseline is None:
         return Confirmation(None)
     # Ranked by their pooled estimates, not their own single passes (`pooled`): the best of
@@ -88,23 +91,36 @@ def confirm(
             keys.add(config_key(record.config))
             unique.append(record)
     confirmed: list[TrialRecord] = []
+    windows: dict[int, int] = {}  # per confirmed trial, the windows its pairs measured
 
-    def measure(record: TrialRecord, most: int, owed: bool) -> dict | None:
-        """Up to ``most`` pairs of ``record`` that fit the time left, as rates; a short pair
-        (one window a pass) where no full one fits, and where ``owed`` (no candidate's pair
-        fitted) even if that overruns: a sweep never ends without a paired figure it had
-        time kept for."""
-        left = time_left_s() - MARGIN_S
+    def plan(record: TrialRecord, most: int, left: float, owed: bool) -> tuple | None:
+        """(pairs, pacing) of ``record``'s re-measurement in ``left`` seconds: up to ``most``
+        full pairs, else one short pair (one window a pass), which where ``owed`` (no
+        candidate's pair fitted) runs even if it overruns; None where none fits."""
         count, paced = most, pacing
         while count > 1 and _HEADROOM * _paired_cost(record, baseline, count, paced) > left:
             count -= 1
         if _HEADROOM * _paired_cost(record, baseline, count, paced) > left:
             paced = replace(pacing, windows=1)
             if _paired_cost(record, baseline, 1, paced) > left and not owed:
-                tell(ConfirmSkipped(record.number))
                 return None
+        return count, paced
+
+    def measure(record: TrialRecord, most: int, owed: bool, share: float = 1.0) -> dict | None:
+        """Up to ``most`` pairs of ``record`` that fit ``share`` of the time left
+        (`plan`), as rates; None where none fits (said) or they failed. A sweep never ends
+        without a paired figure it had time kept for (``owed``)."""
+        total = time_left_s() - MARGIN_S
+        planned = plan(record, most, share * total, owed)
+        short = replace(pacing, windows=1)
+        if planned is None and _paired_cost(record, baseline, 1, short) <= total:
+            planned = 1, short  # not even a short pair fits its share: the least it can run
+        if planned is None:
+            tell(ConfirmSkipped(record.number))
+            return None
+        count, paced = planned
         tell(ConfirmStarted(record.number, record.config, count))
-        outcome = run_pairs(record.config, baseline.config, count, max(5.0, left), paced)
+        outcome = run_pairs(record.config, baseline.config, count, max(5.0, total), paced)
         if not outcome.complete:
             tell(ConfirmFailed(record.number, outcome.failure_class))
             return None
@@ -114,6 +130,7 @@ def confirm(
             # Not the same job on both sides (or no tokens at all): no ratio to claim.
             tell(ConfirmFailed(record.number, FailureClass.REQUESTS))
             return None
+        windows[record.number] = windows.get(record.number, 0) + count * paced.windows
         return rates
 
     def paired(record: TrialRecord, rates: dict) -> None:
@@ -121,8 +138,12 @@ def confirm(
         confirmed.append(record.with_(paired={**stats, **rates}, confirmed=True))
 
     top = unique[:TOP]
-    for record in top:
-        rates = measure(record, pairs, owed=False)
+    # Each candidate's first pairs fit its share of the time left, so that the first does not
+    # spend it all: a simulated 10-minute sweep of the desktop ran one full pair of a 512-wide
+    # layout in 142 of its 150 confirming seconds, and the two others, one of them 7% faster,
+    # never ran. One whose short pair does not fit its share runs that pair alone.
+    for i, record in enumerate(top):
+        rates = measure(record, pairs, owed=False, share=1 / (len(top) - i))
         if rates is not None:
             paired(record, rates)
     if not confirmed and top:
@@ -136,11 +157,12 @@ def confirm(
             paired(cheapest, rates)
     if not confirmed:
         return Confirmation(None)
-    # Chosen by the median of its pairs' ratios, not their geometric mean: one disturbed pass
-    # (25% slow, on either side) moves a mean of three by 8% and the choice with it. On the
-    # simulated 8-GPU node, where the layouts paired were 4-8% apart, 10-minute sweeps (seeds
-    # 0-11) chose the optimum's 99.3% on average, against 97.6% by the geometric mean.
-    best = max(confirmed, key=lambda r: statistics.median(r.paired["ratios"]))
+    # Chosen by what both measurements say (`_choice`): its pairs' ratios and, where those are
+    # few and short, its pooled search estimate.
+    best = max(
+        confirmed,
+        key=lambda r: _choice(r, estimates[config_key(r.config)] / baseline.value, windows),
+    )
     # The time kept for confirming and not spent: more pairs of the winner (up to
     # `_MAX_PAIRS` in all), which narrow its interval; short ones where a full pair no longer
     # fits (a real 5-minute sweep ended with 40 s of it unspent, its winner on one pair).
@@ -175,6 +197,22 @@ def confirm(
         )
     # The interval comes from the same pairs that picked this layout among the others.
     return Confirmation(best.with_(paired={**best.paired, "chosen_among": len(confirmed)}), note)
+
+
+def _choice(record: TrialRecord, searched: float, windows: dict[int, int]) -> float:
+    """How a confirmed ``record`` ranks among the others, a log speedup over the baseline: the
+    median of its pairs' log ratios weighed with its pooled search estimate over the
+    baseline's figure (``searched``) by their variances; ``windows`` holds the windows its
+    pairs measured. A window and a search trial's figure are taken as equally noisy (the
+    surrogate's `NOISE`), a ratio as two windows: one short pair weighs half the search
+    estimate, three full pairs four and a half times it. The median, because one disturbed
+    pass (25% slow, on either side) moves a mean of three by 8% (on the simulated 8-GPU node
+    the median chose 99.3% of the optimum, the geometric mean 97.6%); the search estimate,
+    because most candidates get one short pair, and on those alone simulated 10-minute sweeps
+    chose the VM's layout at 93% of the optimum over one at 99.8% (docs/sweep.md)."""
+    paired = statistics.median(math.log(ratio) for ratio in record.paired["ratios"])
+    weight = windows.get(record.number, 1) / 2  # the pairs' weight, the search's being 1
+    return (math.log(searched) + weight * paired) / (1 + weight)
 
 
 def _paired_cost(record: TrialRecord, baseline: TrialRecord, pairs: int, pacing: Pacing) -> float:

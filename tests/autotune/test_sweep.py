@@ -956,9 +956,9 @@ def test_a_gpu_host_starts_where_the_gpu_speed_is_and_cpu_trials_do_not_settle(c
     assert summary["winner"]["config"]["batch_size"] >= 128
 
 
-def _confirm(baseline, records, run_pairs, *, pairs: int, time_left_s):
+def _confirm(baseline, records, run_pairs, *, pairs: int, time_left_s, pacing=None):
     """`autotune.sweep.confirm.confirm` of ``records`` (the fake backend searched), up to
-    ``pairs`` pairs each, with the default pacing."""
+    ``pairs`` pairs each, with ``pacing`` (the default's unless given)."""
     from autotune.sweep.confirm import confirm
 
     return confirm(
@@ -966,7 +966,7 @@ def _confirm(baseline, records, run_pairs, *, pairs: int, time_left_s):
         records,
         ["fake"],
         pairs=pairs,
-        pacing=Pacing(),
+        pacing=pacing or Pacing(),
         time_left_s=time_left_s,
         run_pairs=run_pairs,
         tell=lambda event: None,
@@ -1191,3 +1191,57 @@ def test_the_winner_is_chosen_by_its_median_pair_not_by_one_disturbed_pass():
     assert found.winner.number == 1
     # What it reports is still the geometric mean of its pairs, with their interval.
     assert found.winner.paired["speedup"] == pytest.approx((10 * 7.5 * 10) ** (1 / 3))
+
+
+def test_each_candidate_gets_its_share_of_the_confirming_time():
+    """The first candidate's full pairs would take the time kept for all three: it runs what
+    fits its third, and the two others are paired too."""
+    from autotune.sweep.budget import MARGIN_S
+    from autotune.sweep.confirm import _paired_cost
+    from autotune.trial import TrialOutcome
+
+    baseline = _measured(0, 10.0, 2.0)
+    records = [baseline, *(_measured(n, 100.0 - n, 12.0, workers=n + 1) for n in (1, 2, 3))]
+    clock = {"left": MARGIN_S + 1.3 * _paired_cost(records[1], baseline, 3, Pacing())}
+    asked = []
+
+    def run_pairs(candidate, base, pairs, deadline_s, pacing):
+        record = records[candidate.workers - 1]
+        clock["left"] -= _paired_cost(record, baseline, pairs, pacing)
+        asked.append((candidate.workers - 1, pairs, pacing.windows))
+        result = {"candidate": [record.value] * pairs, "baseline": [10.0] * pairs}
+        return TrialOutcome(True, result=result, duration_s=1.0)
+
+    found = _confirm(baseline, records, run_pairs, pairs=3, time_left_s=lambda: clock["left"])
+    assert [number for number, *_ in asked[:3]] == [1, 2, 3], asked
+    assert found.winner.paired["chosen_among"] == 3
+    assert asked[0][1:] != (3, WINDOWS), "not the three full pairs that fitted the whole time"
+
+
+@pytest.mark.parametrize(
+    ("pairs", "windows", "winner"),
+    [
+        # One short pair each, layout 2 luckier by 5%: not enough to overturn a search that
+        # put layout 1 20% ahead (each short pair's ratio holds two windows' noise).
+        (1, 1, 1),
+        # Three full pairs each, layout 2 ahead by the same 5% in every one: the pairs decide.
+        (3, WINDOWS, 2),
+    ],
+)
+def test_a_few_short_pairs_weigh_less_than_the_search_and_full_pairs_more(pairs, windows, winner):
+    from autotune.trial import TrialOutcome
+
+    baseline = _measured(0, 10.0, 2.0)
+    records = [baseline, _measured(1, 120.0, 1.0, workers=2), _measured(2, 100.0, 1.0, workers=3)]
+    ratio = {2: 9.0, 3: 9.45}
+
+    def run_pairs(candidate, base, count, deadline_s, pacing):
+        rates = [10.0 * ratio[candidate.workers]] * count
+        return TrialOutcome(True, result={"candidate": rates, "baseline": [10.0] * count})
+
+    paced = Pacing(windows=windows)
+    found = _confirm(
+        baseline, records, run_pairs, pairs=pairs, time_left_s=lambda: 1e3, pacing=paced
+    )
+    assert found.winner.number == winner
+    assert found.winner.paired["chosen_among"] == 2
