@@ -164,9 +164,11 @@ def test_a_pass_cut_at_its_last_window_measures_the_same_windows_sooner(tiny_ggu
         cut, stopped = timed_pass(backend, prompts, config, topology.usable_cpus, cut=True)
     assert not any(c.cut for c in whole)
     # The window ends at the 16th finish, when the queue is empty; what runs on is the tail:
-    # stopped there, marked, with the tokens it had. The window's figure is the same.
+    # stopped there, marked, with the tokens it had. The window's figure is the same, but for
+    # the two passes' own timing on a shared machine (2.4% apart once in CI on a slow day);
+    # the tail it must not credit made a batched layout 10-17% too fast (bench_tail.py).
     assert len(full.windows) == len(cut.windows) == 1
-    assert cut.windows == pytest.approx(full.windows, rel=0.02)
+    assert cut.windows == pytest.approx(full.windows, rel=0.05)
     assert sum(c.cut for c in stopped) == 8 and not any(c.cut for c in stopped[:8])
     assert all(
         len(c.token_ids) < len(w.token_ids) for c, w in zip(stopped, whole, strict=True) if c.cut
