@@ -93,16 +93,17 @@ def confirm(
     confirmed: list[TrialRecord] = []
     windows: dict[int, int] = {}  # per confirmed trial, the windows its pairs measured
 
-    def plan(record: TrialRecord, most: int, left: float, owed: bool) -> tuple | None:
-        """(pairs, pacing) of ``record``'s re-measurement in ``left`` seconds: up to ``most``
-        full pairs, else one short pair (one window a pass), which where ``owed`` (no
-        candidate's pair fitted) runs even if it overruns; None where none fits."""
+    def plan(record: TrialRecord, most: int, left: float, short_left: float, owed: bool):
+        """(pairs, pacing) of ``record``'s re-measurement: up to ``most`` full pairs in
+        ``left`` seconds, else one short pair (one window a pass) in ``short_left``, which
+        where ``owed`` (no candidate's pair fitted) runs even if it overruns; None where none
+        fits."""
         count, paced = most, pacing
         while count > 1 and _HEADROOM * _paired_cost(record, baseline, count, paced) > left:
             count -= 1
         if _HEADROOM * _paired_cost(record, baseline, count, paced) > left:
-            paced = replace(pacing, windows=1)
-            if _paired_cost(record, baseline, 1, paced) > left and not owed:
+            count, paced = 1, replace(pacing, windows=1)
+            if _paired_cost(record, baseline, 1, paced) > short_left and not owed:
                 return None
         return count, paced
 
@@ -111,10 +112,9 @@ def confirm(
         (`plan`), as rates; None where none fits (said) or they failed. A sweep never ends
         without a paired figure it had time kept for (``owed``)."""
         total = time_left_s() - MARGIN_S
-        planned = plan(record, most, share * total, owed)
-        short = replace(pacing, windows=1)
-        if planned is None and _paired_cost(record, baseline, 1, short) <= total:
-            planned = 1, short  # not even a short pair fits its share: the least it can run
+        # A short pair that does not fit its share still runs where it fits the time left:
+        # the least a candidate can run.
+        planned = plan(record, most, share * total, total, owed)
         if planned is None:
             tell(ConfirmSkipped(record.number))
             return None
@@ -211,7 +211,7 @@ def _choice(record: TrialRecord, searched: float, windows: dict[int, int]) -> fl
     because most candidates get one short pair, and on those alone simulated 10-minute sweeps
     chose the VM's layout at 93% of the optimum over one at 99.8% (docs/sweep.md)."""
     paired = statistics.median(math.log(ratio) for ratio in record.paired["ratios"])
-    weight = windows.get(record.number, 1) / 2  # the pairs' weight, the search's being 1
+    weight = windows[record.number] / 2  # the pairs' weight, the search's being 1
     return (math.log(searched) + weight * paired) / (1 + weight)
 
 
