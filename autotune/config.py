@@ -8,9 +8,11 @@ generated from this one definition.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from collections.abc import Collection
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
+from functools import cached_property
 from typing import Any
 
 from autotune.errors import ConfigError
@@ -319,9 +321,18 @@ class TrialConfig:
                 )
         return config
 
+    @cached_property
+    def key(self) -> str:
+        """One string per distinct config, `autotune.space.config_key`: made once per config
+        (a sweep looks its layouts up by it a million times; cached_property writes the
+        instance's dict, which a frozen dataclass allows, and `replace` makes a new one)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
     def to_dict(self) -> dict:
         """JSON-ready dict of every field."""
-        return asdict(self)
+        # Every field is a scalar: no copies to make (`dataclasses.asdict` deep-copies each
+        # value, and a simulated sweep keys hundreds of thousands of configs).
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, data: dict) -> TrialConfig:

@@ -5,7 +5,8 @@ then queues the first of these that has something to queue: on a GPU host, each 
 backend's layout where the speed is and its halvings (`GpuStart`), the screen of the leading
 backends' weights (`screen`), the close ones again once the batch climbed (`rescreen`), the
 next step of a batch climb (`climb`), a recipe that waited for the climbs
-(`release_recipe`), the fastest layout's one-knob neighbours (`neighbours`). Layouts are
+(`release_recipe`), the fastest layout's one-knob neighbours and its cores split another
+way (`neighbours`, `splits`). Layouts are
 ranked by their pooled estimates (`autotune.sweep.surrogate`), not their single passes.
 When none has, the sampler (Optuna's TPE) draws. `explore` and `fit` answer a draw that cannot
 run (measured already, refused, too long): a layout not measured yet that fits, or the same
@@ -26,7 +27,7 @@ from autotune.sweep.gpu_start import GpuStart
 from autotune.sweep.ledger import waiting
 from backends import backend_class
 
-__all__ = ["DOMINATED", "Queue", "Steps", "lineage"]
+__all__ = ["DOMINATED", "Queue", "Steps", "lineage", "splits"]
 
 # A backend whose best, after its batch climb, is under this share of the leader's gets no
 # more trials: a clear margin (docs/sweep.md).
@@ -58,6 +59,36 @@ def lineage(config: TrialConfig) -> tuple[str, str]:
     """A layout but its batch, (its backend, the key of the rest): the trials of one batch
     climb share it."""
     return config.backend, config_key({**config.to_dict(), "batch_size": None})
+
+
+def splits(space, config: TrialConfig) -> list[TrialConfig]:
+    """``config``'s threads split over twice its workers, each with half the threads and
+    half the batch, and over half its workers, each with twice the threads and twice the
+    batch (a position along the batch list): the same cores running as many requests at
+    once, split another way. Those the space holds and the target runs; none for a backend
+    without the three knobs. Which split is fastest turns with the batch, and the one-knob
+    neighbours reach another a worker at a time: on the simulated desktop (16 CPUs) 8x2 led
+    16x1 at batch 1 by one pass's noise (0.735 against 0.722 of the optimum; 0.693 and 0.776
+    truly), and the climbs and neighbours stayed on 8 workers (85% of the optimum, 16x1 batch
+    32; docs/sweep.md)."""
+    names = {knob.name for knob in space.spaces[config.backend].knobs}
+    if not {"workers", "threads_per_worker", "batch_size"} <= names:
+        return []
+    found = []
+    for more in (True, False):
+        if more and config.threads_per_worker % 2 == 0:
+            workers, threads, batch = config.workers * 2, config.threads_per_worker // 2, -1
+        elif not more and config.workers % 2 == 0:
+            workers, threads, batch = config.workers // 2, config.threads_per_worker * 2, 1
+        else:
+            continue
+        split = space.with_value(config, "workers", workers)
+        split = split and space.with_value(split, "threads_per_worker", threads)
+        # At batch 1 (or the list's widest) the batch stays: the width moves, the split holds.
+        split = split and (space.step(split, "batch_size", batch) or split)
+        if split is not None:
+            found.append(split)
+    return found
 
 
 class Queue:
@@ -285,9 +316,10 @@ class Steps:
         layout; returns whether any was queued. A neighbour differs in one knob: an ordered
         one a position either way (workers 24 -> 23 and 25; `SearchSpace.step`), another one
         every other value (pinning); never the batch (the climb's) or the screened knobs (the
-        screen's). Where a neighbour is faster, its own neighbours come next: a hill climb,
-        before the sampler's draws; once the leader's are measured, those of each layout
-        within `_BEAM` of it, the fastest first. Not on a GPU host (docs/sweep.md)."""
+        screen's); and its `splits`, the same cores over twice or half the workers. Where a
+        neighbour is faster, its own neighbours come next: a hill climb, before the sampler's
+        draws; once the leader's are measured, those of each layout within `_BEAM` of it, the
+        fastest first. Not on a GPU host (docs/sweep.md)."""
         if self.target.gpus:
             return False
         leader, estimate = self._leader(), self.ledger.estimate
@@ -315,6 +347,7 @@ class Steps:
                 else:
                     moved = self.space.variants(config, knob.name)
                 queued |= self._queue_moves(study, "neighbour", best, knob.name, moved)
+            queued |= self._queue_splits(study, best)
             if queued:
                 return True
         return False
@@ -412,6 +445,18 @@ class Steps:
             tie = rival and estimate(rival) >= _TIE * estimate(best)
             origins += [best, rival] if tie else [best]
         return origins
+
+    def _queue_splits(self, study, origin: TrialRecord) -> bool:
+        """Queue each of ``origin``'s splits (`splits`) that fits `room_s`, as a neighbour;
+        returns whether any was queued."""
+        room, queued = self.budget.room_s(), False
+        for config in splits(self.space, origin.config):
+            if self.budget.affordable(config, room):
+                layout = f"{config.workers}x{config.threads_per_worker} batch {config.batch_size}"
+                name = f"neighbour: trial {origin.number}'s split {layout}"
+                self.queue.layout(study, config, name)
+                queued = True
+        return queued
 
     def _queue_moves(self, study, why: str, origin: TrialRecord, knob_name: str, moved) -> bool:
         """Queue each of ``moved`` (``origin``'s layout with its knob ``knob_name`` changed;
