@@ -274,7 +274,7 @@ class SearchSpace:
         # The first of the layouts not avoided, in a random order, that the target runs and
         # that fits (a uniform draw among them), pricing at most `_PRICED` of them: near the
         # end of a search few fit, and a 5-minute simulated sweep of the desktop (seed 2) that
-        # priced all 4 884 at each of its 332 late asks ran over 15 minutes of real time (49 s
+        # priced all 4 884 at each of its 332 late asks ran over 15 minutes of real time (12 s
         # now). A search whose asks find none in a row ends (`autotune.sweep.core`), each ask
         # a new draw.
         left = [

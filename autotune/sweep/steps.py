@@ -91,6 +91,11 @@ def splits(space, config: TrialConfig) -> list[TrialConfig]:
     return found
 
 
+def _split_name(config: TrialConfig) -> str:
+    """How a split names its layout: ``split 16x1 batch 8``."""
+    return f"split {config.workers}x{config.threads_per_worker} batch {config.batch_size}"
+
+
 class Queue:
     """What runs next besides the sampler's draws: Optuna's queue of layouts (asked for in
     order, before the sampler draws), the configs injected as they are (``extra``: (config,
@@ -347,7 +352,9 @@ class Steps:
                 else:
                     moved = self.space.variants(config, knob.name)
                 queued |= self._queue_moves(study, "neighbour", best, knob.name, moved)
-            queued |= self._queue_splits(study, best)
+            queued |= self._queue_named(
+                study, "neighbour", best, splits(self.space, config), _split_name
+            )
             if queued:
                 return True
         return False
@@ -446,27 +453,25 @@ class Steps:
             origins += [best, rival] if tie else [best]
         return origins
 
-    def _queue_splits(self, study, origin: TrialRecord) -> bool:
-        """Queue each of ``origin``'s splits (`splits`) that fits `room_s`, as a neighbour;
-        returns whether any was queued."""
-        room, queued = self.budget.room_s(), False
-        for config in splits(self.space, origin.config):
-            if self.budget.affordable(config, room):
-                layout = f"{config.workers}x{config.threads_per_worker} batch {config.batch_size}"
-                name = f"neighbour: trial {origin.number}'s split {layout}"
-                self.queue.layout(study, config, name)
-                queued = True
-        return queued
-
     def _queue_moves(self, study, why: str, origin: TrialRecord, knob_name: str, moved) -> bool:
         """Queue each of ``moved`` (``origin``'s layout with its knob ``knob_name`` changed;
         None: no such layout) that fits `room_s`, named ``why: trial N's layout with KNOB
         VALUE``; returns whether any was queued."""
+
+        def named(config: TrialConfig) -> str:
+            value = backend_class(config.backend).knob_values(config, self.target)
+            return f"layout with {knob_name} {value.get(knob_name)}"
+
+        return self._queue_named(study, why, origin, moved, named)
+
+    def _queue_named(self, study, why: str, origin: TrialRecord, moved, named) -> bool:
+        """Queue each of ``moved`` (layouts near ``origin``'s; None: no such layout) that fits
+        `room_s`, named ``why: trial N's`` and ``named(config)``; returns whether any was
+        queued."""
         room, queued = self.budget.room_s(), False
         for config in moved:
             if config is not None and self.budget.affordable(config, room):
-                value = backend_class(config.backend).knob_values(config, self.target)
-                name = f"{why}: trial {origin.number}'s layout with {knob_name}"
-                self.queue.layout(study, config, f"{name} {value.get(knob_name)}")
+                name = f"{why}: trial {origin.number}'s {named(config)}"
+                self.queue.layout(study, config, name)
                 queued = True
         return queued
