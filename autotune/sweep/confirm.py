@@ -9,8 +9,10 @@ interval (`autotune.stats.speedup_interval`).
 
 The time kept for this is always spent on it: where a full pair no longer fits, a candidate
 runs one short pair (one window a pass); where not even that fits any of them, the cheapest
-runs it anyway, so there is never none. Time left over after the `TOP` goes to more pairs of
-the winner (short ones where a full one no longer fits), which narrow its interval.
+runs it anyway, so there is never none. Time left over after the `TOP` goes where the choice
+is least sure: a pair at a time to the least measured of the leader and the candidates still
+within reach of it (`_close`), then, once one leads clearly, to more pairs of the winner (short
+ones where a full one no longer fits), which narrow its interval.
 """
 
 from __future__ import annotations
@@ -29,14 +31,20 @@ from autotune.study import Role, TrialRecord
 from autotune.sweep.budget import MARGIN_S
 from autotune.sweep.events import ConfirmFailed, ConfirmSkipped, ConfirmStarted
 from autotune.sweep.ledger import spent_requests
-from autotune.sweep.surrogate import pooled
+from autotune.sweep.surrogate import NOISE, pooled
 from autotune.trial import TrialOutcome
 
 __all__ = ["TOP", "Confirmation", "confirm"]
 
 TOP = 3
 _AGREE = 0.10  # a search figure this close to the paired median needs no note
-_MAX_PAIRS = 12  # of the winner, where the time kept for confirming allows more
+_MAX_PAIRS = 12  # of one candidate, where the time kept for confirming allows more
+# A window of a pair counts as much as the search estimate (`_choice`): both are a ratio of
+# two noisy figures (the estimate over the baseline's, the candidate's window over the
+# baseline's); at 0.5 simulated 10-minute sweeps chose 96.5% of the optimum, at 1.0 96.7%.
+_WINDOW_WEIGHT = 1.0
+# Standard deviations: a candidate this close to the leader is measured again (`_close`).
+_REACH = 2.0
 # Full pairs are run only where this many times their expected cost fits: a pair is priced
 # from the candidate's one search pass, and one that overran was killed at its deadline,
 # leaving no paired figure (simulated sweeps, a VM and a 2-socket host); a short pair is the
@@ -157,25 +165,37 @@ def confirm(
             paired(cheapest, rates)
     if not confirmed:
         return Confirmation(None)
-    # Chosen by what both measurements say (`_choice`): its pairs' ratios and, where those are
-    # few and short, its pooled search estimate.
-    best = max(
-        confirmed,
-        key=lambda r: _choice(r, estimates[config_key(r.config)] / baseline.value, windows),
-    )
-    # The time kept for confirming and not spent: more pairs of the winner (up to
-    # `_MAX_PAIRS` in all), which narrow its interval; short ones where a full pair no longer
-    # fits (a real 5-minute sweep ended with 40 s of it unspent, its winner on one pair).
-    while len(best.paired["candidate"]) < _MAX_PAIRS:
-        more = _MAX_PAIRS - len(best.paired["candidate"])
-        if _paired_cost(best, baseline, 1, replace(pacing, windows=1)) > time_left_s() - MARGIN_S:
+    ratio = {r.number: estimates[config_key(r.config)] / baseline.value for r in confirmed}
+
+    def ranked() -> list[TrialRecord]:
+        """The confirmed, best first by `_choice`: what both measurements say."""
+        return sorted(confirmed, key=lambda r: _choice(r, ratio[r.number], windows), reverse=True)
+
+    # The time kept for confirming and not spent goes where the choice is least sure: to the
+    # least measured of the leader and those still within reach of it (`_close`), a pair at
+    # a time, until one leads clearly; then to the leader (up to `_MAX_PAIRS` in all), which
+    # narrows its interval. Short pairs where a full one no longer fits (a real 5-minute
+    # sweep ended with 40 s of it unspent, its winner on one pair).
+    short = replace(pacing, windows=1)
+    while True:
+        order = ranked()
+        leader = order[0]
+        close = [r for r in order[1:] if _close(leader, r, ratio, windows)]
+        racing = sorted([leader, *close], key=lambda r: windows[r.number])
+        racing = [r for r in racing if len(r.paired["candidate"]) < _MAX_PAIRS]
+        left = time_left_s() - MARGIN_S
+        fits = [r for r in racing if _paired_cost(r, baseline, 1, short) <= left]
+        if not fits:
             break
-        rates = measure(best, min(pairs, more), owed=False)
+        pick = fits[0]
+        more = _MAX_PAIRS - len(pick.paired["candidate"])
+        rates = measure(pick, 1 if close else min(pairs, more), owed=False)
         if rates is None:
             break
-        merged = {side: best.paired[side] + rates[side] for side in ("candidate", "baseline")}
+        merged = {side: pick.paired[side] + rates[side] for side in ("candidate", "baseline")}
         stats = speedup_interval(merged["candidate"], merged["baseline"])
-        best = best.with_(paired={**stats, **merged})
+        confirmed[confirmed.index(pick)] = pick.with_(paired={**stats, **merged})
+    best = ranked()[0]
     if best.paired["speedup"] <= 1.0:
         # The baseline is a candidate too: no layout beat it when measured side by side, so
         # exporting one would make the user's job slower.
@@ -203,16 +223,31 @@ def _choice(record: TrialRecord, searched: float, windows: dict[int, int]) -> fl
     """How a confirmed ``record`` ranks among the others, a log speedup over the baseline: the
     median of its pairs' log ratios weighed with its pooled search estimate over the
     baseline's figure (``searched``) by their variances; ``windows`` holds the windows its
-    pairs measured. A window and a search trial's figure are taken as equally noisy (the
-    surrogate's `NOISE`), a ratio as two windows: one short pair weighs half the search
-    estimate, three full pairs four and a half times it. The median, because one disturbed
-    pass (25% slow, on either side) moves a mean of three by 8% (on the simulated 8-GPU node
-    the median chose 99.3% of the optimum, the geometric mean 97.6%); the search estimate,
-    because most candidates get one short pair, and on those alone simulated 10-minute sweeps
-    chose the VM's layout at 93% of the optimum over one at 99.8% (docs/sweep.md)."""
+    pairs measured. The search estimate over the baseline's figure and one window's ratio
+    are each a ratio of two figures equally noisy (the surrogate's `NOISE`), so a window
+    weighs as much as the search estimate (`_WINDOW_WEIGHT`): one short pair (a window a
+    pass) as much, three full pairs of three windows nine times as much. The median, because
+    one disturbed pass (25% slow, on either side) moves a mean of three by 8% (on the simulated
+    8-GPU node the median chose 99.3% of the optimum, the geometric mean 97.6%); the search
+    estimate, because most candidates get one short pair, and on those alone simulated
+    10-minute sweeps chose the VM's layout at 93% of the optimum over one at 99.8%
+    (docs/sweep.md)."""
     paired = statistics.median(math.log(ratio) for ratio in record.paired["ratios"])
-    weight = windows[record.number] / 2  # the pairs' weight, the search's being 1
+    weight = windows[record.number] * _WINDOW_WEIGHT  # the pairs' weight, the search's being 1
     return (math.log(searched) + weight * paired) / (1 + weight)
+
+
+def _close(
+    leader: TrialRecord, other: TrialRecord, ratio: dict[int, float], windows: dict[int, int]
+) -> bool:
+    """Whether ``other`` may still be the faster of the two: its `_choice` is within
+    `_REACH` standard deviations of the ``leader``'s, each score's deviation the surrogate's
+    `NOISE` over the square root of its weight (the search estimate's, 1, and its pairs')."""
+    gap = _choice(leader, ratio[leader.number], windows) - _choice(
+        other, ratio[other.number], windows
+    )
+    weights = (1 + windows[r.number] * _WINDOW_WEIGHT for r in (leader, other))
+    return gap < _REACH * NOISE * math.sqrt(sum(1 / w for w in weights))
 
 
 def _paired_cost(record: TrialRecord, baseline: TrialRecord, pairs: int, pacing: Pacing) -> float:

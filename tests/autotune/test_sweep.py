@@ -1280,11 +1280,18 @@ def test_the_winner_is_chosen_by_its_median_pair_not_by_one_disturbed_pass():
     # against x9.5) would pick layout 2 for that one pass.
     paired = {2: [100.0, 75.0, 100.0], 3: [95.0, 95.0, 95.0]}
 
+    calls = []
+
     def run_pairs(candidate, base, pairs, deadline_s, pacing):
+        calls.append(candidate.workers)
         rates = paired[candidate.workers][:pairs]
         return TrialOutcome(True, result={"candidate": rates, "baseline": [10.0] * len(rates)})
 
-    found = _confirm(baseline, records, run_pairs, pairs=3, time_left_s=lambda: 60.0)
+    # Time for the three pairs of each and no more.
+    found = _confirm(
+        baseline, records, run_pairs, pairs=3, time_left_s=lambda: 100.0 if len(calls) < 2 else 0
+    )
+    assert calls == [2, 3]
     assert found.winner.number == 1
     # What it reports is still the geometric mean of its pairs, with their interval.
     assert found.winner.paired["speedup"] == pytest.approx((10 * 7.5 * 10) ** (1 / 3))
@@ -1319,7 +1326,7 @@ def test_each_candidate_gets_its_share_of_the_confirming_time():
     ("pairs", "windows", "winner"),
     [
         # One short pair each, layout 2 luckier by 5%: not enough to overturn a search that
-        # put layout 1 20% ahead (each short pair's ratio holds two windows' noise).
+        # put layout 1 20% ahead (one window's ratio weighs as much as the search estimate).
         (1, 1, 1),
         # Three full pairs each, layout 2 ahead by the same 5% in every one: the pairs decide.
         (3, WINDOWS, 2),
@@ -1337,8 +1344,56 @@ def test_a_few_short_pairs_weigh_less_than_the_search_and_full_pairs_more(pairs,
         return TrialOutcome(True, result={"candidate": rates, "baseline": [10.0] * count})
 
     paced = Pacing(windows=windows)
+    calls = []
+
+    def counted(*args):
+        calls.append(args)
+        return run_pairs(*args)
+
+    # Time for the first pairs of each and no more: the choice on what they measured.
     found = _confirm(
-        baseline, records, run_pairs, pairs=pairs, time_left_s=lambda: 1e3, pacing=paced
+        baseline,
+        records,
+        counted,
+        pairs=pairs,
+        time_left_s=lambda: 1e3 if len(calls) < 2 else 0.0,
+        pacing=paced,
     )
+    assert len(calls) == 2
     assert found.winner.number == winner
     assert found.winner.paired["chosen_among"] == 2
+
+
+@pytest.mark.parametrize(
+    ("contender", "asked"),
+    [
+        # 1% behind the leader on one pair each: still within reach, the time left is shared
+        # between the two (the least measured first), a pair at a time.
+        (99.0, [1, 2, 1, 2]),
+        # Half as fast: clearly behind, the time left goes to the leader's interval.
+        (50.0, [1, 2, 1, 1]),
+    ],
+)
+def test_time_left_goes_to_the_candidates_still_within_reach_of_the_leader(contender, asked):
+    from autotune.trial import TrialOutcome
+
+    baseline = _measured(0, 10.0, 2.0)
+    records = [baseline, _measured(1, 100.0, 2.0, workers=2), _measured(2, contender, 2.0, 3)]
+    numbers = []
+
+    def run_pairs(candidate, base, count, deadline_s, pacing):
+        record = records[candidate.workers - 1]
+        numbers.append(record.number)
+        rates = [record.value] * count
+        return TrialOutcome(True, result={"candidate": rates, "baseline": [10.0] * count})
+
+    # Time for four pairs in all: one each, then two more.
+    found = _confirm(
+        baseline,
+        records,
+        run_pairs,
+        pairs=1,
+        time_left_s=lambda: 1e3 if len(numbers) < 4 else 0.0,
+    )
+    assert numbers == asked
+    assert found.winner.number == 1
