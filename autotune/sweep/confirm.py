@@ -233,8 +233,14 @@ def _choice(record: TrialRecord, searched: float, windows: dict[int, int]) -> fl
     10-minute sweeps chose the VM's layout at 93% of the optimum over one at 99.8%
     (docs/sweep.md)."""
     paired = statistics.median(math.log(ratio) for ratio in record.paired["ratios"])
-    weight = windows[record.number] * _WINDOW_WEIGHT  # the pairs' weight, the search's being 1
+    weight = _weight(record, windows) - 1  # the pairs' weight, the search's being 1
     return (math.log(searched) + weight * paired) / (1 + weight)
+
+
+def _weight(record: TrialRecord, windows: dict[int, int]) -> float:
+    """What `_choice` weighs ``record``'s score by: its search estimate's 1 and its pairs'
+    windows (``windows``), each `_WINDOW_WEIGHT`."""
+    return 1 + windows[record.number] * _WINDOW_WEIGHT
 
 
 def _close(
@@ -246,8 +252,8 @@ def _close(
     gap = _choice(leader, ratio[leader.number], windows) - _choice(
         other, ratio[other.number], windows
     )
-    weights = (1 + windows[r.number] * _WINDOW_WEIGHT for r in (leader, other))
-    return gap < _REACH * NOISE * math.sqrt(sum(1 / w for w in weights))
+    spread = math.sqrt(sum(1 / _weight(r, windows) for r in (leader, other)))
+    return gap < _REACH * NOISE * spread
 
 
 def _paired_cost(record: TrialRecord, baseline: TrialRecord, pairs: int, pacing: Pacing) -> float:
