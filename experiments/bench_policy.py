@@ -100,17 +100,17 @@ def watch_confirmation() -> Confirmations:
     return seen
 
 
-def errors(machine, summary, seen: Confirmations) -> dict[str, list[float]]:
+def errors(machine, summary, records: dict, seen: Confirmations) -> dict[str, list[float]]:
     """The log errors (measured over the model's noise-free figure) of what the choice among
     the paired weighs: each pair's ratio, short (one window a pass) and full, and the paired
-    layouts' own search figures and the baseline's."""
+    layouts' own search figures (``records``: the sweep's trials by number) and the
+    baseline's."""
     true = machine.tokens_per_s
     found: dict[str, list[float]] = {"short": [], "full": [], "search": [], "baseline": []}
     for candidate, baseline, windows, ours, theirs in seen.runs:
         expected = math.log(true(candidate) / true(baseline))
         kind = "short" if windows == 1 else "full"
         found[kind] += [math.log(a / b) - expected for a, b in zip(ours, theirs, strict=True)]
-    records = {r.number: r for r in summary.trials}
     for number in dict.fromkeys(seen.numbers):
         found["search"].append(math.log(records[number].value / true(records[number].config)))
     found["baseline"].append(math.log(summary.baseline.value / true(summary.baseline.config)))
@@ -180,13 +180,14 @@ def main() -> int:
                     if r.complete and r.role is not Role.REFERENCE
                 )
                 measured.append(best / optimum)
-                configs = {r.number: r.config for r in summary.trials}
+                records = {r.number: r for r in summary.trials}
                 best_paired.append(
-                    max((machine.tokens_per_s(configs[n]) for n in seen.numbers), default=0.0)
+                    max((machine.tokens_per_s(records[n].config) for n in seen.numbers), default=0)
                     / optimum
                 )
-                for kind, values in errors(machine, summary, seen).items():
-                    found.setdefault(kind, []).extend(values)
+                if args.errors:
+                    for kind, values in errors(machine, summary, records, seen).items():
+                        found.setdefault(kind, []).extend(values)
         means.append(statistics.fmean(shares))
         paired.append(statistics.fmean(best_paired))
         reached.append(statistics.fmean(measured))
