@@ -61,6 +61,7 @@ __all__ = [
     "spent_prompts",
     "tail_from",
     "timed_pass",
+    "warmed_by_ramp",
 ]
 
 
@@ -318,6 +319,17 @@ def settles(config: TrialConfig, topology: Topology, pacing: Pacing) -> bool:
     if pacing.settle_on_cpu:
         return True
     return any(d.is_gpu for d in backend_class(config.backend).placement(config, topology))
+
+
+def warmed_by_ramp(config: TrialConfig, topology: Topology, pacing: Pacing) -> bool:
+    """Whether a sweep's measurement of ``config`` (a search trial, a side of a pair) needs no
+    warmup wave: its layout refills its slots, so each pass opens with a ramp-up wave that
+    runs every slot before the window is timed, and it does not settle (a GPU layout's first
+    passes are slow beyond one wave). On 2 vCPUs the warmup wave was a third of a batch-1
+    trial's time after its load and moved its figure less than its noise
+    (`experiments/bench_warmup.py`, docs/results/dev-2vcpu-epyc.md); for a wide layout it is
+    a third of a short pair's passes."""
+    return refills(config) and not settles(config, topology, pacing)
 
 
 def timed_pass(

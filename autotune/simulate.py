@@ -363,7 +363,7 @@ class SimulatedTrials:
 
     def __call__(self, spec: dict, deadline_s: float):
         from autotune.config import TrialConfig
-        from autotune.measure import Pacing, refills, spent_prompts, width_of
+        from autotune.measure import Pacing, refills, spent_prompts, warmed_by_ramp, width_of
         from autotune.stats import summarize
         from autotune.trial import TrialOutcome
         from autotune.workload import load_workload
@@ -388,9 +388,13 @@ class SimulatedTrials:
             # A cut pass spends its time on the requests up to its last window only.
             return prompts, tokens * spent_prompts(layout, pacing, len(prompts)) / len(prompts)
 
-        def warmup_tokens(layout, prompts) -> int:
+        def warmup_tokens(layout, prompts, waves: int = pacing.warmup) -> int:
             wave = prompts[: width_of(layout)]
-            return pacing.warmup * sum(fake_answer_length(p.text, layout.generation) for p in wave)
+            return waves * sum(fake_answer_length(p.text, layout.generation) for p in wave)
+
+        def pair_warmup_tokens(layout, prompts) -> int:  # as `autotune.trial` warms a side
+            ramped = warmed_by_ramp(layout, self.topology, pacing)
+            return warmup_tokens(layout, prompts, 0 if ramped else max(1, pacing.warmup))
 
         prompts, tokens = one_pass(config)
         rate = self._rate(config, pacing.windows)
@@ -408,9 +412,9 @@ class SimulatedTrials:
                 self._start_s()
                 + self._load_s(config)
                 + self._load_s(baseline)
-                + (warmup_tokens(config, prompts) + spec["pairs"] * tokens)
+                + (pair_warmup_tokens(config, prompts) + spec["pairs"] * tokens)
                 / statistics.fmean(rates["candidate"])
-                + (warmup_tokens(baseline, base_prompts) + spec["pairs"] * base_tokens)
+                + (pair_warmup_tokens(baseline, base_prompts) + spec["pairs"] * base_tokens)
                 / statistics.fmean(rates["baseline"])
             )
             return self._finish(duration, deadline_s, rates)

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from autotune.agreement import answer_family, family_reference, is_reference
 from autotune.config import TrialConfig
-from autotune.measure import Pacing, refills, settles, spent_prompts, width_of
+from autotune.measure import Pacing, spent_prompts, warmed_by_ramp, width_of
 from autotune.space import config_key
 from autotune.study import Role
 from backends import backend_class
@@ -108,13 +108,9 @@ class Budget:
         return replace(pacing, windows=1)
 
     def warmed_by_ramp(self, config: TrialConfig) -> bool:
-        """Whether a search trial of ``config`` needs no warmup wave: its layout refills its
-        slots, so its pass opens with a ramp-up wave that runs every slot before the window is
-        timed, and it does not settle (a GPU layout's first passes are slow beyond one wave).
-        On 2 vCPUs the warmup wave was a third of a batch-1 trial's time after its load and
-        moved its figure less than its noise (`experiments/bench_warmup.py`,
-        docs/results/dev-2vcpu-epyc.md)."""
-        return refills(config) and not settles(config, self.topology, self.options.pacing)
+        """Whether a search trial of ``config`` needs no warmup wave (`measure.warmed_by_ramp`
+        under the sweep's pacing)."""
+        return warmed_by_ramp(config, self.topology, self.options.pacing)
 
     def planned_tokens(self, config: TrialConfig, pacing: Pacing | None = None) -> int:
         """Tokens a trial of ``config`` generates at least: its warmup waves and its timed

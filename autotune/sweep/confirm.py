@@ -257,11 +257,15 @@ def _close(
 
 
 def _paired_cost(record: TrialRecord, baseline: TrialRecord, pairs: int, pacing: Pacing) -> float:
-    """Expected seconds of a paired re-measurement: both loads and warmups, 2 x pairs passes
-    sized by ``pacing``, from the seconds per request of the trials' own passes."""
+    """Expected seconds of a paired re-measurement: both loads and warmups (where their trials
+    had one), 2 x pairs passes sized by ``pacing``, from the seconds per request of the trials'
+    own passes."""
 
     def parts(r: TrialRecord):  # (load, warmup, one timed pass)
         result = r.result or {}
+        # A side whose trial needed no warmup wave runs none in the pair either
+        # (`autotune.measure.warmed_by_ramp`).
+        waves = 1 if (result.get("pacing") or {}).get("warmup", 1) else 0
         load = result.get("load_time_s") or 10.0
         passes = [s.wall_s for s in r.samples or () if s.wall_s]
         one = statistics.median(passes) if passes else (r.duration_s - load) / 2
@@ -269,7 +273,8 @@ def _paired_cost(record: TrialRecord, baseline: TrialRecord, pairs: int, pacing:
         # A pass cut at its last window spent its time on the requests before the cut.
         per_request = one / spent_requests(r)
         planned = spent_prompts(r.config, pacing)
-        return load, per_request * min(width_of(r.config), prompts), per_request * planned
+        warmup = waves * per_request * min(width_of(r.config), prompts)
+        return load, warmup, per_request * planned
 
     load_a, warm_a, run_a = parts(record)
     load_b, warm_b, run_b = parts(baseline)

@@ -466,8 +466,14 @@ def test_pairs_alternate_which_side_runs_first(monkeypatch, tiny_gguf, topology)
     monkeypatch.setattr(trial.time, "monotonic", iter(range(1, 1000)).__next__)
     candidate = TrialConfig(backend="fake", batch_size=4)
     trial._paired(spec, candidate, workload, Pacing(), tiny_gguf, topology)
-    timed = order[2:]  # after one warmup each
-    assert timed == ["baseline", "candidate", "candidate", "baseline"] * 2
+    # The fake refills its slots: each pass opens with its ramp-up wave, and no side is
+    # warmed before it (`measure.warmed_by_ramp`).
+    assert order == ["baseline", "candidate", "candidate", "baseline"] * 2
+    order.clear()
+    # Layouts that settle (here every layout: --settle on the CPU) are warmed one wave first.
+    trial._paired(spec, candidate, workload, Pacing(settle_s=5.0), tiny_gguf, topology)
+    assert order[:2] == ["baseline", "candidate"]
+    assert order[2:] == ["baseline", "candidate", "candidate", "baseline"] * 2
 
 
 def test_every_request_rejected_ends_with_a_summary_not_a_traceback(cli, tmp_path):
@@ -1397,3 +1403,15 @@ def test_time_left_goes_to_the_candidates_still_within_reach_of_the_leader(conte
     )
     assert numbers == asked
     assert found.winner.number == 1
+
+
+def test_a_pair_is_priced_without_the_warmup_wave_its_trial_did_not_need():
+    from autotune.sweep.confirm import _paired_cost
+
+    baseline = _measured(0, 10.0, 2.0)
+    warmed, ramped = (_measured(1, 100.0, 8.0, workers=2) for _ in range(2))
+    warmed = warmed.with_(result={**warmed.result, "pacing": Pacing(warmup=1).to_dict()})
+    ramped = ramped.with_(result={**ramped.result, "pacing": Pacing(warmup=0).to_dict()})
+    # A pass of 8 requests took 8 s: its warmup wave (its width, 2 requests) 2 s.
+    gap = _paired_cost(warmed, baseline, 1, Pacing()) - _paired_cost(ramped, baseline, 1, Pacing())
+    assert gap == pytest.approx(2.0)
