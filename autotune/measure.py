@@ -61,6 +61,7 @@ __all__ = [
     "spent_prompts",
     "tail_from",
     "timed_pass",
+    "pair_warmup_waves",
     "warmed_by_ramp",
 ]
 
@@ -328,8 +329,15 @@ def warmed_by_ramp(config: TrialConfig, topology: Topology, pacing: Pacing) -> b
     passes are slow beyond one wave). On 2 vCPUs the warmup wave was a third of a batch-1
     trial's time after its load and moved its figure less than its noise
     (`experiments/bench_warmup.py`, docs/results/dev-2vcpu-epyc.md); for a wide layout it is
-    a third of a short pair's passes."""
+    a third of the requests of its side of a short pair (warmup, ramp-up and window waves)."""
     return refills(config) and not settles(config, topology, pacing)
+
+
+def pair_warmup_waves(config: TrialConfig, topology: Topology, pacing: Pacing) -> int:
+    """Untimed waves ``config``'s side of a paired re-measurement runs after its load: none
+    where its passes warm it (`warmed_by_ramp`), else the pacing's, at least one (a pair's
+    first pass must not be a cold one on one side only)."""
+    return 0 if warmed_by_ramp(config, topology, pacing) else max(1, pacing.warmup)
 
 
 def timed_pass(

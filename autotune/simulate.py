@@ -363,7 +363,7 @@ class SimulatedTrials:
 
     def __call__(self, spec: dict, deadline_s: float):
         from autotune.config import TrialConfig
-        from autotune.measure import Pacing, refills, spent_prompts, warmed_by_ramp, width_of
+        from autotune.measure import Pacing, pair_warmup_waves, refills, spent_prompts, width_of
         from autotune.stats import summarize
         from autotune.trial import TrialOutcome
         from autotune.workload import load_workload
@@ -392,9 +392,8 @@ class SimulatedTrials:
             wave = prompts[: width_of(layout)]
             return waves * sum(fake_answer_length(p.text, layout.generation) for p in wave)
 
-        def pair_warmup_tokens(layout, prompts) -> int:  # as `autotune.trial` warms a side
-            ramped = warmed_by_ramp(layout, self.topology, pacing)
-            return warmup_tokens(layout, prompts, 0 if ramped else max(1, pacing.warmup))
+        def pair_warmup_tokens(layout, prompts) -> int:
+            return warmup_tokens(layout, prompts, pair_warmup_waves(layout, self.topology, pacing))
 
         prompts, tokens = one_pass(config)
         rate = self._rate(config, pacing.windows)

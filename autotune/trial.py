@@ -165,7 +165,7 @@ def _paired(spec, candidate, workload, pacing, model, topology) -> dict:
     ...), each pass measured as a trial measures its passes (`autotune.passes.Sample.figure`);
     with each side's failed requests (a pair is only a comparison when both answered all)."""
     from autotune.config import TrialConfig
-    from autotune.measure import refills, timed_pass, warm_up, warmed_by_ramp, width_of
+    from autotune.measure import pair_warmup_waves, refills, timed_pass, warm_up, width_of
     from backends import create_backend
 
     configs = {"baseline": TrialConfig.from_dict(spec["paired"]), "candidate": candidate}
@@ -178,10 +178,8 @@ def _paired(spec, candidate, workload, pacing, model, topology) -> dict:
     try:
         for name, backend in backends.items():
             backend.load()
-            # Warmed as its search trial was: a layout whose pass opens with its ramp-up
-            # wave needs none (a third of a wide layout's short pair).
-            ramped = warmed_by_ramp(configs[name], topology, pacing)
-            warm_up(backend, passes[name], configs[name], 0 if ramped else max(1, pacing.warmup))
+            waves = pair_warmup_waves(configs[name], topology, pacing)
+            warm_up(backend, passes[name], configs[name], waves)
         order = list(backends.items())
         for pair in range(spec["pairs"]):
             # Alternate which goes first (A B, B A, ...): whatever drifts over the pairs (the

@@ -19,7 +19,7 @@ window's tokens/s as the sweep measures it and the first wave's (the tokens gene
 pass's start to the ``width``-th finish, each request's tokens spread evenly from its first
 token to its finish, as the windows count them), their ratio, and the seconds to each one's
 end. Prints per layout: each figure's mean and spread over the passes (sd of log), the ratio
-first wave / window (mean and spread), and the time a trial would save.
+first wave / window (mean and spread), and the seconds to each one's end.
 """
 
 from __future__ import annotations
@@ -43,24 +43,17 @@ from autotune.workload import load_workload  # noqa: E402
 from backends import create_backend, describe  # noqa: E402
 
 
-def first_wave(completions, width: int) -> tuple[float, float]:
-    """(tokens/s from the pass's start to its ``width``-th finish, that span in seconds)."""
+def first_wave(completions, width: int) -> tuple[float, float, float]:
+    """(tokens/s from the pass's start to its ``width``-th finish, counted as the windows count
+    them; seconds to that finish; seconds to the ``2 x width``-th, where a one-window pass
+    closes its window and is cut)."""
     answered = [c for c in completions if c.error is None]
     start = min(c.finished_at - c.latency_s for c in answered)
     ends = sorted(c.finished_at for c in answered)
     end = ends[width - 1]
     spans = [(_first_token_at(c), c.finished_at, len(c.token_ids)) for c in answered]
     tokens = sum(_tokens_between(span, start, end) for span in spans)
-    return tokens / (end - start), end - start
-
-
-def window_end(completions, width: int) -> float:
-    """Seconds from the pass's start to the ``2 x width``-th finish: where a one-window pass
-    closes its window and is cut."""
-    answered = [c for c in completions if c.error is None]
-    start = min(c.finished_at - c.latency_s for c in answered)
-    ends = sorted(c.finished_at for c in answered)
-    return ends[2 * width - 1] - start
+    return tokens / (end - start), end - start, ends[2 * width - 1] - start
 
 
 def main() -> int:
@@ -88,11 +81,11 @@ def main() -> int:
             for _ in range(args.passes):
                 completions = backend.generate_pass(prompts, config.generation, None)
                 found = windows(completions, width)
-                rate, seconds = first_wave(completions, width)
+                rate, seconds, window_s = first_wave(completions, width)
                 steady.append(found[0])
                 first.append(rate)
                 ratios.append(rate / found[0])
-                to_window.append(window_end(completions, width))
+                to_window.append(window_s)
                 to_first.append(seconds)
         finally:
             backend.close()

@@ -263,8 +263,11 @@ def _paired_cost(record: TrialRecord, baseline: TrialRecord, pairs: int, pacing:
 
     def parts(r: TrialRecord):  # (load, warmup, one timed pass)
         result = r.result or {}
-        # A side whose trial needed no warmup wave runs none in the pair either
-        # (`autotune.measure.warmed_by_ramp`).
+        # A side whose trial ran no warmup wave runs none in the pair either: both follow
+        # `autotune.measure.warmed_by_ramp` (`Budget.trial_pacing`, `pair_warmup_waves`).
+        # Off by one wave in two cases only: `--warmup 0` on a layout that is not ramped
+        # (its pair still warms one: priced short), and `--prompts` (its trial kept the
+        # wave, its pair skips it: priced long).
         waves = 1 if (result.get("pacing") or {}).get("warmup", 1) else 0
         load = result.get("load_time_s") or 10.0
         passes = [s.wall_s for s in r.samples or () if s.wall_s]
