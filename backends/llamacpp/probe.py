@@ -7,14 +7,19 @@ first large matmul then kills the process with SIGILL, while a short decode stil
 
 `extra_buffers_verdict` decodes one large batch (a few hundred prompt tokens) in a child process
 with the extra buffers on; a child killed by SIGILL means they trap here, and llama.cpp runs
-with them off (``llama_model_params.use_extra_bufts = false``). The child decodes the embedded
-model whatever model is tuned: its Q4_1 weights are a type the AMX and repack buffers take (the
-trap was seen on exactly it), and a verdict that holds for the CPU and the build must not
-depend on which model happened to be probed first (a test's f32 toy model would never touch
-them). The verdict is cached under the autotune cache (`autotune.cache.cache_root`), keyed by
-the CPU's flags and the llama.cpp build (`build_key`), so every later run reads it at once.
+with them off (``llama_model_params.use_extra_bufts = false``). Not every such VM raises
+SIGILL: a 2-vCPU Xeon VM advertising amx_int8 killed the child by SIGSEGV (2026-12-02). A
+child killed by any other signal is run again with them off: where that one runs, they trap
+too (the verdict names the signal); where it dies as well, the fault is not theirs (unknown).
+The child decodes the embedded model whatever model is tuned: its Q4_1 weights are a type
+the AMX and repack buffers take (the trap was seen on exactly it), and a verdict that holds
+for the CPU and the build must not depend on which model happened to be probed first (a
+test's f32 toy model would never touch them). The verdict is cached under the autotune cache
+(`autotune.cache.cache_root`), keyed by the CPU's flags and the llama.cpp build (`build_key`),
+so every later run reads it at once.
 
-``python -m backends.llamacpp.probe [MODEL]`` is the child: exit 0 when the decode ran.
+``python -m backends.llamacpp.probe [MODEL] [--no-extra-buffers]`` is the child: exit 0 when
+the decode ran.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ _PROBE_TIMEOUT_S = 180.0  # loading and one 400-token decode of a model take sec
 # The probe's prompt: a few hundred tokens decoded in one llama_decode, as a real prompt's
 # prefill is (a 5-word prompt decodes even where the large matmul traps).
 _PROBE_TEXT = "The quick brown fox jumps over the lazy dog while the cat watches. " * 30
+_OFF = "--no-extra-buffers"  # the child's flag for the control decode
 
 
 @dataclass(frozen=True)
@@ -137,9 +143,11 @@ def extra_buffers_verdict(
 ) -> ExtraBuffersVerdict:
     """The cached verdict for this CPU and llama.cpp build, else the probe's: a child decodes
     one large batch of the embedded model with the extra buffers on. Killed by SIGILL: they
-    trap (cached). Exit 0: they work (cached). Anything else (no llama-cpp-python, a model
-    that would not load): unknown, not cached. ``command`` replaces the child's argv (tests
-    make a child that dies by SIGILL); ``refresh`` probes again."""
+    trap (cached). Killed by another signal, and the same decode with them off runs: they trap
+    (cached). Exit 0: they work (cached). Anything else (no llama-cpp-python, a model that
+    would not load, a control decode that dies too): unknown, not cached. ``command`` replaces
+    the child's argv (tests make a child that dies by a signal; the control run appends
+    ``--no-extra-buffers`` to it); ``refresh`` probes again."""
     key = build_key()
     if not refresh and (found := cached_verdict(key)) is not None:
         return found
@@ -163,11 +171,34 @@ def extra_buffers_verdict(
         )
     elif child.returncode == 0:
         verdict = ExtraBuffersVerdict(True, "a 400-token decode ran", key)
+    elif child.returncode < 0 and (found := _control(command, -child.returncode, key)):
+        verdict = found
     else:
         last = (child.stderr.strip().splitlines() or ["no output"])[-1][:200]
         return ExtraBuffersVerdict(None, f"the probe failed, exit {child.returncode}: {last}", key)
     _store(verdict)
     return verdict
+
+
+def _control(command: list[str], number: int, key: str) -> ExtraBuffersVerdict | None:
+    """The verdict where the probe's child died by signal ``number`` (not SIGILL): the same
+    decode with the extra buffers off; where it runs, they trap here, else None (not theirs)."""
+    try:
+        child = subprocess.run(
+            [*command, _OFF],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=_PROBE_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    if child.returncode != 0:
+        return None
+    name = signal.Signals(number).name if number in signal.valid_signals() else f"signal {number}"
+    return ExtraBuffersVerdict(
+        False, f"a 400-token decode died by {name} with them on and ran with them off", key
+    )
 
 
 def resolve_extra_buffers(setting: bool | None) -> bool:
@@ -180,19 +211,20 @@ def resolve_extra_buffers(setting: bool | None) -> bool:
 
 def main(argv: list[str]) -> int:
     """The probe's child: load ``argv[0]`` (default: the embedded model) with the extra
-    buffers on, decode the probe's prompt in one batch (and one new token); exit 0 when that
-    ran."""
+    buffers on (off with ``--no-extra-buffers``), decode the probe's prompt in one batch (and
+    one new token); exit 0 when that ran."""
     from autotune.models import ModelSpec
     from backends.llamacpp.engine import EngineItem, LlamaEngine
 
+    paths = [arg for arg in argv if arg != _OFF]
     threads = max(1, len(os.sched_getaffinity(0)))
     engine = LlamaEngine(
-        argv[0] if argv else str(ModelSpec.resolve().path),
+        paths[0] if paths else str(ModelSpec.resolve().path),
         threads=threads,
         batch_size=1,
         ctx_per_sequence=1024,
         n_batch=512,
-        extra_buffers=True,
+        extra_buffers=_OFF not in argv,
     )
     items = [EngineItem(index=0, text=_PROBE_TEXT)]
     results = []

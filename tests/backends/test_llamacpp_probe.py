@@ -59,6 +59,37 @@ def test_a_probe_that_runs_makes_them_a_knob(own_cache):
     assert again.works is False and cached_verdict().works is False
 
 
+# A probe child that dies by SIGSEGV with the extra buffers on and runs with them off, as the
+# real one did on a 2-vCPU Xeon VM advertising amx_int8 (2026-12-02).
+SEGFAULTS_WITH_THEM_ON = [
+    sys.executable,
+    "-c",
+    "from backends.fake import die_with_extra_buffers; die_with_extra_buffers('SIGSEGV')",
+]
+
+
+def test_a_probe_killed_by_another_signal_is_run_again_with_them_off(own_cache):
+    verdict = extra_buffers_verdict(command=SEGFAULTS_WITH_THEM_ON)
+    assert verdict.works is False, verdict.detail
+    assert "SIGSEGV with them on and ran with them off" in verdict.detail
+    assert verdict.offered == (False,) and cached_verdict() == verdict
+    assert resolve_extra_buffers(None) is False
+
+
+def test_a_probe_that_dies_with_them_off_too_is_not_their_fault(own_cache):
+    # SIGSEGV with them on, SIGABRT with them off.
+    command = [
+        sys.executable,
+        "-c",
+        "import os, signal, sys; "
+        "sig = signal.SIGABRT if '--no-extra-buffers' in sys.argv else signal.SIGSEGV; "
+        "signal.signal(sig, signal.SIG_DFL); os.kill(os.getpid(), sig)",
+    ]
+    verdict = extra_buffers_verdict(command=command)
+    assert verdict.works is None, "a fault that stays with them off is not theirs"
+    assert "exit -11" in verdict.detail and cached_verdict() is None
+
+
 def test_a_probe_that_fails_otherwise_says_so_and_is_not_cached(own_cache):
     command = [sys.executable, "-c", "import sys; sys.exit('no such model')"]
     verdict = extra_buffers_verdict(command=command)
@@ -222,7 +253,7 @@ def test_the_real_probe_runs_here_and_its_verdict_is_kept(own_cache):
     # Either verdict is this CPU's; a probe that could not run at all is a failure here.
     assert verdict.works is not None, verdict.detail
     if verdict.works is False:
-        assert "SIGILL" in verdict.detail
+        assert "SIGILL" in verdict.detail or "ran with them off" in verdict.detail
     assert cached_verdict() == verdict
 
 
