@@ -16,11 +16,12 @@ import socket
 from collections.abc import Callable
 
 from autotune.agreement import answer_family
+from autotune.config import TrialConfig
 from autotune.measure import Pacing, spent_prompts, width_of
 from autotune.space import config_key
 from autotune.study import Role, StudyDir, TrialRecord, TrialState
 from autotune.sweep.events import TrialEnded
-from autotune.sweep.surrogate import pooled
+from autotune.sweep.surrogate import Fit
 from backends import backend_class
 
 __all__ = [
@@ -97,7 +98,7 @@ class Ledger:
         # generated token) of its measured trials.
         self.costs: dict[str, list[tuple[int, int, float, float]]] = {}
         self.log = None  # trials.jsonl, open while the sweep runs
-        self._pooled: tuple[int, dict[str, float]] = (0, {})  # (records fitted, estimates)
+        self._fit: tuple[int, Fit, dict[str, float]] = (0, Fit(()), {})  # (records, fit, estimates)
 
     def resume(self, records: list[TrialRecord]) -> None:
         """Take the records a study already holds (a resumed sweep)."""
@@ -195,9 +196,20 @@ class Ledger:
         """A measured trial's layout's pooled estimate of tokens/s
         (`autotune.sweep.surrogate.pooled`: its own figure weighed with every other trial's
         of the same knob values), what the search ranks layouts by."""
-        if self._pooled[0] != len(self.records):  # new records since: fit again
-            self._pooled = (len(self.records), pooled(self.measured_trials()))
-        return self._pooled[1].get(config_key(record.config), record.value or 0.0)
+        return self._fitted()[1].get(config_key(record.config), record.value or 0.0)
+
+    def predicted(self, config: TrialConfig) -> float | None:
+        """The pooled model's tokens/s for ``config``'s layout, measured or not
+        (`autotune.sweep.surrogate.Fit.predict`); None where its backend has no measured
+        trial."""
+        return self._fitted()[0].predict(config)
+
+    def _fitted(self) -> tuple[Fit, dict[str, float]]:
+        if self._fit[0] != len(self.records):  # new records since: fit again
+            fit = Fit(self.measured_trials())
+            estimates = {config_key(r.config): fit.predict(r.config) for r in fit.measured}
+            self._fit = (len(self.records), fit, estimates)  # type: ignore[assignment]
+        return self._fit[1], self._fit[2]
 
     def bests(self, backends) -> dict[str, TrialRecord]:
         """Per backend of ``backends`` (those still searched), its fastest measured trial by

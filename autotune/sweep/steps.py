@@ -53,6 +53,11 @@ _RESCREEN = 0.6
 # apart, the true fastest may be any of them (simulated 10-minute sweeps, six CPU machines,
 # 16 seeds: 96.1% of the optimum picked, 95.4% with the leader's neighbours alone).
 _BEAM = 0.9
+# A one-knob neighbour the pooled model puts under this share of the leader's estimate is not
+# measured: its knob values were measured slower elsewhere (a 2 x 1 batch 32 leader's
+# neighbour with one worker, half of a 2-vCPU machine idle, ran 42 s of a 5-minute sweep at
+# 48% of the leader; docs/sweep.md).
+_PROMISE = 0.8
 
 
 def lineage(config: TrialConfig) -> tuple[str, str]:
@@ -344,6 +349,7 @@ class Steps:
                 continue
             self.visited.add(config_key(best.config))
             config, queued = best.config, False
+            bar = _PROMISE * estimate(leader)
             for knob in self.space.spaces[best.backend].knobs:
                 if knob.name == "batch_size" or knob.screen:
                     continue
@@ -351,7 +357,10 @@ class Steps:
                     moved = [self.space.step(config, knob.name, step) for step in (-1, 1)]
                 else:
                     moved = self.space.variants(config, knob.name)
+                moved = self._promising(moved, bar)
                 queued |= self._queue_moves(study, "neighbour", best, knob.name, moved)
+            # Splits are measured whatever the model says: the same cores over other workers
+            # is where an additive model misses (16 x 1 fast, 15 x 1 and 8 x 2 not).
             queued |= self._queue_named(
                 study, "neighbour", best, splits(self.space, config), _split_name
             )
@@ -452,6 +461,15 @@ class Steps:
             tie = rival and estimate(rival) >= _TIE * estimate(best)
             origins += [best, rival] if tie else [best]
         return origins
+
+    def _promising(self, moved: list, bar: float) -> list:
+        """Of ``moved`` (layouts, or None), those the pooled model does not put under
+        ``bar`` tokens/s (`Ledger.predicted`)."""
+        kept = []
+        for config in moved:
+            found = None if config is None else self.ledger.predicted(config)
+            kept.append(config if found is None or found >= bar else None)
+        return kept
 
     def _queue_moves(self, study, why: str, origin: TrialRecord, knob_name: str, moved) -> bool:
         """Queue each of ``moved`` (``origin``'s layout with its knob ``knob_name`` changed;

@@ -25,7 +25,7 @@ import numpy as np
 from autotune.space import config_key
 from autotune.study import TrialRecord
 
-__all__ = ["EFFECT", "NOISE", "OWN", "pooled"]
+__all__ = ["EFFECT", "NOISE", "OWN", "Fit", "pooled"]
 
 # Prior standard deviations, in log tokens/s (0.1: about 10%).
 NOISE = 0.1  # of one trial's figure about its layout's speed
@@ -36,38 +36,55 @@ OWN = 0.1
 _BACKEND = 3.0  # of a backend's own level (hf and llama.cpp differ x10 on a CPU)
 
 
+class Fit:
+    """The ridge model above fitted to the measured ``records`` (complete, with a value)."""
+
+    def __init__(self, records: Iterable[TrialRecord]) -> None:
+        self.measured = [r for r in records if r.complete and r.value and r.config is not None]
+        self.coefficients: dict[tuple, float] = {}
+        self.centre = 0.0
+        if not self.measured:
+            return
+        rows = [_features(r.config) for r in self.measured]
+        columns: dict[tuple, int] = {}
+        for row in rows:
+            for feature in row:
+                columns.setdefault(feature, len(columns))
+        design = np.zeros((len(rows), len(columns)))
+        for i, row in enumerate(rows):
+            for feature in row:
+                design[i, columns[feature]] = 1.0
+        figures = np.log([r.value for r in self.measured])
+        self.centre = float(figures.mean())
+        prior = np.array([_prior(feature) for feature in columns]) ** -2.0
+        # The posterior mean: (X'X / noise^2 + diag(1 / prior^2))^-1 X'y / noise^2.
+        gram = design.T @ design / NOISE**2 + np.diag(prior)
+        solved = np.linalg.solve(gram, design.T @ (figures - self.centre) / NOISE**2)
+        self.coefficients = {feature: float(solved[i]) for feature, i in columns.items()}
+
+    def predict(self, config) -> float | None:
+        """Tokens/s of ``config``'s layout, measured or not: the sum of its knob values'
+        effects and, where measured, its own departure (0, its prior mean, where not); None
+        where a knob value of it was never measured (its prior mean, the average of all
+        trials, would be a guess, not a prediction)."""
+        *knobs, own = _features(config)
+        if any(feature not in self.coefficients for feature in knobs):
+            return None
+        total = sum(self.coefficients[f] for f in knobs) + self.coefficients.get(own, 0.0)
+        return math.exp(self.centre + total)
+
+
 def pooled(records: Iterable[TrialRecord]) -> dict[str, float]:
     """Per layout (`config_key`) of the measured ``records`` (complete, with a value), its
     pooled estimate of tokens/s: the posterior mean of the ridge model above."""
-    measured = [r for r in records if r.complete and r.value and r.config is not None]
-    if not measured:
-        return {}
-    rows = [_features(r) for r in measured]
-    columns: dict[tuple, int] = {}
-    for row in rows:
-        for feature in row:
-            columns.setdefault(feature, len(columns))
-    design = np.zeros((len(rows), len(columns)))
-    for i, row in enumerate(rows):
-        for feature in row:
-            design[i, columns[feature]] = 1.0
-    figures = np.log([r.value for r in measured])
-    centre = float(figures.mean())
-    prior = np.array([_prior(feature) for feature in columns]) ** -2.0
-    # The posterior mean of the coefficients: (X'X / noise^2 + diag(1 / prior^2))^-1 X'y / noise^2.
-    gram = design.T @ design / NOISE**2 + np.diag(prior)
-    coefficients = np.linalg.solve(gram, design.T @ (figures - centre) / NOISE**2)
-    estimates = {}
-    for record, row in zip(measured, rows, strict=True):
-        fitted = centre + sum(coefficients[columns[feature]] for feature in row)
-        estimates[config_key(record.config)] = math.exp(fitted)
-    return estimates
+    fit = Fit(records)
+    return {config_key(r.config): fit.predict(r.config) for r in fit.measured}  # type: ignore[misc]
 
 
-def _features(record: TrialRecord) -> list[tuple]:
-    """The model's terms for ``record``: its backend, each (backend, field, value) of its
-    config, and the layout itself."""
-    config = record.config.to_dict()
+def _features(layout) -> list[tuple]:
+    """The model's terms for a `TrialConfig`: its backend, each (backend, field, value) of
+    it, and the layout itself."""
+    config = layout.to_dict()
     backend = config["backend"]
     knobs = [(backend, field, str(value)) for field, value in sorted(config.items())]
     return [("backend", backend), *knobs, ("layout", config_key(config))]

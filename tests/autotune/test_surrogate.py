@@ -9,7 +9,7 @@ from autotune.measure import Pacing
 from autotune.passes import Sample
 from autotune.space import config_key
 from autotune.study import Role, TrialRecord, TrialState
-from autotune.sweep.surrogate import pooled
+from autotune.sweep.surrogate import Fit, pooled
 
 
 def _trial(number: int, value: float, **fields) -> TrialRecord:
@@ -50,6 +50,23 @@ def test_a_lucky_single_pass_ranks_below_a_layout_its_knobs_back():
     assert mine < theirs, "three passes of 120 beat one of 130 that its knobs do not back"
     # Its own pass still counts: it stays above what its knobs alone say.
     assert 100.0 < mine < 125.0
+
+
+def test_a_layout_not_measured_is_predicted_from_its_knob_values_where_each_was_measured():
+    # 2 workers: 100 at batch 1, 200 at batch 4; 1 worker: 50 at batch 1. One worker at batch
+    # 4 is expected about half of 2 workers' 200 (the sweep skips such a neighbour).
+    records = [
+        _trial(0, 100.0, workers=2, batch_size=1),
+        _trial(1, 200.0, workers=2, batch_size=4),
+        _trial(2, 50.0, workers=1, batch_size=1),
+    ]
+    fit = Fit(records)
+    one_at_four = fit.predict(TrialConfig(backend="fake", workers=1, batch_size=4))
+    assert one_at_four is not None and 70.0 < one_at_four < 0.8 * 200.0
+    assert fit.predict(records[1].config) == pooled(records)[config_key(records[1].config)]
+    # A value no trial had (3 workers) predicts nothing: not the average of every trial.
+    assert fit.predict(TrialConfig(backend="fake", workers=3, batch_size=4)) is None
+    assert fit.predict(TrialConfig(backend="hf", batch_size=4)) is None, "another backend"
 
 
 def test_the_confirmation_pairs_the_layouts_the_pooled_estimates_rank_first(monkeypatch):

@@ -825,6 +825,35 @@ def test_a_split_of_the_leader_that_is_faster_leads_the_search(tmp_path, simulat
     assert (summary.winner.config.workers, summary.winner.config.threads_per_worker) == (16, 1)
 
 
+def test_a_neighbour_its_knob_values_say_is_slow_is_not_measured(
+    tmp_path, simulated_sweep, machine
+):
+    from autotune.topology import detect
+
+    # On 2 CPUs one worker of one thread leaves half the machine idle: the fake made 0.45x
+    # there. The baseline (1 x 1) and the recipe (2 x 1) measure it at batch 1; 2 x 1 climbs to
+    # batch 64, whose neighbour with one worker is then expected under 80% of it and is not
+    # measured (a real 5-minute sweep on 2 vCPUs spent 42 s on that neighbour at 48%). Its
+    # split over one worker of two threads is measured whatever the model says.
+    def one_worker_slow(spec, outcome):
+        if outcome.result and not spec.get("paired") and spec["config"]["workers"] == 1:
+            outcome.result["tokens_per_s"] *= 0.45
+
+    vm = detect(machine("vm_2vcpu"), probe_gpus=False)
+    recipe = TrialConfig(backend="fake", workers=2, threads_per_worker=1)
+    summary, _, _ = simulated_sweep(
+        options(tmp_path, budget_s=120.0), extra=[recipe], machine=vm, change=one_worker_slow
+    )
+    climbed = [r for r in summary.trials if r.name == "climb: trial 3's layout at batch 64"]
+    assert climbed and (climbed[0].config.workers, climbed[0].config.threads_per_worker) == (2, 1)
+    neighbours = [
+        r for r in summary.trials if r.name.startswith(f"neighbour: trial {climbed[0].number}'s")
+    ]
+    assert [r.name for r in neighbours] == [
+        f"neighbour: trial {climbed[0].number}'s split 1x2 batch 64"
+    ], "no neighbour with workers 1: measured at 45% at batch 1"
+
+
 def test_a_suggestion_too_long_for_the_time_left_runs_narrower_and_is_not_recorded(
     tmp_path, simulated_sweep
 ):
