@@ -56,39 +56,55 @@ def first_wave(completions, width: int) -> tuple[float, float, float]:
     return tokens / (end - start), end - start, ends[2 * width - 1] - start
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--passes", type=int, default=4)
-    parser.add_argument("--layouts", default="2x1b8,2x1b16")
+def options(doc: str, passes: int, layouts: str) -> argparse.Namespace:
+    """The command line of this script and of `bench_short_ramp.py` (``passes``, ``layouts``:
+    their defaults)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--passes", type=int, default=passes)
+    parser.add_argument("--layouts", default=layouts)
     parser.add_argument("--max-new-tokens", type=int, default=32)  # the sweep's default
     parser.add_argument("--ignore-eos", action="store_true")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def layout_passes(args: argparse.Namespace, windows_a_pass: int):
+    """Per layout of ``args.layouts``: (its config, its width, the completions of each of
+    ``args.passes`` passes of the sweep's ``windows_a_pass``-window size run to their end),
+    one load per layout, the embedded workload in the sweep's balanced order."""
     topology, model, workload = detect(), ModelSpec.resolve(), load_workload()
-    print(
-        f"{'layout':<22} {'window':>8} {'sd':>6} {'first wave':>10} {'sd':>6} "
-        f"{'ratio':>6} {'sd':>6} {'s to window end':>15} {'s to first wave':>15}"
-    )
     for text in args.layouts.split(","):
         config = parse_layout(text, args.max_new_tokens)
         if not args.ignore_eos:
             config = config.replace(ignore_eos=False)
         width = width_of(config)
-        prompts = Pacing(windows=1).pass_of(workload, width).prompts
+        prompts = Pacing(windows=windows_a_pass).pass_of(workload, width).prompts
         backend = create_backend(config, model, topology)
         backend.load()
-        steady, first, ratios, to_window, to_first = [], [], [], [], []
         try:
-            for _ in range(args.passes):
-                completions = backend.generate_pass(prompts, config.generation, None)
-                found = windows(completions, width)
-                rate, seconds, window_s = first_wave(completions, width)
-                steady.append(found[0])
-                first.append(rate)
-                ratios.append(rate / found[0])
-                to_window.append(window_s)
-                to_first.append(seconds)
+            passes = [
+                backend.generate_pass(prompts, config.generation, None) for _ in range(args.passes)
+            ]
         finally:
             backend.close()
+        yield config, width, passes
+
+
+def main() -> int:
+    args = options(__doc__, passes=4, layouts="2x1b8,2x1b16")
+    print(
+        f"{'layout':<22} {'window':>8} {'sd':>6} {'first wave':>10} {'sd':>6} "
+        f"{'ratio':>6} {'sd':>6} {'s to window end':>15} {'s to first wave':>15}"
+    )
+    for config, width, passes in layout_passes(args, windows_a_pass=1):
+        steady, first, ratios, to_window, to_first = [], [], [], [], []
+        for completions in passes:
+            found = windows(completions, width)
+            rate, seconds, window_s = first_wave(completions, width)
+            steady.append(found[0])
+            first.append(rate)
+            ratios.append(rate / found[0])
+            to_window.append(window_s)
+            to_first.append(seconds)
         geo = math.exp(statistics.fmean(math.log(r) for r in ratios))
         print(
             f"{describe(config):<22} {statistics.fmean(steady):>8.1f} {spread(steady):>6.1%} "

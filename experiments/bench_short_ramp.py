@@ -26,7 +26,6 @@ would take before its cut). ``1 x 1`` is the sweep's rule today.
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
@@ -35,14 +34,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_warmup import parse_layout, spread  # noqa: E402
+from bench_first_wave import layout_passes, options  # noqa: E402
+from bench_warmup import spread  # noqa: E402
 
-from autotune.measure import Pacing, width_of  # noqa: E402
-from autotune.models import ModelSpec  # noqa: E402
 from autotune.passes import MIN_WINDOW, _first_token_at, _tokens_between, windows  # noqa: E402
-from autotune.topology import detect  # noqa: E402
-from autotune.workload import load_workload  # noqa: E402
-from backends import create_backend, describe  # noqa: E402
+from backends import describe  # noqa: E402
 
 # (begin, length) as shares of the width: ramp-up finishes before the window, its finishes.
 CANDIDATES = [(1.0, 1.0), (0.5, 1.0), (0.5, 0.5), (0.25, 0.5), (0.5, 0.25), (0.25, 0.25)]
@@ -61,36 +57,19 @@ def window_between(completions, first: int, last: int) -> tuple[float, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--passes", type=int, default=2)
-    parser.add_argument("--layouts", default="2x1b8,2x1b16,2x1b32")
-    parser.add_argument("--max-new-tokens", type=int, default=32)  # the sweep's default
-    parser.add_argument("--ignore-eos", action="store_true")
-    args = parser.parse_args()
-    topology, model, workload = detect(), ModelSpec.resolve(), load_workload()
+    args = options(__doc__, passes=2, layouts="2x1b8,2x1b16,2x1b32")
     print(f"{'layout':<22} {'begin x length':>14} {'ratio':>7} {'sd':>6} {'s to its end':>12}")
-    for text in args.layouts.split(","):
-        config = parse_layout(text, args.max_new_tokens)
-        if not args.ignore_eos:
-            config = config.replace(ignore_eos=False)
-        width = width_of(config)
-        prompts = Pacing(windows=3).pass_of(workload, width).prompts
-        backend = create_backend(config, model, topology)
-        backend.load()
+    for config, width, passes in layout_passes(args, windows_a_pass=3):
         found: dict[tuple[float, float], list[tuple[float, float]]] = {}
         references = []
-        try:
-            for _ in range(args.passes):
-                completions = backend.generate_pass(prompts, config.generation, None)
-                reference = statistics.fmean(windows(completions, width)[1:])
-                references.append(reference)
-                for begin, length in CANDIDATES:
-                    first = max(1, round(begin * width))
-                    last = first + max(MIN_WINDOW, round(length * width))
-                    rate, seconds = window_between(completions, first, last)
-                    found.setdefault((begin, length), []).append((rate / reference, seconds))
-        finally:
-            backend.close()
+        for completions in passes:
+            reference = statistics.fmean(windows(completions, width)[1:])
+            references.append(reference)
+            for begin, length in CANDIDATES:
+                first = max(1, round(begin * width))
+                last = first + max(MIN_WINDOW, round(length * width))
+                rate, seconds = window_between(completions, first, last)
+                found.setdefault((begin, length), []).append((rate / reference, seconds))
         print(f"{describe(config):<22} reference {statistics.fmean(references):.1f} tokens/s")
         for (begin, length), rows in found.items():
             ratios = [ratio for ratio, _ in rows]

@@ -200,15 +200,14 @@ class Ledger:
 
     def predicted(self, config: TrialConfig) -> float | None:
         """The pooled model's tokens/s for ``config``'s layout, measured or not
-        (`autotune.sweep.surrogate.Fit.predict`); None where its backend has no measured
-        trial."""
+        (`autotune.sweep.surrogate.Fit.predict`); None where a knob value of it was never
+        measured."""
         return self._fitted()[0].predict(config)
 
     def _fitted(self) -> tuple[Fit, dict[str, float]]:
         if self._fit[0] != len(self.records):  # new records since: fit again
             fit = Fit(self.measured_trials())
-            estimates = {config_key(r.config): fit.predict(r.config) for r in fit.measured}
-            self._fit = (len(self.records), fit, estimates)  # type: ignore[assignment]
+            self._fit = (len(self.records), fit, fit.estimates())
         return self._fit[1], self._fit[2]
 
     def bests(self, backends) -> dict[str, TrialRecord]:

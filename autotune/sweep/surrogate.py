@@ -22,6 +22,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from autotune.config import TrialConfig
 from autotune.space import config_key
 from autotune.study import TrialRecord
 
@@ -62,7 +63,7 @@ class Fit:
         solved = np.linalg.solve(gram, design.T @ (figures - self.centre) / NOISE**2)
         self.coefficients = {feature: float(solved[i]) for feature, i in columns.items()}
 
-    def predict(self, config) -> float | None:
+    def predict(self, config: TrialConfig) -> float | None:
         """Tokens/s of ``config``'s layout, measured or not: the sum of its knob values'
         effects and, where measured, its own departure (0, its prior mean, where not); None
         where a knob value of it was never measured (its prior mean, the average of all
@@ -73,15 +74,22 @@ class Fit:
         total = sum(self.coefficients[f] for f in knobs) + self.coefficients.get(own, 0.0)
         return math.exp(self.centre + total)
 
+    def estimates(self) -> dict[str, float]:
+        """Per measured layout (`config_key`), its pooled estimate of tokens/s."""
+        found = {}
+        for record in self.measured:
+            if (value := self.predict(record.config)) is not None:
+                found[config_key(record.config)] = value
+        return found
+
 
 def pooled(records: Iterable[TrialRecord]) -> dict[str, float]:
     """Per layout (`config_key`) of the measured ``records`` (complete, with a value), its
     pooled estimate of tokens/s: the posterior mean of the ridge model above."""
-    fit = Fit(records)
-    return {config_key(r.config): fit.predict(r.config) for r in fit.measured}  # type: ignore[misc]
+    return Fit(records).estimates()
 
 
-def _features(layout) -> list[tuple]:
+def _features(layout: TrialConfig) -> list[tuple]:
     """The model's terms for a `TrialConfig`: its backend, each (backend, field, value) of
     it, and the layout itself."""
     config = layout.to_dict()
