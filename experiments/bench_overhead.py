@@ -31,17 +31,33 @@ from autotune.workload import load_workload
 
 def bare_llama_cpp(model: ModelSpec, prompts, max_new_tokens: int, threads: int) -> float:
     """tokens/s of a plain llama-cpp-python loop, one prompt at a time."""
+    import llama_cpp.llama_cpp as low
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    llm = Llama(
-        model_path=str(model.path),
-        n_ctx=1024,
-        n_threads=threads,
-        n_threads_batch=threads,
-        flash_attn=False,
-        verbose=False,
-    )
+    from backends.llamacpp.probe import resolve_extra_buffers
+
+    # `Llama` has no setting for the extra buffer types: its default parameters are given this
+    # machine's verdict, as autotune's runs are (on a VM that traps AMX it dies otherwise).
+    default = low.llama_model_default_params
+
+    def with_verdict():
+        params = default()
+        params.use_extra_bufts = resolve_extra_buffers(None)
+        return params
+
+    low.llama_model_default_params = with_verdict
+    try:
+        llm = Llama(
+            model_path=str(model.path),
+            n_ctx=1024,
+            n_threads=threads,
+            n_threads_batch=threads,
+            flash_attn=False,
+            verbose=False,
+        )
+    finally:
+        low.llama_model_default_params = default
     formatter = Jinja2ChatFormatter(
         template=llm.metadata["tokenizer.chat_template"],
         eos_token=llm.detokenize([llm.token_eos()], special=True).decode(),
