@@ -447,6 +447,20 @@ class LlamaEngine:
         rng = np.random.default_rng([seed, item.index])
         return _Sequence(item=item, prompt=prompt, start_s=start, rng=rng)
 
+    def answer(
+        self, text: str, *, max_new_tokens: int, chat_template: bool, ignore_eos: bool = False
+    ) -> EngineResult | None:
+        """One prompt, greedy, alone: its result (None where the engine emitted none)."""
+        items, results = [EngineItem(index=0, text=text)], []
+        self.run(
+            lambda block: items.pop() if items else None,
+            results.append,
+            max_new_tokens=max_new_tokens,
+            chat_template=chat_template,
+            ignore_eos=ignore_eos,
+        )
+        return results[0] if results else None
+
     def close(self) -> None:
         """Free the batch, context and model (idempotent)."""
         if getattr(self, "batch", None) is not None:

@@ -214,7 +214,7 @@ def main(argv: list[str]) -> int:
     buffers on (off with ``--no-extra-buffers``), decode the probe's prompt in one batch (and
     one new token); exit 0 when that ran."""
     from autotune.models import ModelSpec
-    from backends.llamacpp.engine import EngineItem, LlamaEngine
+    from backends.llamacpp.engine import LlamaEngine
 
     paths = [arg for arg in argv if arg != _OFF]
     threads = max(1, len(os.sched_getaffinity(0)))
@@ -226,23 +226,14 @@ def main(argv: list[str]) -> int:
         n_batch=512,
         extra_buffers=_OFF not in argv,
     )
-    items = [EngineItem(index=0, text=_PROBE_TEXT)]
-    results = []
-    engine.run(
-        lambda block: items.pop() if items else None,
-        results.append,
-        max_new_tokens=1,
-        temperature=0.0,
-        top_p=1.0,
-        seed=0,
-        chat_template=False,
-        ignore_eos=True,
-    )
-    engine.close()
-    if not results or results[0].error:
-        print(f"probe: {results[0].error if results else 'no result'}", file=sys.stderr)
+    try:
+        result = engine.answer(_PROBE_TEXT, max_new_tokens=1, chat_template=False, ignore_eos=True)
+    finally:
+        engine.close()
+    if result is None or result.error:
+        print(f"probe: {result.error if result else 'no result'}", file=sys.stderr)
         return 1
-    print(f"probe: decoded {results[0].prompt_tokens} prompt tokens", file=sys.stderr)
+    print(f"probe: decoded {result.prompt_tokens} prompt tokens", file=sys.stderr)
     return 0
 
 

@@ -23,7 +23,7 @@ def test_llama_cpp_answers_a_prompt():
     # Through the engine every llama.cpp run uses, with this machine's extra-buffers verdict:
     # llama-cpp-python's high-level `Llama` cannot turn them off, and on a VM that advertises
     # AMX but traps it (by SIGSEGV on a 2-vCPU Xeon VM, 2026-12-02) it dies in its first decode.
-    from backends.llamacpp.engine import EngineItem, LlamaEngine
+    from backends.llamacpp.engine import LlamaEngine
     from backends.llamacpp.probe import resolve_extra_buffers
 
     engine = LlamaEngine(
@@ -34,22 +34,12 @@ def test_llama_cpp_answers_a_prompt():
         n_batch=512,
         extra_buffers=resolve_extra_buffers(None),
     )
-    items, results = [EngineItem(index=0, text=QUESTION[0]["content"])], []
     try:
-        engine.run(
-            lambda block: items.pop() if items else None,
-            results.append,
-            max_new_tokens=24,
-            temperature=0.0,
-            top_p=1.0,
-            seed=0,
-            chat_template=True,
-            ignore_eos=False,
-        )
+        result = engine.answer(QUESTION[0]["content"], max_new_tokens=24, chat_template=True)
     finally:
         engine.close()
-    assert len(results) == 1 and results[0].error is None, results
-    assert names_colours(results[0].text), results[0].text
+    assert result is not None and result.error is None, result
+    assert names_colours(result.text), result.text
 
 
 def test_transformers_loads_the_same_gguf_through_the_cache(tmp_path_factory):
